@@ -1,0 +1,299 @@
+"""MNIST: find, verify, download, read and preprocess the four IDX files.
+
+Accepts a flat folder of the four files or torchvision's layout (``DIR/MNIST/raw/``), each gzip or
+raw. Every file is checked against the canonical MD5 of its uncompressed bytes and its IDX header.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import atomic_path, atomic_write_bytes
+from .errors import DataError
+
+MEAN = 0.1307
+STD = 0.3081
+CACHE_FORMAT = 1
+DATA_ENV = "MNIST_DEPLOY_DATA"
+CACHE_ENV = "MNIST_DEPLOY_CACHE"
+# The HTTPS mirror torchvision downloads from.
+MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+
+
+@dataclass(frozen=True)
+class IdxFile:
+    name: str  # uncompressed file name
+    md5: str  # MD5 of the uncompressed bytes
+    magic: int  # type byte 0x08 (unsigned byte) then number of dimensions
+    dims: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return 4 + 4 * len(self.dims) + int(np.prod(self.dims))
+
+
+FILES: dict[str, IdxFile] = {
+    "train-images": IdxFile("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb", 0x0803, (60000, 28, 28)),
+    "train-labels": IdxFile("train-labels-idx1-ubyte", "a25bea736e30d166cdddb491f175f624", 0x0801, (60000,)),
+    "test-images": IdxFile("t10k-images-idx3-ubyte", "2646ac647ad5339dbf082846283269ea", 0x0803, (10000, 28, 28)),
+    "test-labels": IdxFile("t10k-labels-idx1-ubyte", "27ae3e4e09519cfbb04c329615203637", 0x0801, (10000,)),
+}
+SPLITS = {"train": ("train-images", "train-labels"), "test": ("test-images", "test-labels")}
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """``--data-dir``, else ``$MNIST_DEPLOY_DATA``, else ``./data``."""
+    if data_dir:
+        return Path(data_dir)
+    env = os.environ.get(DATA_ENV)
+    return Path(env) if env else Path("data")
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``--cache-dir``, else ``$MNIST_DEPLOY_CACHE``, else ``~/.cache/mnist-deploy`` (the data folder may be read-only)."""
+    if cache_dir:
+        return Path(cache_dir)
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "mnist-deploy"
+
+
+def _candidates(root: Path, name: str) -> list[Path]:
+    out = []
+    for folder in (root, root / "MNIST" / "raw"):
+        out += [folder / name, folder / f"{name}.gz"]
+    return out
+
+
+def find_file(root: Path, key: str) -> Path | None:
+    for cand in _candidates(root, FILES[key].name):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                return fh.read()
+        return path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: cannot be read: {exc} (truncated or not gzip?)") from None
+
+
+def parse_idx(raw: bytes, source: str = "IDX data") -> np.ndarray:
+    """Parse IDX bytes (big-endian magic, one 4-byte size per dimension, row-major data) into uint8."""
+    if len(raw) < 4:
+        raise DataError(f"{source}: too short for an IDX header ({len(raw)} bytes)")
+    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype != 0x08 or ndim == 0:
+        raise DataError(f"{source}: bad IDX magic {raw[:4].hex()} (expected 0000 08 then the number of dimensions)")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{source}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = header + int(np.prod(dims))
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "has trailing bytes"
+        raise DataError(f"{source}: {what}: header {dims} needs {expected} bytes, file has {len(raw)}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def load_verified(path: Path, key: str) -> tuple[np.ndarray, str]:
+    """Read one file, check its IDX header against the expected one and its MD5; return (array, md5)."""
+    spec = FILES[key]
+    raw = _read_bytes(path)
+    arr = parse_idx(raw, str(path))
+    magic = struct.unpack(">I", raw[:4])[0]
+    if magic != spec.magic or arr.shape != spec.dims:
+        raise DataError(
+            f"{path}: IDX header says magic {magic:#06x} shape {arr.shape}, expected {spec.magic:#06x} {spec.dims}"
+        )
+    md5 = hashlib.md5(raw).hexdigest()
+    if md5 != spec.md5:
+        raise DataError(f"{path}: MD5 {md5} is not MNIST's {spec.md5} (file modified or corrupt)")
+    return arr, md5
+
+
+def download(root: Path, keys: list[str], *, timeout: float = 15.0, progress: bool = True) -> None:
+    """Fetch the missing files over HTTPS into ``root/MNIST/raw/`` (torchvision's layout), verified."""
+    dest = root / "MNIST" / "raw"
+    for key in keys:
+        spec = FILES[key]
+        url = MIRROR + spec.name + ".gz"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (fixed https URL)
+                total = int(resp.headers.get("Content-Length") or 0)
+                data = _read_with_progress(resp, total, spec.name, progress)
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise DataError(
+                f"cannot download {url} ({reason}); no network? Put the four MNIST files in {root} "
+                f"or point --data-dir / ${DATA_ENV} at a local copy"
+            ) from None
+        try:
+            raw = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error):
+            raise DataError(f"{url}: downloaded file is not valid gzip") from None
+        md5 = hashlib.md5(raw).hexdigest()
+        if md5 != spec.md5:
+            raise DataError(f"{url}: downloaded data has MD5 {md5}, expected {spec.md5}; not saved")
+        atomic_write_bytes(dest / f"{spec.name}.gz", data)
+
+
+def _read_with_progress(resp, total: int, label: str, progress: bool) -> bytes:
+    chunks = []
+    if not progress:
+        return resp.read()
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"download {label}", total=total or None)
+        while chunk := resp.read(1 << 16):
+            chunks.append(chunk)
+            bar.advance(task, len(chunk))
+    return b"".join(chunks)
+
+
+@dataclass
+class RawMnist:
+    """The four verified arrays (uint8 images, uint8 labels) and the MD5 of each source file."""
+
+    root: Path
+    arrays: dict[str, np.ndarray]
+    md5: dict[str, str]
+    paths: dict[str, Path]
+
+
+def load_raw(data_dir: str | os.PathLike | None = None, *, allow_download: bool = True) -> RawMnist:
+    root = resolve_data_dir(data_dir)
+    paths = {k: find_file(root, k) for k in FILES}
+    missing = [k for k, p in paths.items() if p is None]
+    if missing:
+        names = ", ".join(FILES[k].name for k in missing)
+        if not allow_download:
+            raise DataError(
+                f"{root}: missing {names} (looked for raw and .gz, flat and in MNIST/raw/); "
+                f"point --data-dir or ${DATA_ENV} at a folder with the four MNIST files"
+            )
+        download(root, missing)
+        paths = {k: find_file(root, k) for k in FILES}
+    arrays, md5 = {}, {}
+    for key, path in paths.items():
+        arrays[key], md5[key] = load_verified(path, key)
+    return RawMnist(root, arrays, md5, paths)
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, 28, 28) -> float32 (N, 784): /255, then (x - 0.1307) / 0.3081, flattened."""
+    x = images.reshape(images.shape[0], -1).astype(np.float32) / 255.0
+    return (x - np.float32(MEAN)) / np.float32(STD)
+
+
+@dataclass
+class Split:
+    """A preprocessed split: float32 (N, 784) normalised images and int64 labels, as torch tensors."""
+
+    images: object  # torch.Tensor
+    labels: object  # torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def _cache_file(cache_dir: Path, split: str) -> Path:
+    return cache_dir / f"mnist_{split}_processed.pth"
+
+
+def load_splits(
+    data_dir: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    allow_download: bool = True,
+) -> tuple[dict[str, Split], dict[str, str]]:
+    """Return the preprocessed train and test splits, using the cache when its source MD5s match.
+
+    The MD5s of the source files are always recomputed (a second or so), so a changed source
+    invalidates the cache and a tampered source fails loudly.
+    """
+    import torch
+
+    raw = load_raw(data_dir, allow_download=allow_download)
+    cache = resolve_cache_dir(cache_dir)
+    splits: dict[str, Split] = {}
+    for split, (img_key, lbl_key) in SPLITS.items():
+        key = {"images": raw.md5[img_key], "labels": raw.md5[lbl_key]}
+        path = _cache_file(cache, split)
+        cached = _read_cache(path, key)
+        if cached is None:
+            images = torch.from_numpy(normalize(raw.arrays[img_key]))
+            labels = torch.from_numpy(raw.arrays[lbl_key].astype(np.int64))
+            cached = Split(images, labels)
+            payload = {"format": CACHE_FORMAT, "source_md5": key, "mean": MEAN, "std": STD,
+                       "images": images, "labels": labels}
+            try:
+                from .artifacts import atomic_torch_save
+
+                atomic_torch_save(payload, path)
+            except OSError:
+                pass  # a read-only cache folder only costs the preprocessing next time
+        splits[split] = cached
+    return splits, raw.md5
+
+
+def _read_cache(path: Path, key: dict) -> Split | None:
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any unreadable cache is rebuilt
+        return None
+    if (
+        not isinstance(obj, dict)
+        or obj.get("format") != CACHE_FORMAT
+        or obj.get("source_md5") != key
+        or obj.get("mean") != MEAN
+        or obj.get("std") != STD
+    ):
+        return None
+    return Split(obj["images"], obj["labels"])
+
+
+def summary(data_dir: str | os.PathLike | None = None, *, allow_download: bool = True) -> dict:
+    """Counts per split and per class, and each file's path and verified MD5."""
+    raw = load_raw(data_dir, allow_download=allow_download)
+    out = {"data_dir": str(raw.root), "files": {}, "splits": {}}
+    for key, spec in FILES.items():
+        out["files"][spec.name] = {"path": str(raw.paths[key]), "md5": raw.md5[key], "ok": True}
+    for split, (img_key, lbl_key) in SPLITS.items():
+        labels = raw.arrays[lbl_key]
+        out["splits"][split] = {
+            "count": int(labels.shape[0]),
+            "per_class": {str(c): int(n) for c, n in enumerate(np.bincount(labels, minlength=10))},
+        }
+    return out
+
+
+def write_preview(path: str | os.PathLike, data_dir: str | os.PathLike | None = None, *, n: int = 64,
+                  allow_download: bool = True) -> Path:
+    """Write a PNG grid of the first ``n`` test digits with their labels."""
+    from .plots import digit_grid
+
+    raw = load_raw(data_dir, allow_download=allow_download)
+    images = raw.arrays["test-images"][:n]
+    labels = raw.arrays["test-labels"][:n]
+    with atomic_path(path) as tmp:
+        digit_grid(images, [str(int(v)) for v in labels], tmp)
+    return Path(path)
