@@ -277,7 +277,7 @@ def summary(data_dir: str | os.PathLike | None = None, *, allow_download: bool =
     out = {"data_dir": str(raw.root), "files": {}, "splits": {}}
     for key, spec in FILES.items():
         out["files"][spec.name] = {"path": str(raw.paths[key]), "md5": raw.md5[key], "ok": True}
-    for split, (img_key, lbl_key) in SPLITS.items():
+    for split, (_, lbl_key) in SPLITS.items():
         labels = raw.arrays[lbl_key]
         out["splits"][split] = {
             "count": int(labels.shape[0]),

@@ -1,0 +1,65 @@
+"""Shared fixtures. Integration tests use the real MNIST files from $MNIST_DEPLOY_DATA."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist"
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The real MNIST folder: $MNIST_DEPLOY_DATA, else ../shared/data/mnist beside the repo."""
+    path = Path(os.environ.get("MNIST_DEPLOY_DATA") or DEFAULT_DATA)
+    if not any(path.glob("t10k-images-idx3-ubyte*")) and not any(path.glob("MNIST/raw/t10k-images*")):
+        pytest.skip(f"real MNIST not found at {path}; set MNIST_DEPLOY_DATA")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One preprocessed-tensor cache for the whole session (kept out of the user's home)."""
+    return tmp_path_factory.mktemp("mnist-cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolate_env(monkeypatch, tmp_path_factory):
+    # Tests never write into ~/.cache; each session gets its own cache unless a test overrides it.
+    monkeypatch.setenv("MNIST_DEPLOY_CACHE", str(tmp_path_factory.getbasetemp() / "env-cache"))
+
+
+def _train(out: Path, mnist_dir: Path, cache_dir: Path, **overrides) -> Path:
+    from mnist_deploy.train import TrainConfig, train
+
+    train(TrainConfig(**overrides), data_dir=mnist_dir, cache_dir=cache_dir, out=out, allow_download=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_mlp(tmp_path_factory, mnist_dir, cache_dir) -> Path:
+    """An artifacts folder with the MLP trained as by default (5 epochs, ~3 s). Treat as read-only:
+    copy it with ``copy_artifacts`` before changing anything in it."""
+    return _train(tmp_path_factory.mktemp("mlp-artifacts"), mnist_dir, cache_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_cnn(tmp_path_factory, mnist_dir, cache_dir) -> Path:
+    """An artifacts folder with a quickly trained CNN (1 epoch on 6,000 images). Read-only, as above."""
+    return _train(tmp_path_factory.mktemp("cnn-artifacts"), mnist_dir, cache_dir, model="cnn", epochs=1, subset=6000)
+
+
+@pytest.fixture
+def copy_artifacts(tmp_path):
+    """``copy_artifacts(src)`` -> a private copy of an artifacts folder under this test's tmp_path."""
+
+    def _copy(src: Path, name: str = "artifacts") -> Path:
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        return dst
+
+    return _copy
