@@ -31,7 +31,7 @@ class MLP(nn.Module):
 class CNN(nn.Module):
     """The origin's "future work": two conv blocks with batch norm, then dropout. Takes (N, 1, 28, 28)."""
 
-    def __init__(self, channels1: int = 32, channels2: int = 64, hidden: int = 128, dropout: float = 0.25) -> None:
+    def __init__(self, channels1: int = 16, channels2: int = 32, hidden: int = 128, dropout: float = 0.25) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(1, channels1, 3, padding=1, bias=False),
@@ -76,7 +76,7 @@ MODELS: dict[str, ModelSpec] = {
         "cnn",
         CNN,
         (1, 28, 28),
-        {"channels1": 32, "channels2": 64, "hidden": 128, "dropout": 0.25},
+        {"channels1": 16, "channels2": 32, "hidden": 128, "dropout": 0.25},
         "2 conv blocks + batch norm + dropout, input (N, 1, 28, 28)",
     ),
 }

@@ -1,0 +1,62 @@
+"""CLI: usage errors exit 2 with a message, --help is instant and lists the commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from mnist_deploy.cli import FORMAT_NAMES, MODEL_NAMES, cli
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--epochs", "-1"], "--epochs"),
+        (["train", "--epochs", "0"], "--epochs"),
+        (["train", "--batch-size", "0"], "--batch-size"),
+        (["train", "--model", "resnet"], "'resnet' is not one of"),
+        (["train", "--device", "tpu"], "'tpu' is not one of"),
+        (["train", "--lr", "abc"], "--lr"),
+    ],
+)
+def test_bad_options_are_usage_errors(args, message):
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2
+    assert message in res.output
+
+
+def test_negative_lr_is_a_clear_error(tmp_path):
+    res = CliRunner().invoke(cli, ["train", "--lr", "-0.1", "--out", str(tmp_path), "--data-dir", str(tmp_path)])
+    assert res.exit_code == 2 and "--lr must be a positive number" in res.output
+
+
+def test_cuda_on_a_cpu_machine_is_a_clear_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    res = CliRunner().invoke(cli, ["train", "--device", "cuda", "--out", str(tmp_path), "--data-dir", str(tmp_path)])
+    assert res.exit_code == 2 and "device 'cuda' requested" in res.output
+
+
+def test_cli_names_mirror_the_registries():
+    from mnist_deploy.formats import FORMATS
+    from mnist_deploy.models import MODELS
+
+    assert tuple(MODELS) == MODEL_NAMES
+    assert tuple(FORMATS) == FORMAT_NAMES
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from mnist_deploy.cli import main; sys.argv=['mnist-deploy','--help']\n" \
+           "try:\n main()\nexcept SystemExit: pass\nprint('torch' in sys.modules, 'onnx' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "train" in out and out.strip().endswith("False False")
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "mnist_deploy", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and "0.1.0" in out.stdout

@@ -1,0 +1,161 @@
+"""data: IDX parsing and verification (synthetic files), layouts, cache, download failure, real MNIST."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mnist_deploy import data
+from mnist_deploy.cli import cli
+from mnist_deploy.errors import DataError
+
+
+def _idx(arr: np.ndarray) -> bytes:
+    return struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
+
+
+def test_parse_idx_round_trip():
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    np.testing.assert_array_equal(data.parse_idx(_idx(arr)), arr)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda b: b[:-1], "truncated"),
+        (lambda b: b + b"\x00", "trailing bytes"),
+        (lambda b: b"\x00\x00\x09" + b[3:], "bad IDX magic"),
+        (lambda b: b[:6], "truncated IDX header"),
+        (lambda b: b[:2], "too short"),
+    ],
+)
+def test_parse_idx_rejects_bad_files(mutate, message):
+    raw = _idx(np.zeros((2, 3, 4), dtype=np.uint8))
+    with pytest.raises(DataError, match=message):
+        data.parse_idx(mutate(raw), "x")
+
+
+def test_normalize_matches_origin_transform():
+    img = np.array([[0, 255], [128, 1]], dtype=np.uint8)[None]
+    expected = ((img.astype(np.float64) / 255 - 0.1307) / 0.3081).reshape(1, 4)
+    np.testing.assert_allclose(data.normalize(img), expected, rtol=1e-6)
+    assert data.normalize(img).dtype == np.float32
+
+
+def test_resolve_data_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("MNIST_DEPLOY_DATA", str(tmp_path / "env"))
+    assert data.resolve_data_dir(tmp_path / "opt") == tmp_path / "opt"
+    assert data.resolve_data_dir(None) == tmp_path / "env"
+    monkeypatch.delenv("MNIST_DEPLOY_DATA")
+    assert str(data.resolve_data_dir(None)) == "data"
+
+
+def _link_real(mnist_dir, dst, *, raw_layout=False, skip=()):
+    folder = dst / "MNIST" / "raw" if raw_layout else dst
+    folder.mkdir(parents=True, exist_ok=True)
+    for key in data.FILES:
+        if key in skip:
+            continue
+        src = data.find_file(mnist_dir, key)
+        (folder / src.name).symlink_to(src.resolve())
+    return dst
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("raw_layout", [False, True])
+def test_real_mnist_both_layouts(mnist_dir, tmp_path, raw_layout):
+    root = _link_real(mnist_dir, tmp_path, raw_layout=raw_layout)
+    info = data.summary(root, allow_download=False)
+    assert info["splits"]["train"]["count"] == 60000
+    assert info["splits"]["test"]["count"] == 10000
+    assert info["splits"]["test"]["per_class"]["1"] == 1135
+    assert sum(info["splits"]["train"]["per_class"].values()) == 60000
+
+
+@pytest.mark.integration
+def test_uncompressed_files_accepted(mnist_dir, tmp_path):
+    root = _link_real(mnist_dir, tmp_path, skip=("test-labels",))
+    src = data.find_file(mnist_dir, "test-labels")
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(gzip.decompress(src.read_bytes()))
+    arr, md5 = data.load_verified(tmp_path / "t10k-labels-idx1-ubyte", "test-labels")
+    assert arr.shape == (10000,) and md5 == data.FILES["test-labels"].md5
+    info = data.summary(root, allow_download=False)  # three .gz files and one raw file together
+    assert info["files"]["t10k-labels-idx1-ubyte"]["path"].endswith("t10k-labels-idx1-ubyte")
+
+
+@pytest.mark.integration
+def test_tampered_and_truncated_files_are_named(mnist_dir, tmp_path):
+    raw = bytearray(gzip.decompress(data.find_file(mnist_dir, "test-labels").read_bytes()))
+    raw[100] = (raw[100] + 1) % 10
+    bad = tmp_path / "t10k-labels-idx1-ubyte"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte: MD5 .* is not MNIST's"):
+        data.load_verified(bad, "test-labels")
+    bad.write_bytes(bytes(raw[:5000]))
+    with pytest.raises(DataError, match="truncated"):
+        data.load_verified(bad, "test-labels")
+    gz = tmp_path / "x" / "t10k-labels-idx1-ubyte.gz"
+    gz.parent.mkdir()
+    gz.write_bytes(data.find_file(mnist_dir, "test-labels").read_bytes()[:300])
+    with pytest.raises(DataError, match="cannot be read"):
+        data.load_verified(gz, "test-labels")
+
+
+@pytest.mark.integration
+def test_cli_data_reports_broken_file_with_exit_2(mnist_dir, tmp_path):
+    root = _link_real(mnist_dir, tmp_path, skip=("train-labels",))
+    raw = bytearray(gzip.decompress(data.find_file(mnist_dir, "train-labels").read_bytes()))
+    raw[9] ^= 1
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(bytes(raw))
+    res = CliRunner().invoke(cli, ["data", "--data-dir", str(root), "--no-download"])
+    assert res.exit_code == 2
+    assert "train-labels-idx1-ubyte: MD5" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_cli_data_missing_files_no_download(tmp_path):
+    res = CliRunner().invoke(cli, ["data", "--data-dir", str(tmp_path), "--no-download"])
+    assert res.exit_code == 2
+    assert "missing train-images-idx3-ubyte" in res.output and "--data-dir" in res.output
+
+
+def test_download_fails_fast_with_a_clear_message(monkeypatch, tmp_path):
+    # A closed loopback port: refused at once, as an offline machine would be.
+    monkeypatch.setattr(data, "MIRROR", "https://127.0.0.1:9/mnist/")
+    res = CliRunner().invoke(cli, ["data", "--data-dir", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "cannot download" in res.output and "--data-dir" in res.output
+    assert not any(tmp_path.rglob("*.gz")), "nothing half-written"
+
+
+@pytest.mark.integration
+def test_cache_is_used_and_rebuilt_when_stale(mnist_dir, tmp_path):
+    import torch
+
+    splits, md5 = data.load_splits(mnist_dir, cache_dir=tmp_path, allow_download=False)
+    cache = tmp_path / "mnist_test_processed.pth"
+    assert cache.is_file() and (tmp_path / "mnist_train_processed.pth").is_file()
+    obj = torch.load(cache, weights_only=True)
+    assert obj["source_md5"]["images"] == md5["test-images"]
+    # A cache keyed by other source files is stale: it must be rebuilt, not trusted.
+    obj["source_md5"]["images"] = "0" * 32
+    obj["images"] = torch.zeros_like(obj["images"])
+    torch.save(obj, cache)
+    again, _ = data.load_splits(mnist_dir, cache_dir=tmp_path, allow_download=False)
+    torch.testing.assert_close(again["test"].images, splits["test"].images)
+    assert torch.load(cache, weights_only=True)["source_md5"]["images"] == md5["test-images"]
+    img0 = data.load_raw(mnist_dir, allow_download=False).arrays["test-images"][0]
+    np.testing.assert_allclose(splits["test"].images[0].numpy(), data.normalize(img0[None])[0])
+
+
+@pytest.mark.integration
+def test_preview_png(mnist_dir, tmp_path):
+    out = tmp_path / "preview.png"
+    res = CliRunner().invoke(cli, ["data", "--data-dir", str(mnist_dir), "--no-download", "--preview", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "test  " in res.output and "10000 images" in res.output
