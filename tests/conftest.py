@@ -63,3 +63,14 @@ def copy_artifacts(tmp_path):
         return dst
 
     return _copy
+
+
+def require_tool(path: str, what: str) -> str:
+    """Return ``path`` if it exists; else skip, or fail where CI demands the system tools
+    (MNIST_DEPLOY_REQUIRE_SYSTEM_TOOLS=1, set by .ci/run, which installs them)."""
+    if Path(path).exists():
+        return path
+    msg = f"{what} not installed at {path} (bash scripts/system_deps.sh installs it)"
+    if os.environ.get("MNIST_DEPLOY_REQUIRE_SYSTEM_TOOLS"):
+        pytest.fail(msg)
+    pytest.skip(msg)

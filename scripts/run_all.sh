@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Quickstart command 1: set everything up and run the main job end to end:
+# check the data, train the MLP, export every format with parity checks, benchmark the runtimes.
+#   MNIST_DEPLOY_DATA=../shared/data/mnist bash scripts/run_all.sh [--out artifacts]
+# Without MNIST_DEPLOY_DATA the MNIST files are downloaded into ./data.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="artifacts"
+if [ "${1:-}" = "--out" ]; then OUT="$2"; fi
+bash scripts/setup.sh
+MD=.venv/bin/mnist-deploy
+$MD data
+$MD train --out "$OUT"
+$MD export --artifacts "$OUT"
+$MD bench --artifacts "$OUT"

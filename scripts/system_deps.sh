@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# System packages the browser and load tests use: Debian's Chromium (driven by Playwright through
+# executable_path, never a downloaded browser) and Apache Bench (ab) as the load generator.
+set -euo pipefail
+need=()
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v ab >/dev/null 2>&1 || need+=(apache2-utils)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+  echo "note: ${need[*]} not installed and cannot apt-get here; the browser/load tests will be skipped" >&2
+  exit 0
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq >/dev/null
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
