@@ -65,12 +65,18 @@ def copy_artifacts(tmp_path):
     return _copy
 
 
-def require_tool(path: str, what: str) -> str:
-    """Return ``path`` if it exists; else skip, or fail where CI demands the system tools
-    (MNIST_DEPLOY_REQUIRE_SYSTEM_TOOLS=1, set by .ci/run, which installs them)."""
-    if Path(path).exists():
-        return path
-    msg = f"{what} not installed at {path} (bash scripts/system_deps.sh installs it)"
-    if os.environ.get("MNIST_DEPLOY_REQUIRE_SYSTEM_TOOLS"):
-        pytest.fail(msg)
-    pytest.skip(msg)
+@pytest.fixture
+def require_system_tool():
+    """``require_system_tool(name, what)`` -> the tool's path; skips when it is missing, or fails where
+    CI demands the system tools (MNIST_DEPLOY_REQUIRE_SYSTEM_TOOLS=1, set by .ci/run, which installs them)."""
+
+    def _require(name: str, what: str) -> str:
+        found = shutil.which(name)
+        if found:
+            return found
+        msg = f"{what} ({name}) is not installed (bash scripts/system_deps.sh installs it)"
+        if os.environ.get("MNIST_DEPLOY_REQUIRE_SYSTEM_TOOLS"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+    return _require

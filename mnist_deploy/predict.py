@@ -1,0 +1,398 @@
+"""Predict digits from real images: the one preprocessing function, model loading and file prediction.
+
+A photo or a drawing is not an MNIST tensor. :func:`mnist_image` turns any image Pillow can read into
+one the way MNIST itself was made (white digit on black, longer side 20 px, centred by its centre of
+mass in a 28x28 field); :func:`preprocess_image` adds the training normalisation. ``predict`` (files)
+and ``serve`` (HTTP uploads and the drawing page) both go through it, so a digit is seen the same way
+everywhere.
+
+Models are loaded through the manifest only: an exported artifact after its sha256 has been checked
+(:func:`artifacts.verified_path`), or the eager PyTorch model from the state_dict.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .artifacts import load_manifest, safe_torch_load, verified_path
+from .data import MEAN, STD
+from .errors import InputError, ManifestError, MnistDeployError
+from .formats import FORMATS, Predictor, load_eager, load_predictor
+
+DEFAULT_RUNTIME = "onnx"
+EAGER_RUNTIME = "pytorch"
+# Refuse images whose header claims more pixels than this, before decoding them (decompression bombs).
+MAX_IMAGE_PIXELS = 4096 * 4096
+# Larger images are shrunk to this longer side before the digit is searched for (speed, memory).
+_WORK_SIDE = 1024
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".pbm", ".pnm"}
+)
+DIGIT_BOX = 20  # MNIST: the digit's longer side is scaled to 20 px...
+FIELD = 28  # ...and placed in a 28x28 field with its centre of mass at (14, 14)
+_CENTRE = 14.0
+
+
+def runtime_names() -> tuple[str, ...]:
+    """What ``--runtime`` accepts: every format in the registry, plus ``pytorch`` (eager, from the state_dict)."""
+    return (EAGER_RUNTIME, *FORMATS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing: any image -> an MNIST-like 28x28 image -> the model's normalised input.
+
+
+def _open_image(source: Any, max_pixels: int, name: str):
+    """A decoded single-frame Pillow image from bytes, a path or an image, its size checked first."""
+    from PIL import Image
+
+    if isinstance(source, Image.Image):
+        return _decode(source, name, max_pixels)
+    if isinstance(source, bytes | bytearray | memoryview):
+        return _decode(io.BytesIO(source), name, max_pixels)
+    try:
+        fh = open(source, "rb")  # noqa: SIM115 - closed by the with below
+    except OSError as exc:
+        raise InputError(f"{name}: cannot read: {exc.strerror or exc}") from None
+    with fh:
+        return _decode(fh, name, max_pixels)
+
+
+def _decode(fh_or_image: Any, name: str, max_pixels: int):
+    from PIL import Image, ImageOps
+
+    if isinstance(fh_or_image, Image.Image):
+        img = fh_or_image
+    else:
+        try:
+            # Image.open reads only the header: the size is checked before any pixel is decoded.
+            img = Image.open(fh_or_image)
+        except Image.UnidentifiedImageError:
+            raise InputError(f"{name}: not an image (Pillow cannot identify the format)") from None
+        except Image.DecompressionBombError as exc:  # Pillow's own, larger limit, checked in open()
+            raise InputError(f"{name}: {_first_line(exc)}; refusing to decode it") from None
+        except Exception as exc:  # noqa: BLE001 - a malformed header can raise many types in Pillow's plugins
+            raise InputError(f"{name}: not a readable image ({_first_line(exc)})") from None
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise InputError(f"{name}: image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise InputError(
+            f"{name}: image header claims {w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,}; "
+            "refusing to decode it"
+        )
+    try:
+        if img.format == "JPEG" and max(w, h) > 2 * _WORK_SIDE:
+            img.draft("L", (_WORK_SIDE, _WORK_SIDE))  # decode a big JPEG at reduced scale directly
+        img.load()
+        img = ImageOps.exif_transpose(img)  # phone photos: honour the orientation tag
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt data raises OSError, SyntaxError, ...
+        raise InputError(f"{name}: image data is corrupt or truncated ({_first_line(exc)})") from None
+    return img
+
+
+def _grayscale(img) -> np.ndarray:
+    """float32 (H, W) in 0..255. Transparent pixels become the background: the ink is what is opaque."""
+    mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L", "RGB") and "transparency" in img.info):
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
+        lum = rgba[..., 0] * 0.299 + rgba[..., 1] * 0.587 + rgba[..., 2] * 0.114
+        alpha = rgba[..., 3] / 255.0
+        weight = float(alpha.sum())
+        ink = float((lum * alpha).sum() / weight) if weight > 0 else 0.0
+        background = 0.0 if ink > 127.5 else 255.0  # opposite the ink, so light ink on clear stays visible
+        return lum * alpha + background * (1.0 - alpha)
+    if mode.startswith("I;16"):
+        return np.asarray(img, dtype=np.float32) / 257.0
+    if mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        if mode == "I" and arr.max(initial=0) > 255:
+            arr = arr / 257.0
+        return np.clip(arr, 0, 255)
+    return np.asarray(img.convert("L"), dtype=np.float32)
+
+
+def _border(gray: np.ndarray) -> np.ndarray:
+    return np.concatenate([gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1]])
+
+
+def mnist_image(source: Any, *, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> np.ndarray:
+    """Turn an image (bytes, a path or a Pillow image) into a 28x28 float32 MNIST-like image in 0..255.
+
+    As MNIST was made: grayscale; inverted when the background (the border) is light, so the digit is
+    white on black; the background level is subtracted and the contrast stretched; cropped to the
+    digit's bounding box; the longer side scaled to 20 px keeping the aspect ratio; pasted into 28x28
+    with its centre of mass at the centre. Raises :class:`InputError` for anything that is not a
+    readable image, claims more than ``max_pixels``, or has no digit in it; its message starts with
+    ``name`` (default: the path, or "image").
+    """
+    from PIL import Image
+
+    if name is None:
+        name = str(source) if isinstance(source, str | os.PathLike) else "image"
+    img = _open_image(source, max_pixels, name)
+    if max(img.size) > _WORK_SIDE:
+        img = img.copy()
+        img.thumbnail((_WORK_SIDE, _WORK_SIDE), Image.Resampling.BOX)
+    gray = _grayscale(img)
+    if np.median(_border(gray)) > 127.5:
+        gray = 255.0 - gray
+    # The background level and its noise (paper grain, JPEG ringing) come from the border: whatever is
+    # within 5 robust standard deviations of it is background. MNIST and a clean drawing: exactly 0.
+    border = _border(gray)
+    level = float(np.median(border))
+    noise = 1.4826 * float(np.median(np.abs(border - level)))
+    gray = np.clip(gray - (level + 5.0 * noise), 0.0, None)
+    peak = float(gray.max())
+    if not np.isfinite(peak) or peak <= 0.0:
+        raise InputError(f"{name}: no digit found, the image is blank (a single colour)")
+    gray *= 255.0 / peak
+    rows = np.flatnonzero(gray.any(axis=1))
+    cols = np.flatnonzero(gray.any(axis=0))
+    digit = gray[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    h, w = digit.shape
+    scale = DIGIT_BOX / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if size != (w, h):
+        digit = np.asarray(Image.fromarray(digit, mode="F").resize(size, Image.Resampling.LANCZOS))
+        digit = np.clip(digit, 0.0, 255.0)
+    h, w = digit.shape
+    mass = float(digit.sum())
+    cy = float((digit.sum(axis=1) * np.arange(h)).sum() / mass)
+    cx = float((digit.sum(axis=0) * np.arange(w)).sum() / mass)
+    top = min(max(round(_CENTRE - cy), 0), FIELD - h)
+    left = min(max(round(_CENTRE - cx), 0), FIELD - w)
+    out = np.zeros((FIELD, FIELD), dtype=np.float32)
+    out[top : top + h, left : left + w] = digit
+    return out
+
+
+def normalize_pixels(pixels: np.ndarray) -> np.ndarray:
+    """(N, 28, 28) or (N, 784) values in 0..255 -> float32 (N, 784) with the training normalisation."""
+    x = np.asarray(pixels, dtype=np.float32).reshape(-1, FIELD * FIELD)
+    return (x * np.float32(1.0 / 255.0) - np.float32(MEAN)) * np.float32(1.0 / STD)
+
+
+def preprocess_image(source: Any, *, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> np.ndarray:
+    """Any image -> the model's input: float32 (1, 784), MNIST-like and normalised (see :func:`mnist_image`)."""
+    return normalize_pixels(mnist_image(source, max_pixels=max_pixels, name=name))
+
+
+def pixels_to_array(values: Any, *, batch: bool = False) -> np.ndarray:
+    """Validate raw pixel values (784 numbers in 0..255, row-major 28x28; a list of them when ``batch``).
+
+    Returns float32 (N, 784) in 0..255. Raises :class:`InputError` saying what is wrong.
+    """
+    what = "pixels"
+    try:
+        arr = np.asarray(values)
+    except (ValueError, TypeError, OverflowError):
+        raise InputError(f"{what} must be {'a list of ' if batch else ''}784 numbers; got a ragged or mixed list") from None
+    if arr.dtype.kind not in "iuf" or arr.dtype == np.bool_:
+        raise InputError(f"{what} must be numbers in 0..255, got {_kind(arr)}")
+    shape = arr.shape
+    if batch:
+        if arr.size == 0:
+            raise InputError(f"{what}: the list of images is empty")
+        if arr.ndim == 3 and shape[1:] == (FIELD, FIELD):
+            arr = arr.reshape(shape[0], -1)
+        if arr.ndim != 2 or arr.shape[1] != FIELD * FIELD:
+            raise InputError(f"{what} must be a list of images of 784 values (row-major 28x28); got shape {shape}")
+    else:
+        if shape not in ((FIELD * FIELD,), (FIELD, FIELD)):
+            got = f"{arr.size} values" if arr.ndim == 1 else f"shape {shape}"
+            raise InputError(f"{what} must hold 784 values (row-major 28x28), got {got}")
+        arr = arr.reshape(1, -1)
+    arr = arr.astype(np.float32, copy=False)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        i = int(np.flatnonzero(~finite.ravel())[0])
+        raise InputError(f"{what} must be finite numbers; value {arr.ravel()[i]} at index {_index(i, batch)}")
+    bad = (arr < 0) | (arr > 255)
+    if bad.any():
+        i = int(np.flatnonzero(bad.ravel())[0])
+        raise InputError(f"{what} must be in 0..255; value {arr.ravel()[i]:g} at index {_index(i, batch)}")
+    return arr
+
+
+def _index(i: int, batch: bool) -> str:
+    return f"[{i // 784}][{i % 784}]" if batch else str(i)
+
+
+def _kind(arr: np.ndarray) -> str:
+    return {"b": "booleans", "U": "strings", "S": "bytes", "O": "other objects (null, nested lists...)"}.get(
+        arr.dtype.kind, str(arr.dtype)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Models.
+
+
+@dataclass
+class LoadedModel:
+    """A model loaded for prediction, with what the manifest says about it."""
+
+    predictor: Predictor
+    runtime: str  # the --runtime name: a format in the registry, or "pytorch"
+    entry: dict  # the manifest entry of the file that was loaded
+    manifest: dict
+    input_shape: tuple[int, ...]
+    device: str = "cpu"
+    threads: int | None = None
+    load_seconds: float = 0.0
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """float32 (N, 784) normalised -> float32 logits (N, 10)."""
+        return self.predictor(x.reshape(x.shape[0], *self.input_shape))
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """float32 (N, 784) normalised -> softmax probabilities (N, 10), float64 rows summing to 1."""
+        z = self.logits(x).astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        np.exp(z, out=z)
+        z /= z.sum(axis=1, keepdims=True)
+        return z
+
+
+def load_model(*, artifacts: str | os.PathLike = "artifacts", runtime: str = DEFAULT_RUNTIME,
+               device: str = "cpu", threads: int | None = None) -> LoadedModel:
+    """Load the model in ``artifacts`` for ``runtime``, once, after checking its sha256 against the manifest.
+
+    ``runtime`` is a format name from the registry (``onnx``, ``torchscript``, ``pt2``, ``onnx-int8``)
+    or ``pytorch`` (the eager model rebuilt from the state_dict). ``threads`` sets the runtime's
+    intra-op threads (None: the runtime's default).
+    """
+    folder = Path(artifacts)
+    if runtime not in runtime_names():
+        raise InputError(f"unknown runtime '{runtime}'; choose one of {', '.join(runtime_names())}")
+    if threads is not None and threads < 1:
+        raise InputError(f"threads must be at least 1, got {threads}")
+    if not folder.is_dir():
+        raise ManifestError(f"{folder}: no such artifacts folder; run `mnist-deploy train --out {folder}` first")
+    manifest = load_manifest(folder)
+    model_info = manifest.get("model")
+    if not isinstance(model_info, dict) or "name" not in model_info:
+        raise ManifestError(f"{folder / 'manifest.json'}: has no model entry; train first")
+    input_shape = tuple(int(d) for d in model_info.get("input_shape") or (FIELD * FIELD,))
+    if int(np.prod(input_shape)) != FIELD * FIELD:
+        raise ManifestError(f"{folder / 'manifest.json'}: model input shape {input_shape} is not a 28x28 image")
+    device = _resolve_device(device)
+    t0 = time.perf_counter()
+    if runtime == EAGER_RUNTIME:
+        key = "state_dict"
+        path = verified_path(folder, key, manifest)
+        predictor = _load_eager(model_info, path, device, threads)
+    else:
+        key = runtime
+        entry = manifest["artifacts"].get(key)
+        if entry is None:
+            raise ManifestError(
+                f"{folder / 'manifest.json'}: no '{runtime}' artifact; run "
+                f"`mnist-deploy export --artifacts {folder} --format {runtime}` first, or use --runtime pytorch"
+            )
+        if entry.get("status", "ok") != "ok":
+            reason = entry.get("error") or "see the export report"
+            raise ManifestError(f"{folder}: the '{runtime}' export is marked {entry.get('status')!r} ({reason})")
+        path = verified_path(folder, key, manifest)
+        predictor = load_predictor(runtime, path, device, threads)
+    loaded = LoadedModel(predictor, runtime, dict(manifest["artifacts"][key]), manifest, input_shape, device,
+                         threads, time.perf_counter() - t0)
+    loaded.probabilities(np.zeros((1, FIELD * FIELD), dtype=np.float32))  # warm-up: first call allocates
+    return loaded
+
+
+def _resolve_device(device: str) -> str:
+    if device == "cpu":
+        return "cpu"  # no torch import: the ONNX Runtime path starts without it
+    from .devices import resolve_device
+
+    return str(resolve_device(device))
+
+
+def _load_eager(model_info: dict, path: Path, device: str, threads: int | None) -> Predictor:
+    import torch
+
+    from .models import build_model, load_state_dict_checked
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = build_model(model_info["name"], model_info.get("hparams"))
+    load_state_dict_checked(model, safe_torch_load(path), str(path))
+    return load_eager(model, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files.
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given; folders expanded to the image files in them (by suffix, recursively, sorted)."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            out.append(p)
+    return out
+
+
+def top_k(probabilities: np.ndarray, k: int) -> list[dict]:
+    """The ``k`` most probable digits of one probability row, best first."""
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [{"digit": int(d), "probability": float(probabilities[d])} for d in order]
+
+
+def predict_files(inputs: Sequence[str | os.PathLike], *, artifacts: str | os.PathLike = "artifacts",
+                  runtime: str = DEFAULT_RUNTIME, top: int = 3, device: str = "cpu", threads: int | None = None,
+                  model: LoadedModel | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
+                  batch_size: int = 256) -> list[dict]:
+    """Predict the digit in every image file (folders are expanded), one record per file, in order.
+
+    A file that cannot be read or holds no digit gets a record with ``error`` instead of a
+    prediction; the others are still predicted. Model problems (no artifact, tampered file) raise.
+    """
+    if not 1 <= top <= 10:
+        raise InputError(f"top-k must be between 1 and 10, got {top}")
+    files = expand_inputs(inputs)
+    if not files:
+        raise InputError("no image files found in " + ", ".join(str(p) for p in inputs))
+    model = model or load_model(artifacts=artifacts, runtime=runtime, device=device, threads=threads)
+    records: list[dict] = []
+    pending: list[tuple[dict, np.ndarray]] = []
+    for path in files:
+        record: dict[str, Any] = {"file": str(path)}
+        records.append(record)
+        try:
+            pending.append((record, preprocess_image(path, max_pixels=max_pixels)))
+        except MnistDeployError as exc:
+            record["error"] = str(exc)
+    for i in range(0, len(pending), batch_size):
+        chunk = pending[i : i + batch_size]
+        probs = model.probabilities(np.concatenate([x for _, x in chunk]))
+        for (record, _), p in zip(chunk, probs, strict=True):
+            best = top_k(p, top)
+            record.update(digit=best[0]["digit"], confidence=best[0]["probability"], top_k=best,
+                          runtime=model.runtime)
+    return records
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+__all__ = [
+    "DEFAULT_RUNTIME", "EAGER_RUNTIME", "MAX_IMAGE_PIXELS", "LoadedModel", "expand_inputs",
+    "load_model", "mnist_image", "normalize_pixels", "pixels_to_array", "predict_files", "preprocess_image",
+    "runtime_names", "top_k",
+]
