@@ -137,8 +137,9 @@ class ExportContext:
     onnx_exporter: str = "dynamo"  # dynamo (torch.export-based) | legacy (TorchScript-based)
     quantization: str = "static"  # static (QDQ, calibrated) | dynamic
     calibration: np.ndarray | None = None  # float32 images for static INT8 calibration
-    metadata: dict[str, str] = field(default_factory=dict)  # ONNX metadata_props
+    metadata: dict[str, str] = field(default_factory=dict)  # ONNX metadata_props; a JSON file in .pt/.pt2
     workdir: Path | None = None  # where intermediate files may go (the output folder)
+    onnx_fp32: Path | None = None  # an fp32 ONNX file of this model already checked: INT8 quantizes it
 
 
 @contextlib.contextmanager
@@ -167,7 +168,16 @@ def _export_torchscript(model, path: Path, ctx: ExportContext) -> None:
             scripted = torch.jit.trace(model, ctx.example, check_trace=False)
         else:
             raise ExportError(f"unknown TorchScript method '{ctx.torchscript_method}' (trace or script)")
-        torch.jit.save(scripted, str(path))
+        torch.jit.save(scripted, str(path), _extra_files=_extra_files(ctx))
+
+
+METADATA_FILE = "mnist_deploy.json"  # inside .pt / .pt2 archives: the same metadata as the ONNX props
+
+
+def _extra_files(ctx: ExportContext) -> dict[str, str]:
+    import json
+
+    return {METADATA_FILE: json.dumps(ctx.metadata, sort_keys=True)} if ctx.metadata else {}
 
 
 def _load_torchscript(path: Path, device: str = "cpu", threads: int | None = None) -> Predictor:
@@ -206,6 +216,13 @@ def _write_onnx_fp32(model, path: Path, ctx: ExportContext) -> None:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExportError(f"ONNX export (exporter {ctx.onnx_exporter}, opset {ctx.opset}) failed: {msg}") from None
     proto = onnx.load(str(path))
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != ctx.opset:
+        # The dynamo exporter quietly falls back to its own opset when a conversion fails.
+        raise ExportError(
+            f"the {ctx.onnx_exporter} ONNX exporter cannot write opset {ctx.opset} for this model "
+            f"(it wrote opset {written}); choose another --opset"
+        )
     _set_metadata(proto, ctx.metadata)
     onnx.save(proto, str(path))
     check_onnx(path)
@@ -262,7 +279,12 @@ def _export_onnx_int8(model, path: Path, ctx: ExportContext) -> None:
     fp32 = folder / f".{path.name}.fp32.tmp.onnx"
     prep = folder / f".{path.name}.prep.tmp.onnx"
     try:
-        _write_onnx_fp32(model, fp32, ctx)
+        if ctx.onnx_fp32 is not None and Path(ctx.onnx_fp32).is_file():
+            import shutil
+
+            shutil.copyfile(ctx.onnx_fp32, fp32)
+        else:
+            _write_onnx_fp32(model, fp32, ctx)
         with _quiet():
             quant_pre_process(str(fp32), str(prep), skip_symbolic_shape=True)
             if ctx.quantization == "dynamic":
@@ -299,7 +321,7 @@ def _export_pt2(model, path: Path, ctx: ExportContext) -> None:
             program = torch.export.export(model, (ctx.example,), dynamic_shapes=({0: batch},), strict=False)
         except Exception as exc:
             raise ExportError(f"torch.export failed: {str(exc).strip().splitlines()[0]}") from None
-        torch.export.save(program, str(path))
+        torch.export.save(program, str(path), extra_files=_extra_files(ctx))
 
 
 def _load_pt2(path: Path, device: str = "cpu", threads: int | None = None) -> Predictor:

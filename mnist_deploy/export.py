@@ -1,0 +1,833 @@
+"""Export a trained state_dict to every deployable format and prove, on the real test set, that each
+artifact computes what the PyTorch model computes (the parity gate); re-check it later (verify).
+
+For every format: the model described by the manifest next to the checkpoint is rebuilt, the
+exporter from :data:`formats.FORMATS` writes a temporary file in the output folder, that file is
+loaded back in its own runtime and run on all 10,000 test images at batch size 1 and at batch size
+10,000 (which also proves the dynamic batch axis). Only a file that passes is renamed into place
+and recorded in ``manifest.json`` with status ``ok``; a failing one is deleted and recorded as
+``failed`` with its parity numbers, so no consumer ever picks it up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime as _dt
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .artifacts import (
+    STATE_DICT_NAME,
+    artifact_entry,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_manifest,
+    manifest_path,
+    safe_torch_load,
+    save_manifest,
+    sha256_file,
+    verified_path,
+)
+from .errors import CheckpointError, ExportError, InputError, IntegrityError, ManifestError, MnistDeployError
+
+PARITY_NAME = "parity.json"
+PARITY_BATCH_SIZES = (1, 10_000)
+CLASS_LABELS = [str(i) for i in range(10)]
+TORCHSCRIPT_METHODS = ("trace", "script")
+ONNX_EXPORTERS = ("dynamo", "legacy")
+QUANTIZATIONS = ("static", "dynamic")
+_FIRST_DISAGREEMENTS = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration and results.
+
+
+@dataclass
+class ExportConfig:
+    """Everything that decides an export run and its parity gate; saved with every artifact."""
+
+    formats: tuple[str, ...] = ()  # empty: every format in the registry
+    opset: int = 18
+    atol: float = 1e-4
+    rtol: float = 0.0
+    min_agreement: float = 1.0
+    int8_min_agreement: float = 0.995
+    int8_max_accuracy_drop: float = 0.003  # a fraction: 0.003 is 0.3 percentage points
+    torchscript_method: str = "trace"
+    onnx_exporter: str = "dynamo"
+    quantization: str = "static"
+    calibration_size: int = 500
+    parity: bool = True
+
+    def validate(self) -> None:
+        from .formats import get_format
+
+        for name in self.formats:
+            get_format(name)
+        for label, value in (("--atol", self.atol), ("--rtol", self.rtol)):
+            if not (np.isfinite(value) and value >= 0):
+                raise InputError(f"{label} must be a finite number >= 0, got {value}")
+        for label, value in (("--min-agreement", self.min_agreement),
+                             ("--int8-min-agreement", self.int8_min_agreement),
+                             ("--int8-max-accuracy-drop", self.int8_max_accuracy_drop)):
+            if not (0.0 <= value <= 1.0):
+                raise InputError(f"{label} is a fraction between 0 and 1, got {value}")
+        if self.torchscript_method not in TORCHSCRIPT_METHODS:
+            raise InputError(f"unknown TorchScript method '{self.torchscript_method}'; choose trace or script")
+        if self.onnx_exporter not in ONNX_EXPORTERS:
+            raise InputError(f"unknown ONNX exporter '{self.onnx_exporter}'; choose dynamo or legacy")
+        if self.quantization not in QUANTIZATIONS:
+            raise InputError(f"unknown quantization '{self.quantization}'; choose static or dynamic")
+        if self.calibration_size < 1:
+            raise InputError(f"--calibration-size must be at least 1, got {self.calibration_size}")
+        if any(n in ("onnx", "onnx-int8") for n in self.formats):
+            lo, hi = onnx_opset_range(self.onnx_exporter)
+            if not (lo <= self.opset <= hi):
+                other = "legacy" if self.onnx_exporter == "dynamo" else "dynamo"
+                olo, ohi = onnx_opset_range(other)
+                hint = f"; the {other} exporter writes {olo}-{ohi} (--onnx-exporter {other})" if olo <= self.opset <= ohi else ""
+                raise ExportError(
+                    f"--opset {self.opset}: the {self.onnx_exporter} ONNX exporter writes opsets {lo}-{hi}{hint}"
+                )
+
+    def criteria(self, parity_kind: str) -> dict:
+        if parity_kind == "predictions":
+            return {"kind": "predictions", "min_agreement": self.int8_min_agreement,
+                    "max_accuracy_drop": self.int8_max_accuracy_drop}
+        return {"kind": "logits", "atol": self.atol, "rtol": self.rtol, "min_agreement": self.min_agreement}
+
+    def options(self, name: str) -> dict:
+        """The options that shaped format ``name`` (what goes into its manifest entry)."""
+        if name == "torchscript":
+            return {"torchscript_method": self.torchscript_method}
+        if name == "onnx":
+            return {"opset": self.opset, "onnx_exporter": self.onnx_exporter}
+        if name == "onnx-int8":
+            out = {"opset": self.opset, "onnx_exporter": self.onnx_exporter, "quantization": self.quantization}
+            if self.quantization == "static":
+                out["calibration_size"] = self.calibration_size
+            return out
+        return {}
+
+
+def onnx_opset_range(exporter: str) -> tuple[int, int]:
+    """The ONNX opsets ``exporter`` writes as asked (anything else it silently rewrites or rejects).
+
+    The torch.export-based exporter builds opset 18+ natively (below that it tries a version
+    converter that can silently fall back to 18); the TorchScript-based one supports 7 to 20.
+    """
+    if exporter == "legacy":
+        return 7, 20
+    import onnx
+
+    return 18, int(onnx.defs.onnx_opset_version())
+
+
+@dataclass
+class FormatResult:
+    """What happened to one format: where it went, how big, how long, and its parity verdict."""
+
+    format: str
+    file: str
+    status: str  # ok | failed
+    size_bytes: int | None = None
+    sha256: str | None = None
+    export_seconds: float | None = None
+    parity: dict | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class ExportReport:
+    artifacts: Path
+    source_state_dict_sha256: str
+    model: str
+    reference_accuracy: float | None
+    results: list[FormatResult] = field(default_factory=list)
+    parity_path: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results)
+
+    @property
+    def failures(self) -> list[FormatResult]:
+        return [r for r in self.results if not r.ok]
+
+    def table(self, markdown: bool = False) -> str:
+        """The parity table: format, file, size, export time, max abs diff, agreement, accuracy, verdict."""
+        header = ["format", "file", "size", "export time", "max abs diff", "agreement", "accuracy", "verdict"]
+        rows = [["pytorch (reference)", "-", "-", "-", "0", "100.00%",
+                 _pct(self.reference_accuracy), "reference"]]
+        for r in self.results:
+            p = r.parity or {}
+            rows.append([
+                r.format, r.file, _size(r.size_bytes),
+                "-" if r.export_seconds is None else f"{r.export_seconds:.2f} s",
+                "-" if p.get("max_abs_diff") is None else f"{p['max_abs_diff']:.2e}",
+                _pct(p.get("agreement")), _pct(p.get("accuracy")), _verdict(r),
+            ])
+        return format_table(header, rows, markdown=markdown)
+
+    def to_dict(self) -> dict:
+        return {
+            "artifacts": str(self.artifacts),
+            "model": self.model,
+            "source_state_dict_sha256": self.source_state_dict_sha256,
+            "reference_accuracy": self.reference_accuracy,
+            "ok": self.ok,
+            "results": [asdict(r) for r in self.results],
+            "parity_path": str(self.parity_path) if self.parity_path else None,
+        }
+
+
+def _verdict(r: FormatResult) -> str:
+    if r.parity and r.parity.get("skipped"):
+        return "not checked"
+    if r.ok:
+        return "PASS"
+    return "FAIL" if r.parity and r.parity.get("passed") is False else "ERROR"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def format_table(header: list[str], rows: list[list[str]], markdown: bool = False) -> str:
+    """A plain aligned text table, or a Markdown one (numbers right-aligned)."""
+    numeric = [all(_looks_numeric(row[i]) for row in rows) for i in range(len(header))]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |",
+                 "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+
+    def fmt(row):
+        return "  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(row, widths, numeric, strict=True)).rstrip()
+
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *[fmt(r) for r in rows]])
+
+
+def _looks_numeric(cell: str) -> bool:
+    return cell == "-" or cell[:1].isdigit()
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity: numbers, verdict, and what would have passed.
+
+
+def compare_logits(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray, *, atol: float | None = 0.0,
+                   rtol: float = 0.0) -> dict:
+    """Differences between two (N, 10) logit arrays and their top-1 predictions.
+
+    Returns max/mean absolute and max relative difference, whether every element is within
+    ``atol + rtol * |reference|`` (numpy's ``allclose`` rule), the smallest ``atol`` (with this
+    ``rtol``) and ``rtol`` (with this ``atol``) that would hold, top-1 agreement, the candidate's
+    accuracy and the indices of the first images whose predicted digit differs. With ``atol=None``
+    (prediction-level parity, INT8) the tolerance fields are left out.
+    """
+    check_tolerance = atol is not None
+    atol = atol or 0.0
+    if candidate.shape != reference.shape:
+        raise ExportError(f"output shape {tuple(candidate.shape)} is not the reference's {tuple(reference.shape)}")
+    ref = reference.astype(np.float64)
+    cand = candidate.astype(np.float64)
+    finite = bool(np.isfinite(cand).all())
+    diff = np.abs(cand - ref) if finite else np.full_like(ref, np.inf)
+    absref = np.abs(ref)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(diff == 0, 0.0, diff / absref)
+        need_rtol = np.where(diff <= atol, 0.0, (diff - atol) / absref)
+    worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
+    pred_ref = reference.argmax(axis=1)
+    pred = candidate.argmax(axis=1) if finite else np.full_like(pred_ref, -1)
+    agree = pred == pred_ref
+    out = {
+        "images": int(reference.shape[0]),
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "max_rel_diff": float(rel.max()),
+        "worst_element": {"image": int(worst[0]), "class": int(worst[1])},
+    }
+    if check_tolerance:
+        out.update(within_tolerance=bool(np.all(diff <= atol + rtol * absref)),
+                   atol_needed=float(max(0.0, float(np.max(diff - rtol * absref)))),
+                   rtol_needed=float(np.max(need_rtol)))
+    return {
+        **out,
+        "agreement": float(agree.mean()),
+        "disagreements": int((~agree).sum()),
+        "first_disagreements": [int(i) for i in np.flatnonzero(~agree)[:_FIRST_DISAGREEMENTS]],
+        "accuracy": float((pred == labels).mean()),
+        "finite": finite,
+    }
+
+
+def judge(runs: dict[str, dict], criteria: dict, reference_accuracy: float) -> tuple[bool, list[str], dict]:
+    """Verdict for one format from its per-batch-size comparisons.
+
+    Returns (passed, the reasons it failed, and for each criterion it failed the loosest threshold
+    that would have passed: ``atol`` (at the given rtol) or alternatively ``rtol`` (at the given
+    atol), ``min_agreement``, ``max_accuracy_drop``).
+    """
+    found: dict[str, list[str]] = {}  # reason -> batch sizes it happened at (usually both)
+    logits = criteria["kind"] == "logits"
+    for batch, r in runs.items():
+        if not r["finite"]:
+            found.setdefault("output has NaN or infinity", []).append(batch)
+            continue
+        if logits and not r["within_tolerance"]:
+            w = r["worst_element"]
+            text = (f"max abs diff {r['max_abs_diff']:.3g} (image {w['image']}, class {w['class']}) exceeds "
+                    f"atol {criteria['atol']:g} + rtol {criteria['rtol']:g} x |PyTorch logit|")
+            found.setdefault(text, []).append(batch)
+        if r["agreement"] < criteria["min_agreement"]:
+            first = ", ".join(str(i) for i in r["first_disagreements"])
+            text = (f"top-1 agreement {100 * r['agreement']:.2f}% < {100 * criteria['min_agreement']:.2f}% "
+                    f"({r['disagreements']} images predict another digit; first: {first})")
+            found.setdefault(text, []).append(batch)
+        drop = reference_accuracy - r["accuracy"]
+        if not logits and drop > criteria["max_accuracy_drop"] + 1e-12:
+            text = (f"accuracy {100 * r['accuracy']:.2f}% is {100 * drop:.2f} points below the fp32 model's "
+                    f"{100 * reference_accuracy:.2f}% (allowed {100 * criteria['max_accuracy_drop']:.2f})")
+            found.setdefault(text, []).append(batch)
+    reasons = [f"batch size {' and '.join(batches)}: {text}" for text, batches in found.items()]
+    would: dict[str, float] = {}
+    if reasons and all(r["finite"] for r in runs.values()):
+        if logits and not all(r["within_tolerance"] for r in runs.values()):
+            would["atol"] = _ceil_sig(max(r["atol_needed"] for r in runs.values()))
+            rtol = max(r["rtol_needed"] for r in runs.values())
+            if np.isfinite(rtol):
+                would["rtol"] = _ceil_sig(rtol)
+        worst = min(r["agreement"] for r in runs.values())
+        if worst < criteria["min_agreement"]:
+            would["min_agreement"] = float(np.floor(worst * 1e4) / 1e4)
+        drop = max(reference_accuracy - r["accuracy"] for r in runs.values())
+        if not logits and drop > criteria["max_accuracy_drop"] + 1e-12:
+            would["max_accuracy_drop"] = _ceil_sig(drop)
+    return not reasons, reasons, would
+
+
+def _ceil_sig(x: float, digits: int = 3) -> float:
+    """``x`` rounded up to ``digits`` significant digits (a threshold printed this way still passes)."""
+    if x <= 0 or not np.isfinite(x):
+        return float(x)
+    step = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
+    return float(f"{math.ceil(x / step - 1e-9) * step:.{digits}g}")
+
+
+def would_pass_hint(format_name: str, would: dict | None) -> str:
+    """``would_pass_with`` as command-line options, e.g. ``--atol 1.34e-05 (or --rtol 0.0141)``."""
+    if not would:
+        return ""
+    prefix = "int8-" if format_name == "onnx-int8" else ""
+    parts = []
+    if "atol" in would:
+        alt = f" (or --rtol {would['rtol']:g})" if "rtol" in would else ""
+        parts.append(f"--atol {would['atol']:g}{alt}")
+    if "min_agreement" in would:
+        parts.append(f"--{prefix}min-agreement {would['min_agreement']:g}")
+    if "max_accuracy_drop" in would:
+        parts.append(f"--{prefix}max-accuracy-drop {would['max_accuracy_drop']:g}")
+    return "would pass with " + " and ".join(parts)
+
+
+def run_batched(predictor, images: np.ndarray, batch: int) -> np.ndarray:
+    """Run ``predictor`` over ``images`` in batches of ``batch`` and stack the logits."""
+    outs = [predictor(images[i : i + batch]) for i in range(0, len(images), batch)]
+    return np.concatenate(outs, axis=0)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """Run PyTorch with ``n`` intra-op threads inside the block. One image at a time gains nothing
+    from a second thread, and on a busy 2-core machine its spin-waits made the 10,000 batch-1 calls
+    10 to 100 times slower."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def parity_check(predictor, reference: np.ndarray, images: np.ndarray, labels: np.ndarray, criteria: dict,
+                 reference_accuracy: float, batch_sizes=PARITY_BATCH_SIZES) -> dict:
+    """Run ``predictor`` on ``images`` at each batch size, compare with ``reference`` and judge."""
+    runs: dict[str, dict] = {}
+    for batch in batch_sizes:
+        batch = min(batch, len(images))
+        t0 = time.perf_counter()
+        try:
+            with _torch_threads(1 if batch == 1 else None):
+                out = run_batched(predictor, images, batch)
+        except MnistDeployError:
+            raise
+        except Exception as exc:  # a runtime that cannot run batch size N fails parity, with the reason
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"running it at batch size {batch} failed: {msg}") from None
+        seconds = time.perf_counter() - t0
+        runs[str(batch)] = compare_logits(reference, out, labels, atol=criteria.get("atol"),
+                                          rtol=criteria.get("rtol", 0.0))
+        runs[str(batch)]["seconds"] = seconds  # wall time of the whole pass, for the record (not a benchmark)
+    passed, reasons, would_pass = judge(runs, criteria, reference_accuracy)
+    return {
+        "passed": passed,
+        "criteria": criteria,
+        "reference": "pytorch eager (fp32, batch 10000)",
+        "reference_accuracy": reference_accuracy,
+        "batch_sizes": runs,
+        "max_abs_diff": max(r["max_abs_diff"] for r in runs.values()),
+        "agreement": min(r["agreement"] for r in runs.values()),
+        "accuracy": min(r["accuracy"] for r in runs.values()),
+        "reasons": reasons,
+        "would_pass_with": would_pass,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared setup: the model, its reference logits, the data.
+
+
+@dataclass
+class _Source:
+    model: Any
+    manifest: dict
+    checkpoint: Path
+    sha256: str
+
+
+def _load_source(checkpoint: Path) -> _Source:
+    from .models import build_model, load_state_dict_checked
+
+    if not checkpoint.is_file():
+        raise CheckpointError(f"{checkpoint}: no such checkpoint file; run `mnist-deploy train` first")
+    with open(checkpoint, "rb") as fh:
+        head = fh.read(2)
+    if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (or, long ago, a pickle)
+        raise CheckpointError(f"{checkpoint}: not a PyTorch checkpoint (torch.save writes a zip archive; "
+                              f"this file starts with {head!r})")
+    manifest = load_manifest(checkpoint.parent)
+    model_info = manifest.get("model")
+    if not isinstance(model_info, dict) or "name" not in model_info:
+        raise ManifestError(f"{manifest_path(checkpoint.parent)}: has no model entry; train first")
+    state = safe_torch_load(checkpoint)
+    model = build_model(model_info["name"], model_info.get("hparams"))
+    load_state_dict_checked(model, state, f"{checkpoint} (manifest says model '{model_info['name']}')")
+    return _Source(model.eval(), manifest, checkpoint, sha256_file(checkpoint))
+
+
+def _test_data(manifest: dict, data_dir, cache_dir, allow_download: bool, calibration_size: int = 0):
+    from .data import load_splits
+
+    splits, _ = load_splits(data_dir, cache_dir=cache_dir, allow_download=allow_download)
+    shape = tuple(manifest["model"].get("input_shape") or (784,))
+    test = splits["test"]
+    images = test.images.numpy().reshape(len(test), *shape).astype(np.float32, copy=False)
+    labels = test.labels.numpy()
+    calibration = None
+    if calibration_size:
+        train = splits["train"].images.numpy()
+        idx = np.random.default_rng(0).choice(len(train), size=min(calibration_size, len(train)), replace=False)
+        calibration = np.ascontiguousarray(train[np.sort(idx)].reshape(-1, *shape), dtype=np.float32)
+    return np.ascontiguousarray(images), labels, calibration
+
+
+def _reference_logits(model, images: np.ndarray) -> np.ndarray:
+    from .formats import load_eager
+
+    return load_eager(model)(images)
+
+
+def onnx_metadata(manifest: dict, source_sha256: str) -> dict[str, str]:
+    """What an ONNX consumer needs to feed the model (written as the model's metadata_props)."""
+    pre = manifest.get("preprocessing", {})
+    model = manifest["model"]
+    return {
+        "model_name": str(model["name"]),
+        "model_hparams": json.dumps(model.get("hparams", {}), sort_keys=True),
+        "input_name": "input",
+        "output_name": "logits",
+        "input_shape": json.dumps(["batch", *model.get("input_shape", [784])]),
+        "input_layout": str(pre.get("layout", "")),
+        "preprocessing": "x = (pixel / 255 - mean) / std",
+        "preprocessing_scale": repr(float(pre.get("scale", 1 / 255))),
+        "preprocessing_mean": repr(float(pre.get("mean", 0.1307))),
+        "preprocessing_std": repr(float(pre.get("std", 0.3081))),
+        "class_labels": json.dumps(CLASS_LABELS),
+        "source_state_dict_sha256": source_sha256,
+        "toolkit": "mnist-deploy",
+        "toolkit_version": __version__,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folder and manifest bookkeeping.
+
+
+def _prepare_output(out: Path, source: _Source) -> dict:
+    """The manifest export will extend in ``out``; makes ``out`` self-contained when it is not the
+    checkpoint's folder (copies the state_dict and the training manifest). Raises before writing
+    anything when the checkpoint is not the state_dict ``out``'s manifest describes."""
+    same = out.resolve() == source.checkpoint.parent.resolve()
+    if same:
+        manifest = source.manifest
+        entry = manifest["artifacts"].get("state_dict")
+        if entry is not None and entry.get("sha256") != source.sha256:
+            raise CheckpointError(
+                f"{source.checkpoint}: sha256 {source.sha256[:12]}... is not the state_dict recorded in "
+                f"{manifest_path(out)} ({entry.get('path')}, {str(entry.get('sha256'))[:12]}...); "
+                "export it into another --out folder or retrain"
+            )
+        if entry is None:
+            manifest["artifacts"]["state_dict"] = artifact_entry(source.checkpoint, format="state_dict")
+            return manifest
+        return manifest
+    existing = load_manifest(out, required=False) if manifest_path(out).is_file() else None
+    if existing and existing.get("artifacts", {}).get("state_dict", {}).get("sha256") == source.sha256 \
+            and (out / existing["artifacts"]["state_dict"]["path"]).is_file():
+        return existing
+    return {**copy.deepcopy({k: v for k, v in source.manifest.items() if k != "artifacts"}), "artifacts": {}}
+
+
+def _commit_output(out: Path, manifest: dict, source: _Source) -> None:
+    """Write the state_dict copy (when ``out`` is a new folder) and the manifest, atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    if "state_dict" not in manifest["artifacts"]:
+        target = out / STATE_DICT_NAME
+        atomic_write_bytes(target, source.checkpoint.read_bytes())
+        manifest["artifacts"]["state_dict"] = artifact_entry(target, format="state_dict",
+                                                             copied_from=str(source.checkpoint))
+    save_manifest(out, manifest)
+
+
+def _record(out: Path, manifest: dict, key: str, entry: dict) -> None:
+    manifest["artifacts"][key] = entry
+    save_manifest(out, manifest)
+
+
+def _write_parity(out: Path, report: ExportReport, config: ExportConfig) -> Path:
+    path = out / PARITY_NAME
+    previous: dict = {}
+    if path.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            old = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(old, dict) and old.get("source_state_dict_sha256") == report.source_state_dict_sha256:
+                previous = old.get("formats", {}) or {}
+    formats = {**previous}
+    for r in report.results:
+        formats[r.format] = {"file": r.file, "status": r.status, "size_bytes": r.size_bytes,
+                             "export_seconds": r.export_seconds, "error": r.error, "parity": r.parity}
+    doc = {
+        "created": _now(),
+        "toolkit_version": __version__,
+        "model": report.model,
+        "source_state_dict_sha256": report.source_state_dict_sha256,
+        "reference": "pytorch eager, fp32, CPU",
+        "reference_accuracy": report.reference_accuracy,
+        "test_images": 10_000,
+        "batch_sizes": list(PARITY_BATCH_SIZES),
+        "formats": formats,
+    }
+    return atomic_write_json(path, doc)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage.
+
+
+def export_artifacts(*, artifacts="artifacts", checkpoint=None, formats=None, opset: int = 18,
+                     atol: float = 1e-4, rtol: float = 0.0, min_agreement: float = 1.0,
+                     int8_min_agreement: float = 0.995, int8_max_accuracy_drop: float = 0.003,
+                     torchscript_method: str = "trace", onnx_exporter: str = "dynamo",
+                     quantization: str = "static", calibration_size: int = 500, parity: bool = True,
+                     data_dir=None, cache_dir=None, allow_download: bool = True, progress=None) -> ExportReport:
+    """Export the state_dict to ``formats`` (default: all) in ``artifacts`` and gate each on parity.
+
+    ``checkpoint`` defaults to ``artifacts/mnist_model_state_dict.pth``; the manifest next to it
+    says which model to rebuild. Bad input (checkpoint, manifest, format name, opset, thresholds)
+    raises before anything is written. A format that fails to export or fails parity does not stop
+    the others: it is recorded as ``failed`` and its file removed; check ``report.ok``.
+    ``progress(name)`` is called before each format (the CLI prints a line).
+    """
+    from .formats import FORMATS, ExportContext, get_format
+
+    names = tuple(FORMATS) if not formats or "all" in formats else tuple(dict.fromkeys(formats))
+    config = ExportConfig(formats=names, opset=opset, atol=atol, rtol=rtol, min_agreement=min_agreement,
+                          int8_min_agreement=int8_min_agreement, int8_max_accuracy_drop=int8_max_accuracy_drop,
+                          torchscript_method=torchscript_method, onnx_exporter=onnx_exporter,
+                          quantization=quantization, calibration_size=calibration_size, parity=parity)
+    config.validate()
+    out = Path(artifacts)
+    checkpoint = Path(checkpoint) if checkpoint else out / STATE_DICT_NAME
+    source = _load_source(checkpoint)
+    manifest = _prepare_output(out, source)
+    needs_calibration = "onnx-int8" in names and quantization == "static"
+    images, labels, calibration = _test_data(source.manifest, data_dir, cache_dir, allow_download,
+                                             calibration_size if needs_calibration else 0)
+    reference = _reference_logits(source.model, images)
+    reference_accuracy = float((reference.argmax(1) == labels).mean())
+    _commit_output(out, manifest, source)  # every check on the input has passed: now we may write
+
+    import torch
+
+    ctx = ExportContext(example=torch.from_numpy(images[:2].copy()), opset=opset,
+                        torchscript_method=torchscript_method, onnx_exporter=onnx_exporter,
+                        quantization=quantization, calibration=calibration,
+                        metadata=onnx_metadata(source.manifest, source.sha256), workdir=out)
+    report = ExportReport(out, source.sha256, source.manifest["model"]["name"], reference_accuracy)
+    for name in names:
+        fmt = get_format(name)
+        if progress is not None:
+            progress(name)
+        result = _export_one(fmt, source, ctx, config, out, manifest, images, labels, reference,
+                             reference_accuracy)
+        report.results.append(result)
+    if parity:
+        report.parity_path = _write_parity(out, report, config)
+    return report
+
+
+def _export_one(fmt, source: _Source, ctx, config: ExportConfig, out: Path, manifest: dict,
+                images: np.ndarray, labels: np.ndarray, reference: np.ndarray,
+                reference_accuracy: float) -> FormatResult:
+    final = out / fmt.filename
+    tmp = out / f".{fmt.filename}.{os.getpid()}.tmp{final.suffix}"
+    criteria = config.criteria(fmt.parity)
+    result = FormatResult(fmt.name, fmt.filename, "failed")
+    base = {"format": fmt.name, "runtime": fmt.runtime, "source_state_dict_sha256": source.sha256,
+            "options": config.options(fmt.name), "toolkit_version": __version__, "created": _now()}
+    try:
+        t0 = time.perf_counter()
+        try:
+            fmt.export(copy.deepcopy(source.model).eval(), tmp, ctx)
+        except MnistDeployError:
+            raise
+        except Exception as exc:  # exporters raise many types; the first line says what failed
+            raise ExportError(f"{fmt.name} export failed: {_first_line(exc)}") from None
+        result.export_seconds = time.perf_counter() - t0
+        result.size_bytes = tmp.stat().st_size
+        if config.parity:
+            try:
+                predictor = fmt.load(tmp)
+            except MnistDeployError:
+                raise
+            except Exception as exc:  # torch.jit.load / torch.export.load raise RuntimeError and friends
+                raise ExportError(f"{fmt.name}: the exported file does not load in {fmt.runtime}: "
+                                  f"{_first_line(exc)}") from None
+            result.parity = parity_check(predictor, reference, images, labels, criteria, reference_accuracy)
+            del predictor
+        else:
+            result.parity = {"passed": None, "skipped": True, "criteria": criteria}
+        if result.parity.get("passed") is False:
+            result.error = "; ".join(result.parity["reasons"])
+    except MnistDeployError as exc:
+        result.error = str(exc)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    if result.error is None:
+        _fsync(tmp)
+        os.replace(tmp, final)
+        entry = artifact_entry(final, status="ok", **base, export_seconds=result.export_seconds,
+                               parity=result.parity)
+        result.status, result.sha256 = "ok", entry["sha256"]
+        _record(out, manifest, fmt.name, entry)
+        if fmt.name == "onnx":
+            ctx.onnx_fp32 = final  # INT8 quantizes the fp32 model that just passed, instead of re-exporting
+        return result
+    # Failed: the file never takes the deployable name, and a stale one from an earlier export goes too.
+    for p in (tmp, final):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    _record(out, manifest, fmt.name, {"path": fmt.filename, "sha256": None, "size_bytes": None, "status": "failed",
+                                      **base, "export_seconds": result.export_seconds, "parity": result.parity,
+                                      "error": result.error})
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Verify: re-check what the manifest vouches for.
+
+
+@dataclass
+class VerifyItem:
+    key: str
+    format: str
+    path: str | None
+    ok: bool
+    checks: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    parity: dict | None = None
+
+
+@dataclass
+class VerifyReport:
+    artifacts: Path
+    items: list[VerifyItem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(i.ok for i in self.items)
+
+    @property
+    def problems(self) -> list[str]:
+        return [f"{i.key}: {p}" for i in self.items for p in i.problems]
+
+    def to_dict(self) -> dict:
+        return {"artifacts": str(self.artifacts), "ok": self.ok, "items": [asdict(i) for i in self.items]}
+
+
+def verify_artifacts(*, artifacts="artifacts", data_dir=None, cache_dir=None, allow_download: bool = True,
+                     progress=None) -> VerifyReport:
+    """Re-check every artifact in ``artifacts/manifest.json``.
+
+    Every entry: the file exists and its sha256 is the recorded one. Every exported format, in
+    addition: recorded as ok, made from the recorded state_dict, valid (ONNX checker), loads in its
+    runtime, and still passes the parity gate it was exported under, on all 10,000 test images at
+    batch sizes 1 and 10,000. Returns a report; ``report.ok`` is False when anything failed.
+    """
+    from .formats import FORMATS
+    from .models import build_model, load_state_dict_checked
+
+    out = Path(artifacts)
+    manifest = load_manifest(out)
+    entries = manifest.get("artifacts", {})
+    if "model" not in manifest:
+        raise ManifestError(f"{manifest_path(out)}: has no model entry; train first")
+    report = VerifyReport(out)
+    for key, entry in entries.items():
+        if key in FORMATS:
+            continue
+        item = VerifyItem(key, str(entry.get("format", "")), entry.get("path"), True)
+        try:
+            verified_path(out, key, manifest)
+            item.checks.append("sha256")
+        except MnistDeployError as exc:
+            item.ok = False
+            item.problems.append(str(exc))
+        report.items.append(item)
+    formats = [k for k in entries if k in FORMATS]
+    if not formats:
+        return report
+
+    sd_item = next((i for i in report.items if i.key == "state_dict"), None)
+    if sd_item is None or not sd_item.ok:
+        for key in formats:
+            report.items.append(VerifyItem(key, key, entries[key].get("path"), False,
+                                           problems=["cannot check parity: the state_dict is missing or changed"]))
+        return report
+    sd_path = verified_path(out, "state_dict", manifest)
+    sd_sha = entries["state_dict"]["sha256"]
+    model = build_model(manifest["model"]["name"], manifest["model"].get("hparams"))
+    load_state_dict_checked(model, safe_torch_load(sd_path), str(sd_path))
+    images, labels, _ = _test_data(manifest, data_dir, cache_dir, allow_download)
+    reference = _reference_logits(model.eval(), images)
+    reference_accuracy = float((reference.argmax(1) == labels).mean())
+    for key in formats:
+        if progress is not None:
+            progress(key)
+        report.items.append(_verify_one(out, key, entries[key], manifest, sd_sha, images, labels, reference,
+                                        reference_accuracy))
+    return report
+
+
+def _verify_one(out: Path, key: str, entry: dict, manifest: dict, sd_sha: str, images, labels, reference,
+                reference_accuracy: float) -> VerifyItem:
+    from .formats import check_onnx, get_format
+
+    fmt = get_format(key)
+    item = VerifyItem(key, key, entry.get("path"), False)
+    if entry.get("status") != "ok":
+        item.problems.append(f"recorded as {entry.get('status')!r} at export: {entry.get('error') or 'no detail'}")
+        return item
+    try:
+        path = verified_path(out, key, manifest)
+        item.checks.append("sha256")
+        if entry.get("source_state_dict_sha256") != sd_sha:
+            raise IntegrityError(f"{path}: exported from another state_dict than the one in the manifest")
+        if fmt.runtime.startswith("onnxruntime"):
+            check_onnx(path)
+            _check_onnx_metadata(path, sd_sha)
+            item.checks.append("onnx checker + metadata")
+        predictor = fmt.load(path)
+        item.checks.append(f"loads in {fmt.runtime}")
+        criteria = (entry.get("parity") or {}).get("criteria") or ExportConfig().criteria(fmt.parity)
+        item.parity = parity_check(predictor, reference, images, labels, criteria, reference_accuracy)
+        if item.parity["passed"]:
+            item.checks.append("parity")
+        else:
+            item.problems.append("parity failed: " + "; ".join(item.parity["reasons"]))
+    except MnistDeployError as exc:
+        item.problems.append(str(exc))
+    item.ok = not item.problems
+    return item
+
+
+def _check_onnx_metadata(path: Path, sd_sha: str) -> None:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in proto.metadata_props}
+    if props.get("source_state_dict_sha256") != sd_sha:
+        raise IntegrityError(f"{path}: its metadata names another source state_dict "
+                             f"({str(props.get('source_state_dict_sha256'))[:12]}...)")
+
+
+__all__ = [
+    "ExportConfig",
+    "ExportReport",
+    "FormatResult",
+    "VerifyItem",
+    "VerifyReport",
+    "compare_logits",
+    "export_artifacts",
+    "format_table",
+    "judge",
+    "onnx_metadata",
+    "onnx_opset_range",
+    "parity_check",
+    "verify_artifacts",
+    "would_pass_hint",
+]
