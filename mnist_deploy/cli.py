@@ -190,6 +190,264 @@ def evaluate_cmd(checkpoint, artifacts, data_dir, cache_dir, no_download, as_jso
         click.echo(f"{c:>5}  {100 * v['precision']:8.2f}%  {100 * v['recall']:6.2f}%  {100 * v['f1']:5.2f}%  {v['support']:>7}")
 
 
+@cli.command("export")
+@click.option("--format", "formats", type=click.Choice([*FORMAT_NAMES, "all"]), multiple=True,
+              default=("all",), show_default=True,
+              help="Format to export; repeat the option for several. torchscript is deprecated in "
+              "PyTorch 2.13 (kept for existing consumers; prefer pt2 or onnx).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The state_dict to export; the manifest.json next to it says which model to rebuild. "
+              "Default: OUT/mnist_model_state_dict.pth.")
+@click.option("--out", "--artifacts", "out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("artifacts"), show_default=True,
+              help="Folder the artifacts, manifest.json and parity.json are written to.")
+@click.option("--opset", type=int, default=18, show_default=True,
+              help="ONNX opset: 18 and up with the dynamo exporter, 7-20 with the legacy one.")
+@click.option("--atol", type=float, default=1e-4, show_default=True,
+              help="Parity: largest allowed |logit - PyTorch logit| (plus --rtol x |PyTorch logit|).")
+@click.option("--rtol", type=float, default=0.0, show_default=True, help="Parity: relative tolerance.")
+@click.option("--min-agreement", type=float, default=1.0, show_default=True,
+              help="Parity: smallest allowed fraction of images with the same predicted digit (fp32 formats).")
+@click.option("--int8-min-agreement", type=float, default=0.995, show_default=True,
+              help="onnx-int8 parity: smallest allowed top-1 agreement with the fp32 model.")
+@click.option("--int8-max-accuracy-drop", type=float, default=0.003, show_default=True,
+              help="onnx-int8 parity: largest allowed accuracy drop, as a fraction (0.003 = 0.3 points).")
+@click.option("--torchscript-method", type=click.Choice(["trace", "script"]), default="trace",
+              show_default=True, help="torch.jit.trace or torch.jit.script.")
+@click.option("--onnx-exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True,
+              help="dynamo: the torch.export-based exporter; legacy: the TorchScript-based one.")
+@click.option("--quantization", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
+              help="onnx-int8: static QDQ calibrated on training images, or dynamic (activation ranges computed at run time).")
+@click.option("--calibration-size", type=int, default=500, show_default=True, callback=_positive,
+              help="onnx-int8 static: number of training images to calibrate on.")
+@click.option("--no-parity", is_flag=True, help="Skip the parity gate (experiments only; verify still checks).")
+@data_dir_option
+@cache_dir_option
+@no_download_option
+@click.option("--markdown", is_flag=True, help="Print the parity table as Markdown.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+def export_cmd(formats, checkpoint, out, opset, atol, rtol, min_agreement, int8_min_agreement,
+               int8_max_accuracy_drop, torchscript_method, onnx_exporter, quantization, calibration_size,
+               no_parity, data_dir, cache_dir, no_download, markdown, as_json) -> None:
+    """Export the trained model to deployable formats and prove each computes what PyTorch computes.
+
+    Every artifact is run on all 10,000 test images at batch sizes 1 and 10,000 and compared with
+    the PyTorch model: logits within --atol/--rtol and top-1 agreement for the fp32 formats,
+    agreement and accuracy drop for onnx-int8. A format that fails is recorded in manifest.json as
+    failed and its file removed; the exit code is then 1. Results also go to parity.json.
+
+    Formats: torchscript (mnist_model_torchscript.pt; TorchScript is deprecated in PyTorch 2.13,
+    its deprecation warnings are silenced here; prefer pt2), onnx (mnist_model.onnx, ONNX Runtime),
+    pt2 (mnist_model.pt2, torch.export), onnx-int8 (mnist_model_int8.onnx).
+    """
+    from .export import export_artifacts, would_pass_hint
+
+    def progress(name):
+        if not as_json:
+            click.echo(f"exporting {name} ...", err=True)
+
+    report = export_artifacts(
+        artifacts=out, checkpoint=checkpoint, formats=list(formats), opset=opset, atol=atol, rtol=rtol,
+        min_agreement=min_agreement, int8_min_agreement=int8_min_agreement,
+        int8_max_accuracy_drop=int8_max_accuracy_drop, torchscript_method=torchscript_method,
+        onnx_exporter=onnx_exporter, quantization=quantization, calibration_size=calibration_size,
+        parity=not no_parity, data_dir=data_dir, cache_dir=cache_dir, allow_download=not no_download,
+        progress=progress,
+    )
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(f"{report.model} from {report.source_state_dict_sha256[:12]}...: parity on 10,000 test "
+                   "images at batch sizes 1 and 10,000 against PyTorch eager")
+        click.echo(report.table(markdown=markdown))
+        if any(r.format == "onnx-int8" for r in report.results):
+            click.echo(f"onnx-int8 is judged on predictions, not logits: agreement >= {100 * int8_min_agreement:.2f}% "
+                       f"and accuracy drop <= {100 * int8_max_accuracy_drop:.2f} points")
+        for r in report.results:
+            if r.ok:
+                click.echo(f"{out / r.file}  {r.size_bytes:,} bytes  {r.export_seconds:.2f} s")
+        if report.parity_path:
+            click.echo(f"parity report: {report.parity_path}; manifest: {out / 'manifest.json'}")
+    for r in report.failures:
+        hint = would_pass_hint(r.format, (r.parity or {}).get("would_pass_with"))
+        hint = f" ({hint})" if hint else ""
+        click.secho(f"error: {r.format}: {r.error}{hint}; recorded as failed in the manifest, file removed",
+                    fg="red", err=True)
+    if not report.ok:
+        sys.exit(1)
+
+
+@cli.command("verify")
+@click.option("--artifacts", "--out", "artifacts", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("artifacts"), show_default=True)
+@data_dir_option
+@cache_dir_option
+@no_download_option
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+def verify_cmd(artifacts, data_dir, cache_dir, no_download, as_json) -> None:
+    """Re-check every artifact in the manifest: sha256, loads in its runtime, parity still holds.
+
+    Exit code 1 and one line per problem when anything does not check out.
+    """
+    from .export import verify_artifacts
+
+    report = verify_artifacts(artifacts=artifacts, data_dir=data_dir, cache_dir=cache_dir,
+                              allow_download=not no_download)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for item in report.items:
+            status = "OK  " if item.ok else "FAIL"
+            click.echo(f"{status} {item.key:<18} {item.path or '-':<30} {', '.join(item.checks) or '-'}")
+    for problem in report.problems:
+        click.secho(f"error: {problem}", fg="red", err=True)
+    if not report.ok:
+        sys.exit(1)
+    if not as_json:
+        n = sum(1 for i in report.items if i.parity)
+        click.echo(f"all {len(report.items)} artifacts verified ({n} formats re-checked for parity)")
+
+
+@cli.command("bench")
+@click.option("--artifacts", type=click.Path(file_okay=False, path_type=Path), default=Path("artifacts"),
+              show_default=True, help="The artifacts folder (state_dict, exports, manifest.json).")
+@click.option("--runtimes", default="all", show_default=True, metavar="LIST",
+              help="Comma list of pytorch, torch.compile, torchscript, torch.export, onnxruntime, "
+              "onnxruntime-int8 (or the format names onnx, pt2, onnx-int8), or all.")
+@click.option("--batch-sizes", default="1,32,256,1024", show_default=True, metavar="LIST",
+              help="Comma list of positive batch sizes.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "all"]), default="all", show_default=True,
+              help="all: CPU, plus CUDA when there is a GPU (skipped rows say why when there is not).")
+@click.option("--threads", type=int, default=None, callback=_positive,
+              help="Intra-op threads for PyTorch and ONNX Runtime alike. Default: the usable cores (recorded).")
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Untimed calls before each row's timed calls.")
+@click.option("--min-time", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              metavar="SECONDS", help="Time each row at least this long (and at least 20 calls); more is tighter p99.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where bench.json/.csv/.md/.png go. Default: ARTIFACTS/bench.")
+@data_dir_option
+@cache_dir_option
+@no_download_option
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON to stdout instead of the table.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
+@click.pass_context
+def bench_cmd(ctx, artifacts, runtimes, batch_sizes, device, threads, warmup, min_time, out, data_dir, cache_dir,
+              no_download, as_json, quiet) -> None:
+    """Benchmark every runtime x device x batch size: latency percentiles, throughput, GFLOP/s against a
+    measured matmul peak, cold start, size and test accuracy. Writes bench.json, .csv, .md and .png."""
+    from .bench import run_bench, write_outputs
+
+    def progress(msg: str) -> None:
+        if not quiet:
+            click.echo(msg, err=True)
+
+    result = run_bench(artifacts=artifacts, runtimes=runtimes, batch_sizes=batch_sizes, device=device,
+                       threads=threads, warmup=warmup, min_time=min_time, data_dir=data_dir, cache_dir=cache_dir,
+                       allow_download=not no_download, progress=progress)
+    out = out or Path(artifacts) / "bench"
+    paths = write_outputs(result, out)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        from .bench import format_table
+
+        click.echo(format_table(result), nl=False)
+        click.echo(f"wrote {', '.join(p.name for p in paths.values())} to {out}/")
+    statuses = [r["status"] for r in result["records"]]
+    if "ok" not in statuses:
+        click.secho("error: nothing was measured (every row skipped or failed; see the reasons above)",
+                    fg="red", err=True)
+        ctx.exit(2)
+    if "failed" in statuses:
+        failed = sorted({f"{r['runtime']} ({r['device']})" for r in result["records"] if r["status"] == "failed"})
+        click.secho(f"error: {len(failed)} runtime(s) failed: {', '.join(failed)}; the others were measured",
+                    fg="red", err=True)
+        ctx.exit(1)
+
+
+PREDICT_RUNTIMES = (*FORMAT_NAMES, "pytorch")  # mirrors predict.runtime_names() (a test checks both)
+
+
+@cli.command("predict")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="IMAGE_OR_DIR...")
+@click.option("--runtime", type=click.Choice(PREDICT_RUNTIMES), default="onnx", show_default=True,
+              help="An exported format (checked against the manifest's sha256), or pytorch (the state_dict).")
+@click.option("--artifacts", type=click.Path(file_okay=False, path_type=Path), default=Path("artifacts"),
+              show_default=True)
+@click.option("--top-k", type=click.IntRange(1, 10), default=3, show_default=True, help="How many digits to list.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, default=None, callback=_positive, help="Runtime intra-op threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of records.")
+@click.pass_context
+def predict_cmd(ctx, inputs, runtime, artifacts, top_k, device, threads, as_json) -> None:
+    """Predict the digit in image files, or in every image in folders.
+
+    Any image Pillow reads works (PNG, JPEG, ..., black on white or white on black): it is converted
+    the way MNIST was made (cropped to the digit, scaled to 20 px, centred by mass in 28x28). One line
+    per file: file, digit, confidence, top-k. A file that cannot be read is reported and skipped;
+    the exit code is then 1.
+    """
+    from .predict import predict_files
+
+    records = predict_files(inputs, artifacts=artifacts, runtime=runtime, top=top_k, device=device,
+                            threads=threads)
+    failed = [r for r in records if "error" in r]
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        for r in failed:
+            click.secho(f"error: {r['error']}", fg="red", err=True)
+    else:
+        width = max(len(r["file"]) for r in records)
+        for r in records:
+            if "error" in r:
+                click.secho(f"error: {r['error']}", fg="red", err=True)
+                continue
+            best = ", ".join(f"{t['digit']} {100 * t['probability']:5.1f}%" for t in r["top_k"])
+            click.echo(f"{r['file']:<{width}}  {r['digit']}  {100 * r['confidence']:5.1f}%   top-{top_k}: {best}")
+    if failed:
+        click.secho(f"{len(failed)} of {len(records)} file(s) could not be predicted", fg="red", err=True)
+        ctx.exit(1)
+
+
+@cli.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on. The default is this machine only; 0.0.0.0 opens it to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
+@click.option("--runtime", type=click.Choice(PREDICT_RUNTIMES), default="onnx", show_default=True,
+              help="An exported format (checked against the manifest's sha256), or pytorch (the state_dict).")
+@click.option("--artifacts", type=click.Path(file_okay=False, path_type=Path), default=Path("artifacts"),
+              show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True, callback=_positive,
+              help="Runtime intra-op threads per request (1 is fastest for single images under concurrent load).")
+@click.option("--max-body", type=click.IntRange(1024, 64 << 20), default=1 << 20, show_default=True,
+              help="Largest request body in bytes; larger ones are answered 413 without being read.")
+@click.option("--access-log", is_flag=True, help="Log every request (costs throughput).")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True)
+def serve_cmd(host, port, runtime, artifacts, device, threads, max_body, access_log, log_level) -> None:
+    """Serve the model over HTTP until Ctrl-C: a drawing page at /, POST /predict, /docs, /metrics.
+
+    The artifact is loaded once, after its sha256 is checked against the manifest. Endpoints:
+    POST /predict (JSON {"pixels": [784 values 0..255]} or a multipart image in 'file'),
+    POST /predict/batch, GET /health, GET /model, GET /metrics (Prometheus), GET /docs (OpenAPI).
+    """
+    from .predict import load_model
+    from .serve import create_app, is_loopback, run_server
+
+    model = load_model(artifacts=artifacts, runtime=runtime, device=device, threads=threads)
+    app = create_app(model=model, max_body_bytes=max_body)
+    sha = str(model.entry.get("sha256") or "")[:12]
+    where = f"page http://{host}:{port}/  API docs http://{host}:{port}/docs" if port else "port chosen below"
+    click.echo(f"serving {model.manifest['model']['name']} from {artifacts} with {runtime} ({model.predictor.runtime}"
+               f", {model.device}, sha256 {sha}...); {where}", err=True)
+    if not is_loopback(host):
+        click.secho(f"warning: listening on {host}: other machines can reach this server (no authentication)",
+                    fg="yellow", err=True)
+    run_server(app, host=host, port=port, log_level=log_level, access_log=access_log)
+
+
 def main() -> None:
     cli(prog_name="mnist-deploy")
 
