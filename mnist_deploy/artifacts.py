@@ -94,6 +94,11 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (or, long ago, a pickle)
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; "
+                              f"this file starts with {head!r})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

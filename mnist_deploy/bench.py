@@ -38,7 +38,6 @@ from .artifacts import (
     atomic_write_text,
     load_manifest,
     manifest_path,
-    safe_torch_load,
     verified_path,
 )
 from .errors import InputError, ManifestError, MnistDeployError, RuntimeUnavailable
@@ -390,12 +389,9 @@ def _ort_matmul_session(b: np.ndarray, threads: int | None):
 
 
 def _eager_model(folder: Path, manifest: dict):
-    from .models import build_model, load_state_dict_checked
+    from .formats import model_from_state_dict
 
-    path = verified_path(folder, "state_dict", manifest)
-    model = build_model(manifest["model"]["name"], manifest["model"].get("hparams"))
-    load_state_dict_checked(model, safe_torch_load(path), str(path))
-    return model.eval()
+    return model_from_state_dict(manifest, verified_path(folder, "state_dict", manifest))
 
 
 def load_runtime(name: str, folder: Path, manifest: dict, device: str, threads: int | None):

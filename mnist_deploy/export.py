@@ -32,7 +32,6 @@ from .artifacts import (
     atomic_write_json,
     load_manifest,
     manifest_path,
-    safe_torch_load,
     save_manifest,
     sha256_file,
     verified_path,
@@ -424,23 +423,16 @@ class _Source:
 
 
 def _load_source(checkpoint: Path) -> _Source:
-    from .models import build_model, load_state_dict_checked
+    from .formats import model_from_state_dict
 
     if not checkpoint.is_file():
         raise CheckpointError(f"{checkpoint}: no such checkpoint file; run `mnist-deploy train` first")
-    with open(checkpoint, "rb") as fh:
-        head = fh.read(2)
-    if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (or, long ago, a pickle)
-        raise CheckpointError(f"{checkpoint}: not a PyTorch checkpoint (torch.save writes a zip archive; "
-                              f"this file starts with {head!r})")
     manifest = load_manifest(checkpoint.parent)
     model_info = manifest.get("model")
     if not isinstance(model_info, dict) or "name" not in model_info:
         raise ManifestError(f"{manifest_path(checkpoint.parent)}: has no model entry; train first")
-    state = safe_torch_load(checkpoint)
-    model = build_model(model_info["name"], model_info.get("hparams"))
-    load_state_dict_checked(model, state, f"{checkpoint} (manifest says model '{model_info['name']}')")
-    return _Source(model.eval(), manifest, checkpoint, sha256_file(checkpoint))
+    model = model_from_state_dict(manifest, checkpoint, f"{checkpoint} (manifest says model '{model_info['name']}')")
+    return _Source(model, manifest, checkpoint, sha256_file(checkpoint))
 
 
 def _test_data(manifest: dict, data_dir, cache_dir, allow_download: bool, calibration_size: int = 0):
@@ -728,8 +720,7 @@ def verify_artifacts(*, artifacts="artifacts", data_dir=None, cache_dir=None, al
     runtime, and still passes the parity gate it was exported under, on all 10,000 test images at
     batch sizes 1 and 10,000. Returns a report; ``report.ok`` is False when anything failed.
     """
-    from .formats import FORMATS
-    from .models import build_model, load_state_dict_checked
+    from .formats import FORMATS, model_from_state_dict
 
     out = Path(artifacts)
     manifest = load_manifest(out)
@@ -760,10 +751,9 @@ def verify_artifacts(*, artifacts="artifacts", data_dir=None, cache_dir=None, al
         return report
     sd_path = verified_path(out, "state_dict", manifest)
     sd_sha = entries["state_dict"]["sha256"]
-    model = build_model(manifest["model"]["name"], manifest["model"].get("hparams"))
-    load_state_dict_checked(model, safe_torch_load(sd_path), str(sd_path))
+    model = model_from_state_dict(manifest, sd_path)
     images, labels, _ = _test_data(manifest, data_dir, cache_dir, allow_download)
-    reference = _reference_logits(model.eval(), images)
+    reference = _reference_logits(model, images)
     reference_accuracy = float((reference.argmax(1) == labels).mean())
     for key in formats:
         if progress is not None:

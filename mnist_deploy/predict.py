@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import load_manifest, safe_torch_load, verified_path
+from .artifacts import load_manifest, verified_path
 from .data import MEAN, STD
 from .errors import InputError, ManifestError, MnistDeployError
-from .formats import FORMATS, Predictor, load_eager, load_predictor
+from .formats import FORMATS, Predictor, load_eager, load_predictor, model_from_state_dict
 
 DEFAULT_RUNTIME = "onnx"
 EAGER_RUNTIME = "pytorch"
@@ -321,13 +321,9 @@ def _resolve_device(device: str) -> str:
 def _load_eager(model_info: dict, path: Path, device: str, threads: int | None) -> Predictor:
     import torch
 
-    from .models import build_model, load_state_dict_checked
-
     if threads:
         torch.set_num_threads(threads)
-    model = build_model(model_info["name"], model_info.get("hparams"))
-    load_state_dict_checked(model, safe_torch_load(path), str(path))
-    return load_eager(model, device)
+    return load_eager(model_from_state_dict({"model": model_info}, path), device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,14 +24,14 @@ from .artifacts import (
     atomic_torch_save,
     atomic_write_json,
     load_manifest,
-    safe_torch_load,
     save_manifest,
 )
 from .data import MEAN, STD, load_splits
 from .devices import resolve_device
 from .errors import InputError, ManifestError
+from .formats import model_from_state_dict
 from .metrics import classification_metrics
-from .models import MODELS, build_model, get_spec, load_state_dict_checked, model_hparams
+from .models import MODELS, build_model, get_spec, model_hparams
 
 SCHEDULES = ("onecycle", "constant")
 
@@ -249,9 +249,7 @@ def load_trained_model(checkpoint=None, *, artifacts="artifacts"):
     manifest = load_manifest(checkpoint.parent)
     if "model" not in manifest:
         raise ManifestError(f"{checkpoint.parent / 'manifest.json'}: has no model entry; train first")
-    model = build_model(manifest["model"]["name"], manifest["model"].get("hparams"))
-    load_state_dict_checked(model, safe_torch_load(checkpoint), str(checkpoint))
-    return model.eval(), manifest
+    return model_from_state_dict(manifest, checkpoint), manifest
 
 
 def evaluate(checkpoint=None, *, artifacts="artifacts", data_dir=None, cache_dir=None,
