@@ -98,6 +98,7 @@ class _RunsCode:
         return (os.system, ("touch PWNED",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_pickle_is_refused_and_not_run(trained_mlp, copy_artifacts, mnist_dir, tmp_path, monkeypatch):
     out = copy_artifacts(trained_mlp)
     monkeypatch.chdir(tmp_path)
