@@ -136,8 +136,9 @@ def test_cli_train_quick_run(tmp_path, mnist_dir, cache_dir):
     assert res.exit_code == 0 and json.loads(res.output)["model"] == "mlp"
 
 
-@pytest.mark.slow
-def test_cnn_reaches_99_percent_in_5_epochs(tmp_path, mnist_dir, cache_dir):
-    metrics = train(TrainConfig(model="cnn"), data_dir=mnist_dir, cache_dir=cache_dir, out=tmp_path,
-                    allow_download=False)
+def test_cnn_reaches_99_percent_in_5_epochs(trained_cnn):
+    metrics = json.loads((trained_cnn / "metrics.json").read_text())
+    manifest = json.loads((trained_cnn / "manifest.json").read_text())
+    assert manifest["model"]["name"] == "cnn" and manifest["training"]["epochs"] == 5
+    assert manifest["training"]["subset"] is None and manifest["training"]["n_train"] == 60000
     assert metrics["accuracy"] >= 0.99
