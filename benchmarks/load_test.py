@@ -30,7 +30,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 TARGET_P99_MS = 20.0
@@ -50,37 +50,68 @@ def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+class ServerError(RuntimeError):
+    """`mnist-deploy serve` exited, or was not healthy in time; ``problem`` says which, ``log`` holds its output."""
+
+    def __init__(self, message: str, *, problem: str, log: str):
+        super().__init__(message)
+        self.problem, self.log = problem, log
+
+
 @contextlib.contextmanager
-def serve_process(artifacts: str | os.PathLike, *, runtime: str = "onnx", threads: int = 1,
-                  startup_timeout: float = 90.0, extra: list[str] | None = None) -> Iterator[str]:
-    """Run `mnist-deploy serve` on a free loopback port; yield its base URL once /health is 200."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "mnist_deploy", "serve", "--artifacts", str(artifacts), "--runtime", runtime,
-           "--port", str(port), "--threads", str(threads), "--log-level", "warning", *(extra or [])]
-    log = tempfile.TemporaryFile()
+def serve_subprocess(artifacts: str | os.PathLike, args: Sequence[str] = (), *, port: int | None = None,
+                     log_path: str | os.PathLike | None = None, startup_timeout: float = 90.0,
+                     stop_timeout: float = 10.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run `mnist-deploy serve --artifacts ARTIFACTS --port PORT ARGS...` on loopback (a free port unless
+    ``port`` is given); yield (base URL, process) once /health is 200, and terminate it on exit.
+
+    Its output goes to ``log_path``, kept for a reader (the tests show it on failure), or else to a
+    temporary file. Raises :class:`ServerError` with that output if it exits or is not healthy in time.
+    tests/_serving.py builds the tests' ``serve_process`` on this.
+    """
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "mnist_deploy", "serve", "--artifacts", str(artifacts), "--port", str(port),
+           *args]
+    log = open(log_path, "w+b") if log_path is not None else tempfile.TemporaryFile()  # closed below
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
+
+    def output() -> str:
+        log.seek(0)
+        return log.read().decode(errors="replace")
+
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
             if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"server exited with {proc.returncode}: {log.read().decode(errors='replace')}")
+                text = output()
+                raise ServerError(f"server exited with {proc.returncode}: {text}",
+                                  problem=f"exited with {proc.returncode}", log=text)
             with contextlib.suppress(OSError):
                 if _get(url + "/health")[0] == 200:
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server not healthy after {startup_timeout:.0f} s")
+                problem = f"not healthy after {startup_timeout:.0f} s"
+                raise ServerError(f"server {problem}", problem=problem, log=output())
             time.sleep(0.1)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=stop_timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
         log.close()
+
+
+@contextlib.contextmanager
+def serve_process(artifacts: str | os.PathLike, *, runtime: str = "onnx", threads: int = 1,
+                  startup_timeout: float = 90.0, extra: list[str] | None = None) -> Iterator[str]:
+    """Run `mnist-deploy serve` on a free loopback port; yield its base URL once /health is 200."""
+    args = ["--runtime", runtime, "--threads", str(threads), "--log-level", "warning", *(extra or [])]
+    with serve_subprocess(artifacts, args, startup_timeout=startup_timeout) as (url, _proc):
+        yield url
 
 
 def pixel_body(data_dir: str | os.PathLike | None = None, index: int = 0) -> bytes:

@@ -9,22 +9,21 @@ are measured one after another and released in between, so no two thread pools c
 A runtime or device that is not available is a row with status ``skipped`` and the reason; one that
 raises is a row with status ``failed`` and the error, and the others go on. Bad input (names, batch
 sizes, a missing or tampered artifact) raises before anything is timed.
+
+The result is a plain dict; :mod:`bench_report` turns it into the verdict, the tables and the files.
 """
 
 from __future__ import annotations
 
 import array
 import contextlib
-import csv
 import datetime as _dt
 import gc
-import io
 import math
 import os
 import platform
 import subprocess
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,14 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .artifacts import (
-    atomic_path,
-    atomic_write_json,
-    atomic_write_text,
-    load_manifest,
-    manifest_path,
-    verified_path,
-)
+from .artifacts import load_manifest, manifest_path, verified_path
+from .bench_report import RECORD_KEYS, format_ms, verdict
 from .errors import InputError, ManifestError, MnistDeployError, RuntimeUnavailable
 
 DEFAULT_BATCH_SIZES = (1, 32, 256, 1024)
@@ -48,13 +41,6 @@ MAX_BATCH = 1 << 20  # the dynamic batch axis the exporters declare
 ACCURACY_CHUNK = 1000
 PEAK_SIZES = (1024, 2048)  # square fp32 matrix products for the roofline reference (CPU)
 CUDA_PEAK_SIZES = (4096, 8192)
-OUTPUT_NAMES = ("bench.json", "bench.csv", "bench.md", "bench.png")
-RECORD_KEYS = (
-    "runtime", "format", "device", "batch_size", "status", "reason",
-    "p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "max_ms", "std_ms", "n_calls",
-    "throughput_per_s", "gflops", "pct_peak", "accuracy", "size_bytes", "cold_start_ms", "load_ms",
-    "first_call_ms", "threads",
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,7 +480,7 @@ def _bench_runtime(rt: BenchRuntime, device: str, *, folder: Path, manifest: dic
         stats = latency_stats(times, bs, flops)
         pct = 100 * stats["gflops"] / peak if peak and "int8" not in rt.name else None
         rows.append(_row(rt, device, bs, "ok", note, **common, **stats, pct_peak=pct))
-        progress(f"{rt.name} ({device}) batch {bs}: p50 {_ms(stats['p50_ms'])} ms, "
+        progress(f"{rt.name} ({device}) batch {bs}: p50 {format_ms(stats['p50_ms'])} ms, "
                  f"{stats['throughput_per_s']:,.0f} images/s, {stats['n_calls']} calls")
     del predictor
     gc.collect()
@@ -512,8 +498,9 @@ def run_bench(*, artifacts="artifacts", runtimes: str | Sequence[str] | None = N
               progress: Callable[[str], None] | None = None) -> dict:
     """Benchmark ``runtimes`` x devices x ``batch_sizes`` on the artifacts in ``artifacts``.
 
-    Returns a dict with ``records`` (one per row, keys :data:`RECORD_KEYS`), ``environment``,
-    ``peak`` (per device), ``model``, ``settings`` and ``verdict``; :func:`write_outputs` writes it.
+    Returns a dict with ``records`` (one per row, keys :data:`bench_report.RECORD_KEYS`),
+    ``environment``, ``peak`` (per device), ``model``, ``settings`` and ``verdict``;
+    :func:`bench_report.write_outputs` writes it.
     Every input is checked, and every artifact's sha256 verified, before the first timed call.
     """
     names, explicit = parse_runtimes(runtimes)
@@ -559,7 +546,7 @@ def run_bench(*, artifacts="artifacts", runtimes: str | Sequence[str] | None = N
                     continue
                 records += _bench_runtime(rt, dev, folder=folder, manifest=manifest, config=config, data=data,
                                           flops=flops, peak=peaks[dev]["gflops"],
-                                          size_bytes=_size(folder, manifest, rt.format), progress=progress)
+                                          size_bytes=_size(manifest, rt.format), progress=progress)
     finally:
         torch.set_num_threads(previous_threads)
     environment = collect_environment(config.threads, [d for d, r in plan if r is None])
@@ -592,7 +579,7 @@ def _load_data(manifest: dict, data_dir, cache_dir, allow_download: bool) -> _Da
     return _Data(images, test.labels.numpy().astype(np.int64))
 
 
-def _size(folder: Path, manifest: dict, key: str) -> int | None:
+def _size(manifest: dict, key: str) -> int | None:
     entry = manifest.get("artifacts", {}).get(key) or {}
     return entry.get("size_bytes")
 
@@ -608,17 +595,6 @@ def sort_records(records: list[dict]) -> list[dict]:
         return (1, dev, r["batch_size"] or 0, 0.0, order.index(r["runtime"]) if r["runtime"] in order else 99)
 
     return sorted(records, key=key)
-
-
-def best_rows(records: Sequence[dict]) -> dict[tuple[str, int], dict]:
-    """The lowest-p50 measured row per (device, batch size)."""
-    best: dict[tuple[str, int], dict] = {}
-    for r in records:
-        if r["status"] == "ok":
-            k = (r["device"], r["batch_size"])
-            if k not in best or r["p50_ms"] < best[k]["p50_ms"]:
-                best[k] = r
-    return best
 
 
 def _cpu_snapshot() -> tuple[float, float, float] | None:
@@ -732,199 +708,9 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-# ---------------------------------------------------------------------------------------------
-# Reporting: verdict, tables, files.
-
-
-def _ms(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.3g}" if v < 100 else f"{v:.0f}"
-
-
-def _size_text(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, div in (("MB", 1e6), ("KB", 1e3)):
-        if n >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n} B"
-
-
-def _rate(v: float) -> str:
-    return f"{v / 1e6:.2f} M" if v >= 1e6 else f"{v / 1e3:.1f} k" if v >= 1e3 else f"{v:.0f}"  # no unit: callers add it
-
-
-def verdict(result: dict) -> str:
-    """One paragraph: fastest at batch 1, fastest at the largest batch, INT8's gain, accuracy loss."""
-    records = result["records"]
-    env = result["environment"]
-    parts = []
-    best = best_rows(records)
-    for dev in dict.fromkeys(r["device"] for r in records if r["status"] == "ok"):
-        ok = [r for r in records if r["status"] == "ok" and r["device"] == dev]
-        sizes = sorted({r["batch_size"] for r in ok})
-        where = env.get("gpu") if dev.startswith("cuda") else env.get("cpu")
-        head = f"On {dev} ({where}, {env.get('threads')} threads)"
-        small, large = best[(dev, sizes[0])], best[(dev, sizes[-1])]
-        eager = next((r for r in ok if r["runtime"] == "pytorch" and r["batch_size"] == sizes[0]), None)
-        vs = (f", {small['p50_ms'] / eager['p50_ms']:.2f}x PyTorch eager's {_ms(eager['p50_ms'])} ms"
-              if eager and small is not eager else "")
-        parts.append(f"{head} the fastest at batch {sizes[0]} is {small['runtime']} "
-                     f"(p50 {_ms(small['p50_ms'])} ms{vs}).")
-        if len(sizes) > 1:
-            peak = result["peak"].get(dev, {}).get("gflops")
-            pct = f", {large['pct_peak']:.0f}% of the measured {peak:.0f} GFLOP/s fp32 matmul peak" if (
-                large.get("pct_peak") is not None and peak) else ""
-            parts.append(f"At batch {sizes[-1]} the fastest is {large['runtime']}: "
-                         f"{_rate(large['throughput_per_s'])} images/s, {large['gflops']:.0f} GFLOP/s{pct}.")
-        fp32 = next((r for r in ok if r["runtime"] == "onnxruntime" and r["batch_size"] == sizes[-1]), None)
-        int8 = next((r for r in ok if r["runtime"] == "onnxruntime-int8" and r["batch_size"] == sizes[-1]), None)
-        if fp32 and int8:
-            of_peak = f", {fp32['pct_peak']:.0f}% of the matmul peak" if fp32.get("pct_peak") is not None else ""
-            parts.append(f"ONNX Runtime INT8 runs {int8['throughput_per_s'] / fp32['throughput_per_s']:.2f}x "
-                         f"the fp32 throughput at batch {sizes[-1]} (fp32: {fp32['gflops']:.0f} GFLOP/s{of_peak}), "
-                         f"at {100 * int8['accuracy']:.2f}% accuracy against fp32's {100 * fp32['accuracy']:.2f}%.")
-        ref = next((r["accuracy"] for r in ok if r["runtime"] == "pytorch"), None)
-        if ref is not None:
-            accs = {r["runtime"]: r["accuracy"] for r in ok}
-            n = result["model"]["test_images"]
-            lost = {k: v for k, v in accs.items() if round((ref - v) * n) != 0}
-            if not lost:
-                parts.append(f"Accuracy: every runtime matches eager's {100 * ref:.2f}% on the {n:,} test images.")
-            else:
-                diffs = ", ".join(f"{k} {100 * v:.2f}% ({100 * (v - ref):+.2f} pp)" for k, v in lost.items())
-                parts.append(f"Accuracy against eager's {100 * ref:.2f}%: {diffs}; the rest match.")
-    for status, dev, reason, who in _problem_groups(records):
-        every = len(who) == len(result["settings"]["runtimes"]) and all(" batch " not in w for w in who)
-        parts.append(f"{status.capitalize()} on {dev}: {'every runtime' if every else ', '.join(who)} ({reason}).")
-    if not any(r["status"] == "ok" for r in records):
-        parts.insert(0, "Nothing was measured.")
-    return " ".join(parts)
-
-
-COLUMNS = ("runtime", "device", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms", "images/s",
-           "GFLOP/s", "% peak", "accuracy", "size", "cold start ms", "status")
-
-
-def table_rows(records: Sequence[dict]) -> list[list[str]]:
-    """The table's cells, best p50 per device and batch size marked with ``*``."""
-    best = {id(r) for r in best_rows(records).values()}
-    rows = []
-    for r in records:
-        ok = r["status"] == "ok"
-        rows.append([
-            r["runtime"] + (" *" if id(r) in best else ""), r["device"],
-            str(r["batch_size"]) if r["batch_size"] else "-",
-            *(_ms(r[k]) if ok else "-" for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms")),
-            _rate(r["throughput_per_s"]).strip() if ok else "-",
-            f"{r['gflops']:.1f}" if ok else "-",
-            f"{r['pct_peak']:.0f}%" if ok and r["pct_peak"] is not None else "-",
-            f"{100 * r['accuracy']:.2f}%" if r["accuracy"] is not None else "-",
-            _size_text(r["size_bytes"]),
-            f"{r['cold_start_ms']:.0f}" if r["cold_start_ms"] is not None else "-",
-            r["status"],
-        ])
-    return rows
-
-
-def _problem_groups(records: Sequence[dict]) -> list[tuple[str, str, str, list[str]]]:
-    """Skipped and failed rows grouped by (status, device, reason): one line per distinct reason."""
-    groups: dict[tuple[str, str, str], list[str]] = {}
-    for r in records:
-        if r["status"] != "ok":
-            who = r["runtime"] + (f" batch {r['batch_size']}" if r["batch_size"] else "")
-            groups.setdefault((r["status"], r["device"], r["reason"]), []).append(who)
-    return [(status, dev, reason, who) for (status, dev, reason), who in groups.items()]
-
-
-def _notes(result: dict) -> list[str]:
-    notes = [f"{status} on {dev}: {', '.join(who)}: {reason}"
-             for status, dev, reason, who in _problem_groups(result["records"])]
-    for r in result["records"]:
-        if r["status"] == "ok" and r["reason"]:
-            note = f"{r['runtime']} ({r['device']}): {r['reason']}"
-            if note not in notes:
-                notes.append(note)
-    return notes
-
-
-def _caption(result: dict, marker: str = "*") -> str:
-    env, model = result["environment"], result["model"]
-    peaks = "; ".join(f"{dev} fp32 matmul peak {p['gflops']:.0f} GFLOP/s ({p['method']}, {p['n']}x{p['n']})"
-                      if p.get("gflops") else f"{dev} matmul peak not measured ({p.get('error')})"
-                      for dev, p in result["peak"].items())
-    s = result["settings"]
-    return (f"{model['name']} ({model['flops_per_example']:,} FLOP/image) on {env['cpu']}, {env['cores']} cores, "
-            f"{env['threads']} threads{', GPU ' + env['gpu'] if env.get('gpu') else ''}; torch {env['torch']}, "
-            f"onnxruntime {env['onnxruntime']}; warm-up {s['warmup']} calls, min time {s['min_time']} s per row. "
-            f"{peaks}. Latency is one call; images/s and GFLOP/s are total images over total timed time; "
-            f"{marker} = lowest p50 for that device and batch size.")
-
-
-def format_table(result: dict) -> str:
-    """The plain, aligned terminal table, its notes, and the verdict."""
-    rows = table_rows(result["records"])
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(COLUMNS)]
-    left = {0, 1, 14}
-
-    def line(cells):
-        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
-
-    out = [_caption(result), "", line(COLUMNS), line(["-" * w for w in widths])]
-    out += [line(r) for r in rows]
-    notes = _notes(result)
-    if notes:
-        out += [""] + notes
-    out += ["", result["verdict"]]
-    out += [f"warning: {w}" for w in result.get("warnings", [])]
-    return "\n".join(out).rstrip() + "\n"
-
-
-def format_markdown(result: dict) -> str:
-    """A Markdown table ready to paste, with the caption above and notes and verdict below."""
-    rows = table_rows(result["records"])
-    right = "|".join("---" if i in (0, 1, 14) else "---:" for i in range(len(COLUMNS)))
-    out = [_caption(result, "**best**"), "", "| " + " | ".join(COLUMNS) + " |", "|" + right + "|"]
-    out += ["| " + " | ".join(c.replace("*", "**best**") if i == 0 else c for i, c in enumerate(r)) + " |" for r in rows]
-    notes = _notes(result)
-    if notes:
-        out += [""] + [f"- {n}" for n in notes]
-    out += ["", result["verdict"]]
-    out += [f"\n> warning: {w}" for w in result.get("warnings", [])]
-    return "\n".join(out).rstrip() + "\n"
-
-
-def format_csv(result: dict) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=RECORD_KEYS, lineterminator="\n")
-    writer.writeheader()
-    for r in result["records"]:
-        writer.writerow({k: r.get(k) for k in RECORD_KEYS})
-    return buf.getvalue()
-
-
-def write_outputs(result: dict, out: str | os.PathLike) -> dict[str, Path]:
-    """Write bench.json, bench.csv, bench.md and bench.png into ``out`` (each atomically)."""
-    from .plots import bench_plot
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {name: out / name for name in OUTPUT_NAMES}
-    atomic_write_json(paths["bench.json"], result)
-    atomic_write_text(paths["bench.csv"], format_csv(result))
-    atomic_write_text(paths["bench.md"], format_markdown(result))
-    env = result["environment"]
-    with atomic_path(paths["bench.png"]) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # matplotlib complains of an empty legend when nothing ran
-        bench_plot(result["records"], tmp, f"{result['model']['name']} on {env['cpu']}, {env['threads']} threads")
-    return paths
-
-
 __all__ = [
-    "BenchConfig", "BenchRuntime", "DEFAULT_BATCH_SIZES", "DEVICE_CHOICES", "OUTPUT_NAMES", "RECORD_KEYS",
-    "best_rows", "check_artifacts", "collect_environment", "default_threads", "format_csv", "format_markdown",
-    "format_table", "latency_stats", "load_runtime", "measure_peak", "parse_batch_sizes", "parse_runtimes",
-    "plan_devices", "run_bench", "runtime_names", "runtime_table", "sort_records", "time_calls",
-    "unavailable_reason", "verdict", "write_outputs",
+    "BenchConfig", "BenchRuntime", "DEFAULT_BATCH_SIZES", "DEVICE_CHOICES", "check_artifacts",
+    "collect_environment", "default_threads", "latency_stats", "load_runtime", "measure_peak",
+    "parse_batch_sizes", "parse_runtimes", "plan_devices", "run_bench", "runtime_names", "runtime_table",
+    "sort_records", "time_calls", "unavailable_reason",
 ]

@@ -336,7 +336,8 @@ def bench_cmd(ctx, artifacts, runtimes, batch_sizes, device, threads, warmup, mi
               no_download, as_json, quiet) -> None:
     """Benchmark every runtime x device x batch size: latency percentiles, throughput, GFLOP/s against a
     measured matmul peak, cold start, size and test accuracy. Writes bench.json, .csv, .md and .png."""
-    from .bench import run_bench, write_outputs
+    from .bench import run_bench
+    from .bench_report import format_table, write_outputs
 
     def progress(msg: str) -> None:
         if not quiet:
@@ -350,8 +351,6 @@ def bench_cmd(ctx, artifacts, runtimes, batch_sizes, device, threads, warmup, mi
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
-        from .bench import format_table
-
         click.echo(format_table(result), nl=False)
         click.echo(f"wrote {', '.join(p.name for p in paths.values())} to {out}/")
     statuses = [r["status"] for r in result["records"]]

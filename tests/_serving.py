@@ -2,24 +2,22 @@
 
 ``onnx_artifacts`` turns the session's trained MLP into an artifacts folder with an ONNX export
 (made once per session by the real exporter, parity gate included); ``serve_process`` runs the real
-``mnist-deploy serve`` on a free loopback port.
+``mnist-deploy serve`` on a free loopback port, with the context manager benchmarks/load_test.py uses.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 
+REPO = Path(__file__).resolve().parents[1]
 _EXPORTED: dict[Path, Path] = {}
 
 
@@ -53,39 +51,31 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _benchmark(name: str):
+    """A script in benchmarks/ as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_load_test = _benchmark("load_test")
 
 
 @contextlib.contextmanager
 def serve_process(artifacts: Path, *args: str, log_path: Path | None = None,
                   timeout: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Start ``mnist-deploy serve`` (the real CLI, as a process) and yield (base URL, process) once healthy."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "mnist_deploy", "serve", "--artifacts", str(artifacts), "--port", str(port), *args]
+    """Start ``mnist-deploy serve`` (the real CLI, as a process) and yield (base URL, process) once healthy.
+
+    The server's output stays in ``log_path`` (``proc.log_path``; default ``serve-PORT.log`` beside the
+    artifacts), and a server that exits or never gets healthy fails the test with that output.
+    """
+    port = _load_test.free_port()
     log_path = log_path or Path(artifacts).parent / f"serve-{port}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"serve exited with {proc.returncode}:\n{log_path.read_text()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"serve not healthy after {timeout:.0f} s:\n{log_path.read_text()}")
-            time.sleep(0.1)
-        proc.log_path = log_path
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with _load_test.serve_subprocess(artifacts, args, port=port, log_path=log_path, startup_timeout=timeout,
+                                         stop_timeout=15) as (url, proc):
+            proc.log_path = log_path
+            yield url, proc
+    except _load_test.ServerError as exc:  # raised only while starting, before the yield
+        raise AssertionError(f"serve {exc.problem}:\n{exc.log}") from None

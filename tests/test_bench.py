@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mnist_deploy import bench
+from mnist_deploy import bench, bench_report
 from mnist_deploy.artifacts import load_manifest, record_artifact
 from mnist_deploy.cli import cli
 from mnist_deploy.errors import InputError, IntegrityError, ManifestError
@@ -69,7 +69,7 @@ def test_every_file_runtime_measured_and_outputs_written(exported, tmp_path, mni
     eager_acc = _ok(result, "pytorch", 1)[0]["accuracy"]
     assert eager_acc == pytest.approx(manifest["metrics"]["accuracy"], abs=1e-9)
     for r in cpu:
-        assert set(r) == set(bench.RECORD_KEYS)
+        assert set(r) == set(bench_report.RECORD_KEYS)
         assert r["status"] == "ok", r
         assert r["n_calls"] >= 3 and r["threads"] == 1
         assert 0 < r["min_ms"] <= r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["max_ms"]
@@ -101,16 +101,16 @@ def test_every_file_runtime_measured_and_outputs_written(exported, tmp_path, mni
     assert "fastest at batch 1" in result["verdict"] and "INT8" in result["verdict"]
     assert any("batch 8: p50" in m for m in messages)
 
-    paths = bench.write_outputs(result, tmp_path / "out")
-    assert sorted(p.name for p in paths.values()) == sorted(bench.OUTPUT_NAMES)
+    paths = bench_report.write_outputs(result, tmp_path / "out")
+    assert sorted(p.name for p in paths.values()) == sorted(bench_report.OUTPUT_NAMES)
     assert json.loads(paths["bench.json"].read_text()) == json.loads(json.dumps(result))
     with open(paths["bench.csv"], newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == len(result["records"]) and tuple(rows[0]) == bench.RECORD_KEYS
+    assert len(rows) == len(result["records"]) and tuple(rows[0]) == bench_report.RECORD_KEYS
     md = paths["bench.md"].read_text()
     assert "| runtime | device | batch | p50 ms |" in md and "**best**" in md
     assert paths["bench.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    best = bench.best_rows(result["records"])
+    best = bench_report.best_rows(result["records"])
     assert best[("cpu", 1)]["p50_ms"] == min(r["p50_ms"] for r in cpu if r["batch_size"] == 1)
 
 
@@ -123,7 +123,7 @@ def test_best_marking_and_sorting():
     ]
     ordered = bench.sort_records(rows)
     assert [(r["runtime"], r["batch_size"]) for r in ordered] == [("c", 1), ("a", 1), ("a", 32), ("b", None)]
-    assert bench.best_rows(rows)[("cpu", 1)]["runtime"] == "c"
+    assert bench_report.best_rows(rows)[("cpu", 1)]["runtime"] == "c"
 
 
 @pytest.mark.slow
