@@ -240,7 +240,8 @@ def export_cmd(formats, checkpoint, out, opset, atol, rtol, min_agreement, int8_
     its deprecation warnings are silenced here; prefer pt2), onnx (mnist_model.onnx, ONNX Runtime),
     pt2 (mnist_model.pt2, torch.export), onnx-int8 (mnist_model_int8.onnx).
     """
-    from .export import export_artifacts, would_pass_hint
+    from .export import export_artifacts
+    from .parity import would_pass_hint
 
     def progress(name):
         if not as_json:
