@@ -159,3 +159,48 @@ def test_preview_png(mnist_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "test  " in res.output and "10000 images" in res.output
+
+
+@pytest.fixture
+def mirror(tmp_path, monkeypatch):
+    """A real HTTP server on loopback serving a folder as the download mirror."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "mirror"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(data, "MIRROR", f"http://127.0.0.1:{server.server_address[1]}/")
+    yield root
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.integration
+def test_download_fetches_verifies_and_keeps_torchvision_layout(mnist_dir, tmp_path, mirror):
+    for key in data.FILES:
+        src = data.find_file(mnist_dir, key)
+        (mirror / f"{data.FILES[key].name}.gz").symlink_to(src.resolve())
+    dest = tmp_path / "data"
+    _link_real(mnist_dir, dest, skip=("test-labels", "test-images"))  # two present, two to fetch
+    info = data.summary(dest, allow_download=True)
+    assert info["splits"]["test"]["count"] == 10000
+    fetched = sorted(p.name for p in (dest / "MNIST" / "raw").iterdir())
+    assert fetched == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+
+
+@pytest.mark.integration
+def test_download_of_wrong_bytes_is_not_saved(mnist_dir, tmp_path, mirror):
+    raw = bytearray(gzip.decompress(data.find_file(mnist_dir, "test-labels").read_bytes()))
+    raw[50] ^= 1
+    (mirror / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(raw)))
+    dest = tmp_path / "data"
+    _link_real(mnist_dir, dest, skip=("test-labels",))
+    with pytest.raises(DataError, match="downloaded data has MD5"):
+        data.load_raw(dest, allow_download=True)
+    assert not (dest / "MNIST").exists() or not any((dest / "MNIST").rglob("*"))
