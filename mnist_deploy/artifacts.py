@@ -120,8 +120,12 @@ def manifest_path(folder: str | os.PathLike) -> Path:
     return Path(folder) / MANIFEST_NAME
 
 
-def load_manifest(folder: str | os.PathLike, *, required: bool = True) -> dict:
-    """Read ``folder/manifest.json``; an empty manifest when absent and not ``required``."""
+def load_manifest(folder: str | os.PathLike, *, required: bool = True, need_model: bool | None = None) -> dict:
+    """Read ``folder/manifest.json``; an empty manifest when absent and not ``required``.
+
+    ``need_model`` (default: ``required``) also demands the trained model's entry (``model.name``),
+    which every stage that rebuilds or describes the model needs.
+    """
     path = manifest_path(folder)
     if not path.is_file():
         if required:
@@ -134,6 +138,9 @@ def load_manifest(folder: str | os.PathLike, *, required: bool = True) -> dict:
     if not isinstance(data, dict):
         raise ManifestError(f"{path}: manifest is not a JSON object")
     data.setdefault("artifacts", {})
+    model = data.get("model")
+    if (required if need_model is None else need_model) and not (isinstance(model, dict) and "name" in model):
+        raise ManifestError(f"{path}: has no model entry; run `mnist-deploy train` first")
     return data
 
 
@@ -162,7 +169,7 @@ def verified_path(folder: str | os.PathLike, key: str, manifest: dict | None = N
     Every loader of a TorchScript, ONNX or pt2 file goes through this: those files can run code or
     change behaviour when tampered with, so a file the manifest does not vouch for is never loaded.
     """
-    manifest = load_manifest(folder) if manifest is None else manifest
+    manifest = load_manifest(folder, need_model=False) if manifest is None else manifest
     entry = manifest.get("artifacts", {}).get(key)
     if entry is None:
         raise ManifestError(f"{manifest_path(folder)}: no artifact '{key}' recorded; export it first")

@@ -512,8 +512,6 @@ def run_bench(*, artifacts="artifacts", runtimes: str | Sequence[str] | None = N
     plan = plan_devices(device)
     folder = Path(artifacts)
     manifest = load_manifest(folder)
-    if "model" not in manifest:
-        raise ManifestError(f"{manifest_path(folder)}: has no model entry; run `mnist-deploy train` first")
     skip = check_artifacts(folder, manifest, names, explicit)
     data = _load_data(manifest, data_dir, cache_dir, allow_download)
     progress = progress or (lambda _msg: None)

@@ -35,7 +35,7 @@ from .artifacts import (
     sha256_file,
     verified_path,
 )
-from .errors import CheckpointError, ExportError, InputError, IntegrityError, ManifestError, MnistDeployError
+from .errors import CheckpointError, ExportError, InputError, IntegrityError, MnistDeployError
 from .parity import PARITY_BATCH_SIZES, ExportReport, FormatResult, parity_check
 
 PARITY_NAME = "parity.json"
@@ -148,10 +148,8 @@ def _load_source(checkpoint: Path) -> _Source:
     if not checkpoint.is_file():
         raise CheckpointError(f"{checkpoint}: no such checkpoint file; run `mnist-deploy train` first")
     manifest = load_manifest(checkpoint.parent)
-    model_info = manifest.get("model")
-    if not isinstance(model_info, dict) or "name" not in model_info:
-        raise ManifestError(f"{manifest_path(checkpoint.parent)}: has no model entry; train first")
-    model = model_from_state_dict(manifest, checkpoint, f"{checkpoint} (manifest says model '{model_info['name']}')")
+    name = manifest["model"]["name"]
+    model = model_from_state_dict(manifest, checkpoint, f"{checkpoint} (manifest says model '{name}')")
     return _Source(model, manifest, checkpoint, sha256_file(checkpoint))
 
 
@@ -444,8 +442,6 @@ def verify_artifacts(*, artifacts="artifacts", data_dir=None, cache_dir=None, al
     out = Path(artifacts)
     manifest = load_manifest(out)
     entries = manifest.get("artifacts", {})
-    if "model" not in manifest:
-        raise ManifestError(f"{manifest_path(out)}: has no model entry; train first")
     report = VerifyReport(out)
     for key, entry in entries.items():
         if key in FORMATS:

@@ -339,12 +339,9 @@ def model_from_state_dict(manifest: dict, path: str | os.PathLike, source: str |
     """Rebuild the model the manifest describes and load the state_dict at ``path`` into it, safely
     (``weights_only``) and strictly (missing, extra or misshapen tensors are named). Returns it in eval mode."""
     from .artifacts import safe_torch_load
-    from .errors import ManifestError
     from .models import build_model, load_state_dict_checked
 
-    info = manifest.get("model")
-    if not isinstance(info, dict) or "name" not in info:
-        raise ManifestError("the manifest has no model entry; run `mnist-deploy train` first")
+    info = manifest["model"]  # load_manifest has checked it is there
     model = build_model(info["name"], info.get("hparams"))
     load_state_dict_checked(model, safe_torch_load(path), source or str(path))
     return model.eval()

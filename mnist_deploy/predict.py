@@ -279,9 +279,7 @@ def load_model(*, artifacts: str | os.PathLike = "artifacts", runtime: str = DEF
     if not folder.is_dir():
         raise ManifestError(f"{folder}: no such artifacts folder; run `mnist-deploy train --out {folder}` first")
     manifest = load_manifest(folder)
-    model_info = manifest.get("model")
-    if not isinstance(model_info, dict) or "name" not in model_info:
-        raise ManifestError(f"{folder / 'manifest.json'}: has no model entry; train first")
+    model_info = manifest["model"]
     input_shape = tuple(int(d) for d in model_info.get("input_shape") or (FIELD * FIELD,))
     if int(np.prod(input_shape)) != FIELD * FIELD:
         raise ManifestError(f"{folder / 'manifest.json'}: model input shape {input_shape} is not a 28x28 image")

@@ -28,7 +28,7 @@ from .artifacts import (
 )
 from .data import MEAN, STD, load_splits
 from .devices import resolve_device
-from .errors import InputError, ManifestError
+from .errors import InputError
 from .formats import model_from_state_dict
 from .metrics import classification_metrics
 from .models import MODELS, build_model, get_spec, model_hparams
@@ -247,8 +247,6 @@ def load_trained_model(checkpoint=None, *, artifacts="artifacts"):
     """
     checkpoint = Path(checkpoint) if checkpoint else Path(artifacts) / STATE_DICT_NAME
     manifest = load_manifest(checkpoint.parent)
-    if "model" not in manifest:
-        raise ManifestError(f"{checkpoint.parent / 'manifest.json'}: has no model entry; train first")
     return model_from_state_dict(manifest, checkpoint), manifest
 
 
