@@ -7,7 +7,10 @@ torchvision's transforms are used when torchvision imports; otherwise (this proj
 where PyPI's torchvision does not load beside the CPU torch) the same two transforms are written out
 with the same per-sample cost profile: PIL image -> float tensor / 255 -> normalise.
 
-Prints one JSON line: {"train_loop_seconds", "accuracy", "epochs"}.
+``--way numpy`` is the leaner yardstick of issue 11: the same per-sample ``Dataset`` and ``DataLoader``
+without PIL (numpy slice, / 255, normalise, flatten, per sample).
+
+Prints one JSON line: {"train_loop_seconds", "accuracy", "epochs", "way"}.
 """
 
 from __future__ import annotations
@@ -54,6 +57,20 @@ class MnistDataset(Dataset):
         return self.transform(img), int(self.labels[i])
 
 
+class NumpyMnistDataset(Dataset):
+    """The leaner yardstick: per sample, a numpy slice scaled, normalised and flattened; no PIL."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        x = (self.images[i].astype(np.float32) / 255 - 0.1307) / 0.3081
+        return torch.from_numpy(x.reshape(-1)), int(self.labels[i])
+
+
 class MLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -68,14 +85,23 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--way", choices=("pil", "numpy"), default="pil",
+                    help="pil: the origin's per-sample PIL round trip; numpy: the leaner per-sample yardstick")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     raw = load_raw(args.data_dir, allow_download=False)
-    tf = _transform()
-    train_loader = DataLoader(MnistDataset(raw.arrays["train-images"], raw.arrays["train-labels"], tf),
-                              batch_size=64, shuffle=True)
-    test_loader = DataLoader(MnistDataset(raw.arrays["test-images"], raw.arrays["test-labels"], tf),
-                             batch_size=1000)
+    if args.way == "pil":
+        tf = _transform()
+
+        def make(split):
+            return MnistDataset(raw.arrays[f"{split}-images"], raw.arrays[f"{split}-labels"], tf)
+    else:
+
+        def make(split):
+            return NumpyMnistDataset(raw.arrays[f"{split}-images"], raw.arrays[f"{split}-labels"])
+
+    train_loader = DataLoader(make("train"), batch_size=64, shuffle=True)
+    test_loader = DataLoader(make("test"), batch_size=1000)
     model = MLP()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
@@ -94,7 +120,7 @@ def main() -> None:
         for xb, yb in test_loader:
             correct += (model(xb).argmax(1) == yb).sum().item()
     print(json.dumps({"train_loop_seconds": loop, "accuracy": correct / len(test_loader.dataset),
-                      "epochs": args.epochs}))
+                      "epochs": args.epochs, "way": args.way}))
 
 
 if __name__ == "__main__":

@@ -125,37 +125,78 @@ def _stderr_console():
 @click.option("--model", type=click.Choice(MODEL_NAMES), default="mlp", show_default=True,
               help="mlp: the origin's 784-128-64-10 network; cnn: conv + batch norm + dropout.")
 @click.option("--epochs", type=int, default=5, show_default=True, callback=_positive)
-@click.option("--batch-size", type=int, default=64, show_default=True, callback=_positive)
+@click.option("--batch-size", type=int, default=64, show_default=True, callback=_positive,
+              help="Global batch; with N processes each takes batch-size / N per step.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate (base rate).")
 @click.option("--schedule", type=click.Choice(["onecycle", "constant"]), default="onecycle", show_default=True,
               help="onecycle: warm up to 3x --lr, then anneal; constant: the origin's fixed rate.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same CPU run, bitwise.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Same seed (and process count), same CPU run, bitwise.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--subset", type=int, default=None, callback=_positive,
               help="Train on the first N training images only (quick runs).")
-@click.option("--threads", type=int, default=None, callback=_positive, help="PyTorch intra-op threads.")
+@click.option("--threads", type=int, default=None, callback=_positive,
+              help="PyTorch intra-op threads (per process with --nproc-per-node; default 1 there).")
+@click.option("--plots", is_flag=True, help="Also draw training_curves.png and confusion_matrix.png (about 1 s).")
+@click.option("--nproc-per-node", type=int, default=None, callback=_positive,
+              help="Launch N training processes with torchrun (torch.distributed, DDP; gloo on CPU, NCCL on CUDA).")
+@click.option("--nnodes", type=int, default=1, show_default=True, callback=_positive,
+              help="With --nproc-per-node: machines in the job.")
+@click.option("--node-rank", type=int, default=0, show_default=True, help="With --nnodes: this machine's rank.")
+@click.option("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+              help="With --nnodes: where node 0 listens (every node passes the same).")
 @data_dir_option
 @cache_dir_option
 @no_download_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("artifacts"),
               show_default=True, help="Output folder for the state_dict, metrics, manifest and plots.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def train_cmd(model, epochs, batch_size, lr, schedule, seed, device, subset, threads, data_dir, cache_dir,
-              no_download, out, quiet) -> None:
-    """Train a model with Adam + CrossEntropyLoss, evaluate on the 10,000 test images, write artifacts."""
+def train_cmd(model, epochs, batch_size, lr, schedule, seed, device, subset, threads, plots, nproc_per_node,
+              nnodes, node_rank, rdzv_endpoint, data_dir, cache_dir, no_download, out, quiet) -> None:
+    """Train a model with Adam + CrossEntropyLoss, evaluate on the 10,000 test images, write artifacts.
+
+    The state_dict, metrics, manifest (and plots) replace the previous ones in --out as one unit.
+    Under torchrun (`torchrun --nproc-per-node N -m mnist_deploy train ...`, or --nproc-per-node N
+    here) every process trains its shard and rank 0 evaluates and writes.
+    """
     from .train import TrainConfig, train
 
     config = TrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
                          seed=seed, device=device, subset=subset, threads=threads)
+    if nproc_per_node:
+        from .distributed import launch_train
+
+        config.validate()
+        args = _train_args(config, plots=plots, data_dir=data_dir, cache_dir=cache_dir, no_download=no_download,
+                           out=out, quiet=quiet)
+        launch_train(args, nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
+                     rdzv_endpoint=rdzv_endpoint, threads=threads, out=str(out))
+        return
     reporter = None if quiet or not sys.stderr.isatty() and not os.environ.get("MNIST_DEPLOY_PROGRESS") else _RichReporter()
     try:
         metrics = train(config, data_dir=data_dir, cache_dir=cache_dir, out=out,
-                        allow_download=not no_download, reporter=reporter)
+                        allow_download=not no_download, reporter=reporter, plots=plots)
     finally:
         if reporter is not None:
             reporter.close()
+    if metrics is None:  # a torchrun worker other than rank 0: rank 0 reports
+        return
     _print_metrics(metrics)
-    click.echo(f"trained in {metrics['train_seconds']:.1f} s on {metrics['device']}; artifacts in {out}/")
+    procs = f" x {metrics['world_size']} processes ({metrics['backend']})" if metrics.get("backend") else ""
+    click.echo(f"trained in {metrics['train_seconds']:.1f} s on {metrics['device']}{procs}; artifacts in {out}/")
+
+
+def _train_args(config, *, plots, data_dir, cache_dir, no_download, out, quiet) -> list[str]:
+    """The worker command line that reproduces ``config`` (what --nproc-per-node hands to torchrun)."""
+    args = ["--model", config.model, "--epochs", str(config.epochs), "--batch-size", str(config.batch_size),
+            "--lr", repr(config.lr), "--schedule", config.schedule, "--seed", str(config.seed),
+            "--device", config.device, "--out", str(out)]
+    for flag, value in (("--subset", config.subset), ("--threads", config.threads), ("--data-dir", data_dir),
+                        ("--cache-dir", cache_dir)):
+        if value is not None:
+            args += [flag, str(value)]
+    args += [flag for flag, on in (("--plots", plots), ("--no-download", no_download), ("--quiet", quiet)) if on]
+    return args
 
 
 def _print_metrics(m: dict) -> None:

@@ -2,11 +2,13 @@
 
 The origin project fed a per-sample ``Dataset`` through a ``DataLoader``; here the whole normalised
 set is one tensor and a batch is one index into it, which is where most of the speed comes from.
+Under torchrun each rank takes its shard of that tensor (``distributed.py``).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 import platform
 import time
@@ -16,22 +18,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from . import __version__
-from .artifacts import (
-    STATE_DICT_NAME,
-    artifact_entry,
-    atomic_path,
-    atomic_torch_save,
-    atomic_write_json,
-    load_manifest,
-    save_manifest,
-)
+from . import __version__, distributed
+from .artifact_set import replace_set
+from .artifacts import MANIFEST_NAME, STATE_DICT_NAME, artifact_entry, load_manifest
 from .data import MEAN, STD, load_splits
 from .devices import resolve_device
 from .errors import InputError
+from .faults import fault_point
 from .formats import model_from_state_dict
 from .metrics import classification_metrics
 from .models import MODELS, build_model, get_spec, model_hparams
+from .optim import FusedAdam, OneCycle
 
 SCHEDULES = ("onecycle", "constant")
 
@@ -107,58 +104,84 @@ def _evaluate_split(model, split, device) -> tuple[float, np.ndarray]:
 
 
 def train(config: TrainConfig, *, data_dir=None, cache_dir=None, out="artifacts", allow_download: bool = True,
-          reporter: Reporter | None = None) -> dict:
+          reporter: Reporter | None = None, plots: bool = False) -> dict | None:
     """Train, evaluate on the 10,000 test images and write the artifacts into ``out``.
 
-    Nothing in ``out`` is touched until training has finished: an interrupted run leaves the previous
-    artifacts as they were. Returns the metrics (with ``history`` and ``train_seconds``).
+    Nothing in ``out`` changes until training has finished, and then the state_dict, metrics, plots
+    (``plots=True``) and manifest replace the previous ones as one unit: an interrupted run leaves the
+    previous set or the new one, whole. Under torchrun every rank trains its shard and rank 0
+    evaluates and writes; the other ranks return None. Returns the metrics (with ``history`` and
+    ``train_seconds``). torch's global thread count is left as it was found.
     """
     import torch
 
     config.validate()
-    reporter = reporter or _Silent()
-    device = resolve_device(config.device)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    threads_before = torch.get_num_threads()
+    try:
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        rank, device = distributed.setup(config.device)
+        try:
+            return _train(config, rank, device, data_dir=data_dir, cache_dir=cache_dir, out=out,
+                          allow_download=allow_download, reporter=reporter, plots=plots)
+        finally:
+            distributed.shutdown(rank)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(config: TrainConfig, rank: distributed.Rank, device, *, data_dir, cache_dir, out, allow_download,
+           reporter, plots) -> dict | None:
+    import torch
+
+    batch = distributed.per_rank_batch(config.batch_size, rank.world_size)
+    reporter = (reporter if rank.is_main else None) or _Silent()
     splits, source_md5 = load_splits(data_dir, cache_dir=cache_dir, allow_download=allow_download)
     train_x, train_y = splits["train"].images, splits["train"].labels
     if config.subset:
         train_x, train_y = train_x[: config.subset], train_y[: config.subset]
     n = train_x.shape[0]
+    test_y = splits["test"].labels.numpy()
 
     torch.manual_seed(config.seed)
     hparams = model_hparams(config.model, config.hparams)
     model = build_model(config.model, hparams).to(device)
     train_x, train_y = train_x.to(device), train_y.to(device)
-    steps = math.ceil(n / config.batch_size)
-    fused = device.type in ("cpu", "cuda")
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, fused=fused)
+    per_rank = math.ceil(n / rank.world_size)  # DistributedSampler pads every rank to this many
+    steps = math.ceil(per_rank / batch)
+    opt = FusedAdam(model.parameters(), lr=config.lr)
     sched = None
     if config.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=config.lr * config.peak_lr_factor, total_steps=steps * config.epochs, pct_start=0.15
-        )
+        sched = OneCycle(opt, max_lr=config.lr * config.peak_lr_factor, total_steps=steps * config.epochs,
+                         pct_start=0.15)
+    net = distributed.wrap(model, rank, device) if rank.distributed else model
     loss_fn = torch.nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(config.seed)
     history = []
+    test_pred = None
     t0 = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
-        model.train()
+        net.train()
         reporter.start_epoch(epoch, config.epochs, steps)
-        perm = torch.randperm(n, generator=gen).to(device)
+        if rank.distributed:
+            perm = distributed.shard(n, epoch=epoch - 1, seed=config.seed, rank=rank).to(device)
+        else:
+            perm = torch.randperm(n, generator=gen).to(device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
         seen = 0
         for step in range(steps):
-            idx = perm[step * config.batch_size : (step + 1) * config.batch_size]
+            idx = perm[step * batch : (step + 1) * batch]
             xb, yb = train_x[idx], train_y[idx]
-            logits = model(xb)
+            logits = net(xb)
             loss = loss_fn(logits, yb)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
             opt.step()
             if sched is not None:
                 sched.step()
+            if step == 0:
+                fault_point(f"train:rank{rank.rank}:step")
             with torch.no_grad():
                 loss_sum += loss.detach() * yb.shape[0]
                 correct += (logits.argmax(1) == yb).sum()
@@ -166,24 +189,37 @@ def train(config: TrainConfig, *, data_dir=None, cache_dir=None, out="artifacts"
             if (step + 1) % 50 == 0 or step + 1 == steps:
                 # .item() syncs with the device, so only every 50 steps.
                 reporter.update(step + 1, loss_sum.item() / seen, correct.item() / seen)
-        test_loss, test_pred = _evaluate_split(model, splits["test"], device)
-        record = {
-            "epoch": epoch,
-            "train_loss": loss_sum.item() / seen,
-            "train_accuracy": correct.item() / seen,
-            "test_loss": test_loss,
-            "test_accuracy": float((test_pred == splits["test"].labels.numpy()).mean()),
-            "lr": opt.param_groups[0]["lr"],
-        }
+        totals = [loss_sum.item(), float(correct.item()), float(seen)]
+        if rank.distributed:
+            totals = distributed.all_sum(totals, device)
+        record = {"epoch": epoch, "train_loss": totals[0] / totals[2], "train_accuracy": totals[1] / totals[2],
+                  "lr": opt.lr}
+        if rank.is_main:  # the full, unpadded test set, on rank 0 only
+            test_loss, test_pred = _evaluate_split(model, splits["test"], device)
+            record.update(test_loss=test_loss, test_accuracy=float((test_pred == test_y).mean()))
+            reporter.end_epoch(record)
         history.append(record)
-        reporter.end_epoch(record)
     train_seconds = time.perf_counter() - t0
+    del net, logits, loss  # the DDP wrapper (and outputs that hold it) must go before the process group
 
-    model = model.cpu().eval()
-    _, test_pred = _evaluate_split(model, splits["test"], torch.device("cpu"))
-    metrics = classification_metrics(splits["test"].labels.numpy(), test_pred)
-    metrics.update(train_seconds=train_seconds, history=history, model=config.model, device=str(device))
-    _write_training_artifacts(Path(out), model, config, hparams, metrics, source_md5, n)
+    ok, error = True, None
+    metrics = None
+    if rank.is_main:
+        try:
+            model = model.cpu().eval()
+            if device.type != "cpu":
+                _, test_pred = _evaluate_split(model, splits["test"], torch.device("cpu"))
+            metrics = classification_metrics(test_y, test_pred)
+            metrics.update(train_seconds=train_seconds, history=history, model=config.model, device=str(device),
+                           world_size=rank.world_size, backend=rank.backend)
+            _write_training_artifacts(Path(out), model, config, hparams, metrics, source_md5, n, rank, plots)
+        except Exception as exc:  # noqa: BLE001 - told to the other ranks, then raised
+            ok, error = False, exc
+    if rank.distributed and not distributed.agree(ok, device) and error is None:
+        raise distributed.DistributedError(f"rank {rank.rank}: rank 0 could not write the artifacts; "
+                                           "see its error")
+    if error is not None:
+        raise error
     return metrics
 
 
@@ -200,40 +236,46 @@ def library_versions() -> dict:
 
 
 def _write_training_artifacts(out: Path, model, config: TrainConfig, hparams: dict, metrics: dict,
-                              source_md5: dict, n_train: int) -> None:
-    from .plots import confusion_matrix_plot, training_curves
+                              source_md5: dict, n_train: int, rank: distributed.Rank, plots: bool) -> None:
+    import torch
 
-    out.mkdir(parents=True, exist_ok=True)
-    sd_path = atomic_torch_save(model.state_dict(), out / STATE_DICT_NAME)
-    metrics_path = atomic_write_json(out / "metrics.json", metrics)
-    curves_path = out / "training_curves.png"
-    with atomic_path(curves_path) as tmp:
-        training_curves(metrics["history"], tmp)
-    cm_path = out / "confusion_matrix.png"
-    with atomic_path(cm_path) as tmp:
-        confusion_matrix_plot(metrics["confusion_matrix"], tmp,
-                              f"{config.model}: test accuracy {100 * metrics['accuracy']:.2f}%")
-    spec = get_spec(config.model)
-    # A new state_dict invalidates every export made from the previous one, so the manifest starts afresh.
-    manifest = {
-        "toolkit_version": __version__,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "model": {"name": config.model, "hparams": hparams, "input_shape": list(spec.input_shape)},
-        "preprocessing": {"scale": 1 / 255, "mean": MEAN, "std": STD, "layout": _layout(spec.input_shape)},
-        "training": {**asdict(config), "n_train": n_train},
-        "seed": config.seed,
-        "data": {"source_md5": source_md5},
-        "versions": library_versions(),
-        "metrics": {k: metrics[k] for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro",
-                                            "train_seconds")},
-        "artifacts": {
-            "state_dict": artifact_entry(sd_path, format="state_dict"),
-            "metrics": artifact_entry(metrics_path, format="json"),
-            "training_curves": artifact_entry(curves_path, format="png"),
-            "confusion_matrix": artifact_entry(cm_path, format="png"),
-        },
-    }
-    save_manifest(out, manifest)
+    with replace_set(out, manifest_name=MANIFEST_NAME) as stage:
+        torch.save(model.state_dict(), stage / STATE_DICT_NAME)
+        fault_point("train:after-state-dict")
+        (stage / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        fault_point("train:after-metrics")
+        entries = {
+            "state_dict": artifact_entry(stage / STATE_DICT_NAME, format="state_dict"),
+            "metrics": artifact_entry(stage / "metrics.json", format="json"),
+        }
+        if plots:
+            from .plots import confusion_matrix_plot, training_curves
+
+            training_curves(metrics["history"], stage / "training_curves.png")
+            confusion_matrix_plot(metrics["confusion_matrix"], stage / "confusion_matrix.png",
+                                  f"{config.model}: test accuracy {100 * metrics['accuracy']:.2f}%")
+            entries["training_curves"] = artifact_entry(stage / "training_curves.png", format="png")
+            entries["confusion_matrix"] = artifact_entry(stage / "confusion_matrix.png", format="png")
+            fault_point("train:after-plots")
+        spec = get_spec(config.model)
+        # A new state_dict invalidates every export made from the previous one, so the manifest starts afresh.
+        manifest = {
+            "toolkit_version": __version__,
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "model": {"name": config.model, "hparams": hparams, "input_shape": list(spec.input_shape)},
+            "preprocessing": {"scale": 1 / 255, "mean": MEAN, "std": STD, "layout": _layout(spec.input_shape)},
+            "training": {**asdict(config), "n_train": n_train},
+            "distributed": {"world_size": rank.world_size, "backend": rank.backend,
+                            "per_rank_batch": config.batch_size // rank.world_size},
+            "seed": config.seed,
+            "data": {"source_md5": source_md5},
+            "versions": library_versions(),
+            "metrics": {k: metrics[k] for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro",
+                                                "train_seconds")},
+            "artifacts": entries,
+        }
+        fault_point("train:before-manifest")
+        (stage / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 def _layout(shape) -> str:
