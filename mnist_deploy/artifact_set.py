@@ -129,7 +129,6 @@ def _commit_by_exchange(staging: Path, out: Path) -> None:
             return
     else:
         os.rename(staging, out)
-        staging.mkdir()  # so that the caller's cleanup finds something to remove
     _fsync_dir(out.parent)
     fault_point("train:after-commit")
 
@@ -137,7 +136,6 @@ def _commit_by_exchange(staging: Path, out: Path) -> None:
 def _commit_in_place(staging: Path, out: Path, manifest_name: str) -> None:
     journal = out / JOURNAL
     os.replace(staging, journal)  # the commit point
-    staging.mkdir()
     _fsync_dir(out)
     fault_point("train:journaled")
     names = sorted(p.name for p in journal.iterdir() if p.name != manifest_name) + [manifest_name]

@@ -8,6 +8,7 @@ Under torchrun each rank takes its shard of that tensor (``distributed.py``).
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import json
 import math
 import platform
@@ -240,7 +241,9 @@ def _write_training_artifacts(out: Path, model, config: TrainConfig, hparams: di
     import torch
 
     with replace_set(out, manifest_name=MANIFEST_NAME) as stage:
-        torch.save(model.state_dict(), stage / STATE_DICT_NAME)
+        buf = io.BytesIO()  # torch's zip writer turns a failed write into a RuntimeError; plain writes give OSError
+        torch.save(model.state_dict(), buf)
+        (stage / STATE_DICT_NAME).write_bytes(buf.getvalue())
         fault_point("train:after-state-dict")
         (stage / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
         fault_point("train:after-metrics")
