@@ -164,9 +164,10 @@ def train_cmd(model, epochs, batch_size, lr, schedule, seed, device, subset, thr
     config = TrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
                          seed=seed, device=device, subset=subset, threads=threads)
     if nproc_per_node:
-        from .distributed import launch_train
+        from .distributed import launch_train, per_rank_batch
 
         config.validate()
+        per_rank_batch(config.batch_size, nproc_per_node * nnodes)  # refuse before starting any process
         args = _train_args(config, plots=plots, data_dir=data_dir, cache_dir=cache_dir, no_download=no_download,
                            out=out, quiet=quiet)
         launch_train(args, nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,

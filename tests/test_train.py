@@ -31,11 +31,11 @@ def test_default_mlp_artifacts_and_metrics(trained_mlp):
     assert manifest["training"]["epochs"] == 5 and manifest["training"]["batch_size"] == 64
     assert manifest["versions"]["torch"].startswith("2.13")
     assert set(manifest["data"]["source_md5"]) == {"train-images", "train-labels", "test-images", "test-labels"}
-    for name in ("state_dict", "metrics", "training_curves", "confusion_matrix"):
-        entry = manifest["artifacts"][name]
+    assert manifest["distributed"] == {"world_size": 1, "backend": None, "per_rank_batch": 64}
+    assert set(manifest["artifacts"]) == {"state_dict", "metrics"}  # plots only on request
+    for entry in manifest["artifacts"].values():
         path = trained_mlp / entry["path"]
         assert sha256_file(path) == entry["sha256"] and path.stat().st_size == entry["size_bytes"]
-    assert (trained_mlp / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
     sd = torch.load(trained_mlp / "mnist_model_state_dict.pth", weights_only=True)
     assert set(sd) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"}
     assert not list(trained_mlp.glob("*.tmp")), "no temporary files left behind"
@@ -134,6 +134,29 @@ def test_cli_train_quick_run(tmp_path, mnist_dir, cache_dir):
     res = CliRunner().invoke(cli, ["evaluate", "--artifacts", str(tmp_path), "--json", "--data-dir", str(mnist_dir),
                                    "--cache-dir", str(cache_dir), "--no-download"])
     assert res.exit_code == 0 and json.loads(res.output)["model"] == "mlp"
+
+
+def test_plots_on_request_and_thread_count_restored(tmp_path, mnist_dir, cache_dir):
+    before = torch.get_num_threads()
+    train(TrainConfig(epochs=1, subset=1000, threads=1 if before != 1 else 2), data_dir=mnist_dir,
+          cache_dir=cache_dir, out=tmp_path, allow_download=False, plots=True)
+    assert torch.get_num_threads() == before
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for name in ("training_curves", "confusion_matrix"):
+        entry = manifest["artifacts"][name]
+        assert (tmp_path / entry["path"]).read_bytes()[:4] == b"\x89PNG"
+        assert sha256_file(tmp_path / entry["path"]) == entry["sha256"]
+
+
+def test_training_does_not_import_the_compiler_stack(tmp_path, mnist_dir, cache_dir):
+    import subprocess
+    import sys
+
+    code = ("import sys; from mnist_deploy.train import TrainConfig, train; "
+            f"train(TrainConfig(epochs=1, subset=500), data_dir={str(mnist_dir)!r}, cache_dir={str(cache_dir)!r}, "
+            f"out={str(tmp_path)!r}, allow_download=False); print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "False"
 
 
 def test_cnn_reaches_99_percent_in_5_epochs(trained_cnn):
