@@ -35,6 +35,7 @@ from .faults import fault_point
 JOURNAL = ".train-commit"
 _STAGING_TAG = ".train-"
 _FORCE_INPLACE_ENV = "MNIST_DEPLOY_INPLACE_COMMIT"  # tests: exercise the fallback on any filesystem
+_NO_EXCHANGE = (errno.EINVAL, errno.ENOSYS, errno.EXDEV, errno.EBUSY, errno.ENOTSUP, errno.EPERM, errno.EMLINK)
 
 
 class ArtifactWriteError(MnistDeployError):
@@ -66,7 +67,7 @@ def replace_set(out: str | os.PathLike, *, manifest_name: str = "manifest.json")
         yield staging
         _fsync_files(staging)
         if exchange:
-            _commit_by_exchange(staging, out)
+            _commit_by_exchange(staging, out, manifest_name)
         else:
             _commit_in_place(staging, out, manifest_name)
     except OSError as exc:
@@ -103,32 +104,37 @@ def _can_exchange(out: Path) -> bool:
     return out.is_dir() and same_fs and not os.path.ismount(out) and os.access(out.parent, os.W_OK)
 
 
-def _commit_by_exchange(staging: Path, out: Path) -> None:
-    if out.exists():
-        mode = out.stat().st_mode & 0o7777
-        _link_tree(out, staging)
-    else:
+def _commit_by_exchange(staging: Path, out: Path, manifest_name: str) -> None:
+    if not out.exists():
         umask = os.umask(0)
         os.umask(umask)
-        mode = 0o777 & ~umask
-    os.chmod(staging, mode)  # mkdtemp made it 0700; the folder keeps the mode it had (or the umask's)
-    _fsync_dir(staging)
-    fault_point("train:before-commit")
-    if out.exists():
-        try:
-            _exchange(staging, out)
-        except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EXDEV, errno.EBUSY, errno.ENOTSUP):
-                raise
-            # The filesystem refuses the exchange: fall back to the journal, inside ``out``.
-            inner = Path(tempfile.mkdtemp(prefix=f".{out.name}{_STAGING_TAG}{os.getpid()}-", dir=out))
-            for p in staging.iterdir():
-                if not (out / p.name).exists() or not os.path.samefile(p, out / p.name):
-                    os.replace(p, inner / p.name)
-            _commit_in_place(inner, out, "manifest.json")
-            return
-    else:
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it 0700
+        _fsync_dir(staging)
+        fault_point("train:before-commit")
         os.rename(staging, out)
+        _fsync_dir(out.parent)
+        fault_point("train:after-commit")
+        return
+    new_names = [p.name for p in staging.iterdir()]
+    try:
+        _link_tree(out, staging)
+        os.chmod(staging, out.stat().st_mode & 0o7777)  # the folder keeps its mode
+        _fsync_dir(staging)
+        fault_point("train:before-commit")
+        _exchange(staging, out)
+    except OSError as exc:
+        if exc.errno not in _NO_EXCHANGE:
+            raise
+        # Hard links or the exchange refused (another user's files, an unusual filesystem):
+        # commit through the journal inside ``out`` instead.
+        inner = Path(tempfile.mkdtemp(prefix=f".{out.name}{_STAGING_TAG}{os.getpid()}-", dir=out))
+        for name in new_names:
+            os.replace(staging / name, inner / name)
+        try:
+            _commit_in_place(inner, out, manifest_name)
+        finally:
+            shutil.rmtree(inner, ignore_errors=True)
+        return
     _fsync_dir(out.parent)
     fault_point("train:after-commit")
 

@@ -163,6 +163,8 @@ def train_cmd(model, epochs, batch_size, lr, schedule, seed, device, subset, thr
 
     config = TrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
                          seed=seed, device=device, subset=subset, threads=threads)
+    if not nproc_per_node and (nnodes > 1 or node_rank or rdzv_endpoint):
+        raise click.UsageError("--nnodes, --node-rank and --rdzv-endpoint go with --nproc-per-node")
     if nproc_per_node:
         from .distributed import launch_train, per_rank_batch
 
