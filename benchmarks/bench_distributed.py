@@ -1,5 +1,7 @@
 """One process x 2 threads against 2 processes x 1 thread (torchrun, gloo, DDP) for `mnist-deploy train`.
 
+(1 process x 1 thread is run too, to separate the effect of the threads from that of the processes.)
+
 Same model, epochs, seed and global batch (64; 32 per rank with 2 processes). Whole-process wall
 time, the training loop's time (metrics.json's train_seconds) and test accuracy, alternating runs,
 medians.
@@ -44,6 +46,7 @@ def main() -> None:
             base += ["--data-dir", args.data_dir]
         setups = {
             "1 process x 2 threads": base + ["--threads", "2"],
+            "1 process x 1 thread": base + ["--threads", "1"],
             "2 processes x 1 thread": base + ["--nproc-per-node", "2", "--threads", "1"],
         }
         out = Path(tmp) / "out"
