@@ -15,7 +15,8 @@ callable by any reader) rolls it forward.
 Named fault points (``MNIST_DEPLOY_FAULT``, see ``faults.py``), in order:
 ``train:after-state-dict``, ``train:after-metrics``, ``train:after-plots``, ``train:before-manifest``
 (called by the writer), ``train:before-commit``, ``train:after-commit`` (exchange), and in the
-in-place fallback ``train:journaled`` and ``train:renamed-one``.
+in-place fallback ``train:journaled`` and ``train:renamed-one``. ``train.py`` adds
+``train:rank{R}:step`` (rank R, after the first optimizer step of each epoch).
 """
 
 from __future__ import annotations
