@@ -21,7 +21,7 @@ KEEP_ALIVE_TIMEOUT = 5  # seconds an idle kept-alive connection stays open
 def _routes(*routers) -> tuple[str, ...]:
     """Every concrete path the routers answer (the metrics' route labels); templated paths are expanded."""
     paths = []
-    for route in (r for router in routers for r in router.routes):
+    for route in (r for group in routers for r in group.routes):
         path = getattr(route, "path", None)
         if path is None:
             continue
