@@ -183,3 +183,47 @@ def test_big_legal_image_is_refused_without_waiting_for_a_decoder(model):
     assert r.status_code == 422, r.text
     assert "more than the limit" in r.json()["detail"]
     assert answer["s"] < 10
+
+
+# -- issue 8: one preprocessing -------------------------------------------------------------------
+
+
+def test_train_predict_and_serve_normalise_to_the_same_bits(model):
+    from mnist_deploy import data
+    from mnist_deploy.predict import pixels_to_array
+    from mnist_deploy.serve.service import Service
+
+    values = np.resize(np.arange(256), 784)  # every pixel value
+    train = data.normalize(values.astype(np.uint8).reshape(1, 28, 28))  # what the cached tensors hold
+    served_x = Service(model, max_body_bytes=1, max_image_pixels=1, max_batch=1).normalize(
+        model, pixels_to_array(values.tolist()))
+    image_x = data.normalize_pixels(values.astype(np.float32))  # predict_image's last step
+    assert train.dtype == served_x.dtype == image_x.dtype == np.float32
+    assert np.array_equal(train, served_x) and np.array_equal(train, image_x)
+    # The cache's tensors are those of the training-order formula, bit for bit, so its key need not change.
+    legacy = (values.astype(np.float32).reshape(1, -1) / 255.0 - np.float32(0.1307)) / np.float32(0.3081)
+    assert np.array_equal(train, legacy)
+
+
+def test_serve_and_predict_read_mean_and_std_from_the_manifest(served, digit, tmp_path):
+    import shutil
+
+    from mnist_deploy.data import normalize_pixels
+    from mnist_deploy.predict import mnist_image, predict_files
+
+    folder = tmp_path / "art"
+    shutil.copytree(served, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["preprocessing"].update(mean=0.5, std=0.25)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    m = load_model(artifacts=folder, runtime="onnx")
+    want = m.probabilities(normalize_pixels(digit, mean=0.5, std=0.25))[0]
+    default = m.probabilities(normalize_pixels(digit))[0]
+    assert not np.allclose(want, default, atol=1e-3)  # the test can tell the two apart
+    with TestClient(create_app(model=m)) as c:
+        got = c.post("/predict", json={"pixels": digit.ravel().tolist()}).json()["probabilities"]
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    (tmp_path / "d.png").write_bytes(png_bytes(digit))
+    rec = predict_files([tmp_path / "d.png"], model=m)[0]
+    x = normalize_pixels(mnist_image(tmp_path / "d.png"), mean=0.5, std=0.25)
+    assert rec["confidence"] == pytest.approx(float(m.probabilities(x)[0].max()), abs=1e-6)

@@ -12,6 +12,7 @@ from .connections import default_max_connections, guarded_protocol, log_accept_e
 from .guard import Guard
 from .routes import HANDLERS, IMAGE_DECODERS, MAX_BATCH, STATIC_FILES, router
 from .service import Service
+from .v2 import router as v2_router
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 REQUEST_TIMEOUT = 10.0  # seconds for a request to arrive whole (headers and body)
@@ -56,10 +57,11 @@ def create_app(*, model: LoadedModel | None = None, artifacts="artifacts", runti
                     "draw one at /. Errors are JSON `{\"detail\": \"...\"}` with a 4xx status.",
     )
     app.include_router(router)
+    app.include_router(v2_router)
     for kind, handler in HANDLERS:
         app.add_exception_handler(kind, handler)
     service = Service(model, max_body_bytes=max_body_bytes, max_image_pixels=max_image_pixels, max_batch=max_batch,
-                      routes=_routes(app, router))
+                      routes=_routes(app, router, v2_router))
     static_dir = resources.files("mnist_deploy") / "static"
     app.state.service = service
     app.state.decoders = anyio.CapacityLimiter(IMAGE_DECODERS)

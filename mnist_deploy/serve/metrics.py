@@ -34,7 +34,12 @@ class Metrics:
         self.started = time.time()
 
     def route_label(self, path: str) -> str:
-        return path if path in self.routes else OTHER
+        if path in self.routes:
+            return path
+        if path.startswith("/v2/models/"):  # the model name and version are not labels: a fixed template
+            tail = path.rsplit("/", 1)[-1]
+            return f"/v2/models/{{name}}/{tail}" if tail in ("infer", "ready") else "/v2/models/{name}"
+        return OTHER
 
     @staticmethod
     def method_label(method: str) -> str:

@@ -60,7 +60,7 @@ def json_field(body: bytes, key: str = "pixels") -> Any:
         raise InputError(f'expected a JSON object with a "{key}" field')
     value = obj[key]
     # numpy reads [true, 0, ...] as [1, 0, ...]; the bytes test keeps the walk off the hot path.
-    if (b"true" in body or b"false" in body) and _has_bool(value):
+    if (b"true" in body or b"false" in body) and has_bool(value):
         raise InputError(f"{key} must be numbers in 0..255, got booleans (true/false) among them")
     return value
 
@@ -88,14 +88,14 @@ async def uploads(request, media: str, limit: int) -> list[tuple[str, bytes]]:
     raise UnsupportedMedia(UNSUPPORTED.format(media or "(none)"))
 
 
-def _has_bool(obj: Any) -> bool:
+def has_bool(obj: Any) -> bool:
     """Whether a parsed JSON value holds ``true`` or ``false`` anywhere (numpy would read them as 1 and 0)."""
     if obj is True or obj is False:
         return True
     if isinstance(obj, list):
-        return any(_has_bool(v) for v in obj)
+        return any(has_bool(v) for v in obj)
     if isinstance(obj, dict):
-        return any(_has_bool(v) for v in obj.values())
+        return any(has_bool(v) for v in obj.values())
     return False
 
 
@@ -104,4 +104,4 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-__all__ = ["BadRequest", "NotFound", "UnsupportedMedia", "dumps", "json_field", "loads", "media_type", "uploads"]
+__all__ = ["BadRequest", "NotFound", "UnsupportedMedia", "dumps", "has_bool", "json_field", "loads", "media_type", "uploads"]

@@ -46,6 +46,13 @@ class Service:
         self.metrics.inferred(m.runtime, x.shape[0], time.perf_counter() - t0)
         return probs
 
+    def logits(self, m: LoadedModel, x: np.ndarray) -> np.ndarray:
+        """Logits of a normalised float32 (N, 784) batch, timed for the metrics."""
+        t0 = time.perf_counter()
+        z = m.logits(x)
+        self.metrics.inferred(m.runtime, x.shape[0], time.perf_counter() - t0)
+        return z
+
     def normalize(self, m: LoadedModel, pixels: np.ndarray) -> np.ndarray:
         """0..255 pixels -> the model's input, with the mean and std the model was trained with."""
         return normalize_pixels(pixels, **manifest_normalization(m.manifest))
