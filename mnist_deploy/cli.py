@@ -467,10 +467,16 @@ def predict_cmd(ctx, inputs, runtime, artifacts, top_k, device, threads, as_json
               help="Runtime intra-op threads per request (1 is fastest for single images under concurrent load).")
 @click.option("--max-body", type=click.IntRange(1024, 64 << 20), default=1 << 20, show_default=True,
               help="Largest request body in bytes; larger ones are answered 413 without being read.")
+@click.option("--max-connections", type=click.IntRange(1, None), default=None,
+              help="Open connections per process; more are closed at once (default: what the open-file limit "
+                   "allows, at most 4096).")
+@click.option("--request-timeout", type=click.FloatRange(0.1, 3600), default=10.0, show_default=True,
+              help="Seconds for a request (headers and body) to arrive whole; slower ones are answered 408.")
 @click.option("--access-log", is_flag=True, help="Log every request (costs throughput).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
-def serve_cmd(host, port, runtime, artifacts, device, threads, max_body, access_log, log_level) -> None:
+def serve_cmd(host, port, runtime, artifacts, device, threads, max_body, max_connections, request_timeout,
+              access_log, log_level) -> None:
     """Serve the model over HTTP until Ctrl-C: a drawing page at /, POST /predict, /docs, /metrics.
 
     The artifact is loaded once, after its sha256 is checked against the manifest. Endpoints:
@@ -489,7 +495,8 @@ def serve_cmd(host, port, runtime, artifacts, device, threads, max_body, access_
     if not is_loopback(host):
         click.secho(f"warning: listening on {host}: other machines can reach this server (no authentication)",
                     fg="yellow", err=True)
-    run_server(app, host=host, port=port, log_level=log_level, access_log=access_log)
+    run_server(app, host=host, port=port, log_level=log_level, access_log=access_log,
+               max_connections=max_connections, request_timeout=request_timeout)
 
 
 def main() -> None:

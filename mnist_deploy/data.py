@@ -194,10 +194,37 @@ def load_raw(data_dir: str | os.PathLike | None = None, *, allow_download: bool 
     return RawMnist(root, arrays, md5, paths)
 
 
+def normalize_pixels(pixels: np.ndarray, *, mean: float = MEAN, std: float = STD) -> np.ndarray:
+    """(N, 28, 28) or (N, 784) pixel values in 0..255 -> float32 (N, 784): ``(x / 255 - mean) / std``.
+
+    The one normalisation: training (the cached tensors), ``predict`` and ``serve`` all call it, so
+    a pixel value becomes the same float32 bits everywhere. Computed in float32, in this order.
+    """
+    x = np.asarray(pixels, dtype=np.float32).reshape(-1, 28 * 28)
+    return (x / np.float32(255.0) - np.float32(mean)) / np.float32(std)
+
+
 def normalize(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, 28, 28) -> float32 (N, 784): /255, then (x - 0.1307) / 0.3081, flattened."""
-    x = images.reshape(images.shape[0], -1).astype(np.float32) / 255.0
-    return (x - np.float32(MEAN)) / np.float32(STD)
+    """uint8 (N, 28, 28) -> float32 (N, 784) with the training mean and std (:func:`normalize_pixels`)."""
+    return normalize_pixels(images)
+
+
+def manifest_normalization(manifest: dict) -> dict[str, float]:
+    """``{"mean": ..., "std": ...}`` from a manifest's ``preprocessing`` (the training values if absent)."""
+    from .errors import ManifestError
+
+    pre = manifest.get("preprocessing") if isinstance(manifest, dict) else None
+    pre = pre if isinstance(pre, dict) else {}
+    out = {"mean": pre.get("mean", MEAN), "std": pre.get("std", STD)}
+    for key, value in out.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+            raise ManifestError(f"manifest.json: preprocessing.{key} must be a finite number, got {value!r}")
+    if out["std"] <= 0:
+        raise ManifestError(f"manifest.json: preprocessing.std must be positive, got {out['std']!r}")
+    scale = pre.get("scale", 1 / 255)
+    if scale != 1 / 255:
+        raise ManifestError(f"manifest.json: preprocessing.scale {scale!r} is not 1/255, the only scale supported")
+    return {"mean": float(out["mean"]), "std": float(out["std"])}
 
 
 @dataclass

@@ -23,14 +23,16 @@ from typing import Any
 import numpy as np
 
 from .artifacts import load_manifest, verified_path
-from .data import MEAN, STD
+from .data import MEAN, STD, manifest_normalization, normalize_pixels
 from .errors import InputError, ManifestError, MnistDeployError
 from .formats import FORMATS, Predictor, load_eager, load_predictor, model_from_state_dict
 
 DEFAULT_RUNTIME = "onnx"
 EAGER_RUNTIME = "pytorch"
-# Refuse images whose header claims more pixels than this, before decoding them (decompression bombs).
-MAX_IMAGE_PIXELS = 4096 * 4096
+# Refuse images whose header claims more pixels than this, before decoding them (decompression bombs,
+# and legal but slow ones: a 16-bit 4096x4096 PNG takes most of a second). A digit needs 28x28; a 12 MP
+# phone photo is over the limit and is answered at once, with the limit in the message.
+MAX_IMAGE_PIXELS = 2048 * 2048
 # Larger images are shrunk to this longer side before the digit is searched for (speed, memory).
 _WORK_SIDE = 1024
 IMAGE_SUFFIXES = frozenset(
@@ -66,21 +68,21 @@ def _open_image(source: Any, max_pixels: int, name: str):
         return _decode(fh, name, max_pixels)
 
 
-def _decode(fh_or_image: Any, name: str, max_pixels: int):
-    from PIL import Image, ImageOps
+def _open_header(fh: Any, name: str):
+    """``Image.open``: reads the header only, so the size is known before any pixel is decoded."""
+    from PIL import Image
 
-    if isinstance(fh_or_image, Image.Image):
-        img = fh_or_image
-    else:
-        try:
-            # Image.open reads only the header: the size is checked before any pixel is decoded.
-            img = Image.open(fh_or_image)
-        except Image.UnidentifiedImageError:
-            raise InputError(f"{name}: not an image (Pillow cannot identify the format)") from None
-        except Image.DecompressionBombError as exc:  # Pillow's own, larger limit, checked in open()
-            raise InputError(f"{name}: {_first_line(exc)}; refusing to decode it") from None
-        except Exception as exc:  # noqa: BLE001 - a malformed header can raise many types in Pillow's plugins
-            raise InputError(f"{name}: not a readable image ({_first_line(exc)})") from None
+    try:
+        return Image.open(fh)
+    except Image.UnidentifiedImageError:
+        raise InputError(f"{name}: not an image (Pillow cannot identify the format)") from None
+    except Image.DecompressionBombError as exc:  # Pillow's own, larger limit, checked in open()
+        raise InputError(f"{name}: {_first_line(exc)}; refusing to decode it") from None
+    except Exception as exc:  # noqa: BLE001 - a malformed header can raise many types in Pillow's plugins
+        raise InputError(f"{name}: not a readable image ({_first_line(exc)})") from None
+
+
+def _check_size(img, name: str, max_pixels: int) -> None:
     w, h = img.size
     if w < 1 or h < 1:
         raise InputError(f"{name}: image has no pixels ({w}x{h})")
@@ -89,6 +91,21 @@ def _decode(fh_or_image: Any, name: str, max_pixels: int):
             f"{name}: image header claims {w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,}; "
             "refusing to decode it"
         )
+
+
+def check_image_header(blob: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, name: str = "image") -> None:
+    """Read only the header of an image in ``blob`` and raise :class:`InputError` if it is not an image or
+    claims more than ``max_pixels``. Cheap (no pixel is decoded): the server runs it before queueing."""
+    with _open_header(io.BytesIO(blob), name) as img:
+        _check_size(img, name, max_pixels)
+
+
+def _decode(fh_or_image: Any, name: str, max_pixels: int):
+    from PIL import Image, ImageOps
+
+    img = fh_or_image if isinstance(fh_or_image, Image.Image) else _open_header(fh_or_image, name)
+    _check_size(img, name, max_pixels)
+    w, h = img.size
     try:
         if img.format == "JPEG" and max(w, h) > 2 * _WORK_SIDE:
             img.draft("L", (_WORK_SIDE, _WORK_SIDE))  # decode a big JPEG at reduced scale directly
@@ -99,7 +116,15 @@ def _decode(fh_or_image: Any, name: str, max_pixels: int):
     return img
 
 
-def _grayscale(img) -> np.ndarray:
+def _grayscale(img, name: str) -> np.ndarray:
+    """float32 (H, W) in 0..255; an image Pillow cannot convert (a LAB or CMYK TIFF...) is an InputError."""
+    try:
+        return _to_gray(img)
+    except (ValueError, OSError, TypeError) as exc:  # "conversion from LAB to L not supported", odd modes
+        raise InputError(f"{name}: cannot convert a {img.mode} image to grayscale ({_first_line(exc)})") from None
+
+
+def _to_gray(img) -> np.ndarray:
     """float32 (H, W) in 0..255. Transparent pixels become the background: the ink is what is opaque."""
     mode = img.mode
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L", "RGB") and "transparency" in img.info):
@@ -142,7 +167,7 @@ def mnist_image(source: Any, *, max_pixels: int = MAX_IMAGE_PIXELS, name: str | 
     if max(img.size) > _WORK_SIDE:
         img = img.copy()
         img.thumbnail((_WORK_SIDE, _WORK_SIDE), Image.Resampling.BOX)
-    gray = _grayscale(img)
+    gray = _grayscale(img, name)
     if np.median(_border(gray)) > 127.5:
         gray = 255.0 - gray
     # The background level and its noise (paper grain, JPEG ringing) come from the border: whatever is
@@ -175,15 +200,11 @@ def mnist_image(source: Any, *, max_pixels: int = MAX_IMAGE_PIXELS, name: str | 
     return out
 
 
-def normalize_pixels(pixels: np.ndarray) -> np.ndarray:
-    """(N, 28, 28) or (N, 784) values in 0..255 -> float32 (N, 784) with the training normalisation."""
-    x = np.asarray(pixels, dtype=np.float32).reshape(-1, FIELD * FIELD)
-    return (x * np.float32(1.0 / 255.0) - np.float32(MEAN)) * np.float32(1.0 / STD)
-
-
-def preprocess_image(source: Any, *, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> np.ndarray:
-    """Any image -> the model's input: float32 (1, 784), MNIST-like and normalised (see :func:`mnist_image`)."""
-    return normalize_pixels(mnist_image(source, max_pixels=max_pixels, name=name))
+def preprocess_image(source: Any, *, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None,
+                     mean: float = MEAN, std: float = STD) -> np.ndarray:
+    """Any image -> the model's input: float32 (1, 784), MNIST-like (see :func:`mnist_image`) and normalised
+    by :func:`data.normalize_pixels` with ``mean`` and ``std`` (pass the manifest's: :func:`manifest_normalization`)."""
+    return normalize_pixels(mnist_image(source, max_pixels=max_pixels, name=name), mean=mean, std=std)
 
 
 def pixels_to_array(values: Any, *, batch: bool = False) -> np.ndarray:
@@ -361,13 +382,14 @@ def predict_files(inputs: Sequence[str | os.PathLike], *, artifacts: str | os.Pa
     if not files:
         raise InputError("no image files found in " + ", ".join(str(p) for p in inputs))
     model = model or load_model(artifacts=artifacts, runtime=runtime, device=device, threads=threads)
+    norm = manifest_normalization(model.manifest)
     records: list[dict] = []
     pending: list[tuple[dict, np.ndarray]] = []
     for path in files:
         record: dict[str, Any] = {"file": str(path)}
         records.append(record)
         try:
-            pending.append((record, preprocess_image(path, max_pixels=max_pixels)))
+            pending.append((record, preprocess_image(path, max_pixels=max_pixels, **norm)))
         except MnistDeployError as exc:
             record["error"] = str(exc)
     for i in range(0, len(pending), batch_size):
@@ -386,7 +408,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 __all__ = [
-    "DEFAULT_RUNTIME", "EAGER_RUNTIME", "MAX_IMAGE_PIXELS", "LoadedModel", "expand_inputs",
+    "DEFAULT_RUNTIME", "EAGER_RUNTIME", "MAX_IMAGE_PIXELS", "LoadedModel", "check_image_header", "expand_inputs",
     "load_model", "mnist_image", "normalize_pixels", "pixels_to_array", "predict_files", "preprocess_image",
     "runtime_names", "top_k",
 ]

@@ -1,0 +1,105 @@
+"""Assembling the server: the FastAPI app with its routes and handlers, wrapped in the guard; and uvicorn."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import anyio
+from fastapi import FastAPI
+
+from ..predict import MAX_IMAGE_PIXELS, LoadedModel, load_model
+from .connections import default_max_connections, guarded_protocol, log_accept_errors_once
+from .guard import Guard
+from .routes import HANDLERS, IMAGE_DECODERS, MAX_BATCH, STATIC_FILES, router
+from .service import Service
+from .v2 import router as v2_router
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB
+REQUEST_TIMEOUT = 10.0  # seconds for a request to arrive whole (headers and body)
+KEEP_ALIVE_TIMEOUT = 5  # seconds an idle kept-alive connection stays open
+
+
+def _routes(*routers) -> tuple[str, ...]:
+    """Every concrete path the routers answer (the metrics' route labels); templated paths are expanded."""
+    paths = []
+    for route in (r for group in routers for r in group.routes):
+        path = getattr(route, "path", None)
+        if path is None:
+            continue
+        if path == "/static/{name}":
+            paths.extend(f"/static/{n}" for n in STATIC_FILES)
+        elif "{" not in path:
+            paths.append(path)
+    return tuple(paths)
+
+
+def create_app(*, model: LoadedModel | None = None, artifacts="artifacts", runtime: str = "onnx",
+               device: str = "cpu", threads: int | None = 1, max_body_bytes: int = MAX_BODY_BYTES,
+               max_image_pixels: int = MAX_IMAGE_PIXELS, max_batch: int = MAX_BATCH, fast_path: bool = True):
+    """The ASGI app. Serves ``model`` if given, else loads ``artifacts`` for ``runtime`` at startup.
+
+    ``/health`` answers 503 until the model is loaded. The returned object is the FastAPI app
+    wrapped in :class:`.guard.Guard` (body limit, metrics, the JSON fast path unless ``fast_path``
+    is False); the FastAPI app itself is its ``.fastapi`` and the service its ``.service``.
+    """
+    from .. import __version__
+
+    async def lifespan(app):
+        service = app.state.service
+        if service.model is None:
+            service.model = await anyio.to_thread.run_sync(
+                lambda: load_model(artifacts=artifacts, runtime=runtime, device=device, threads=threads))
+        yield
+
+    app = FastAPI(
+        title="mnist-deploy", version=__version__, lifespan=lifespan,
+        description="Handwritten digit recognition (MNIST). POST an image or 784 pixel values to /predict; "
+                    "draw one at /. Errors are JSON `{\"detail\": \"...\"}` with a 4xx status.",
+    )
+    app.include_router(router)
+    app.include_router(v2_router)
+    for kind, handler in HANDLERS:
+        app.add_exception_handler(kind, handler)
+    service = Service(model, max_body_bytes=max_body_bytes, max_image_pixels=max_image_pixels, max_batch=max_batch,
+                      routes=_routes(app, router, v2_router))
+    static_dir = resources.files("mnist_deploy") / "static"
+    app.state.service = service
+    app.state.decoders = anyio.CapacityLimiter(IMAGE_DECODERS)
+    app.state.page = (static_dir / "index.html").read_bytes()
+    app.state.static = {name: ((static_dir / name).read_bytes(), kind) for name, kind in STATIC_FILES.items()}
+
+    guarded = Guard(app, service, fast_path=fast_path)
+    guarded.fastapi = app
+    guarded.service = service
+    return guarded
+
+
+def run_server(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+               access_log: bool = False, max_connections: int | None = None,
+               request_timeout: float = REQUEST_TIMEOUT) -> None:
+    """Serve ``app`` with uvicorn (uvloop, httptools) until interrupted.
+
+    At most ``max_connections`` open connections (default: what the file-descriptor limit allows);
+    a request must arrive whole within ``request_timeout`` seconds (see :mod:`.connections`).
+    """
+    import uvicorn
+
+    log_accept_errors_once()
+    protocol = guarded_protocol(max_connections=max_connections or default_max_connections(),
+                                request_timeout=request_timeout)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log, server_header=False,
+                timeout_keep_alive=KEEP_ALIVE_TIMEOUT, lifespan="on", http=protocol, loop="uvloop")
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+__all__ = ["MAX_BODY_BYTES", "create_app", "is_loopback", "run_server"]

@@ -1,0 +1,150 @@
+"""Connection limits below ASGI: a bounded number of open connections, and a deadline per request.
+
+uvicorn times out only idle keep-alive connections, after a response. A client that connects and
+sends nothing, or half its headers, or a body a byte at a time, holds a file descriptor for ever;
+enough of them (slowloris) use every descriptor, and asyncio then logs a traceback for each refused
+``accept()``. This module wraps uvicorn's httptools protocol so that:
+
+* at most ``max_connections`` connections are open per process; a connection over the limit is
+  closed at once, and the refusal is logged once per episode (when the limit is reached, and again
+  when connections are accepted again), not once per connection;
+* a request must arrive whole (headers and body) within ``request_timeout`` seconds of the
+  connection opening, or of its first byte on a kept-alive connection; otherwise it is answered
+  ``408`` (when no response has started) and closed. A request being handled by the app is never
+  timed out here;
+* asyncio's "socket.accept() out of system resource" error is logged once, not per accept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+
+_LOG = logging.getLogger("uvicorn.error")
+_TIMEOUT_BODY = b'{"detail":"request not received in time; connection closed"}'
+_TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY))
+
+
+def default_max_connections() -> int:
+    """What one process can hold open, leaving room for the model's files, logs and accept()."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 65536
+    return max(16, min(4096, soft - 64))
+
+
+class _Refusals:
+    """Logs the first refusal of an episode and the end of it, and counts the ones in between."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.refusing = False
+        self.count = 0
+
+    def refused(self, open_now: int) -> None:
+        self.count += 1
+        if not self.refusing:
+            self.refusing = True
+            _LOG.warning("refusing new connections: %d open, the --max-connections limit; further refusals "
+                         "are counted, not logged", open_now)
+
+    def closed(self, open_now: int) -> None:
+        if self.refusing and open_now < self.limit * 9 // 10:
+            _LOG.warning("accepting connections again (%d open); refused %d while at the limit", open_now,
+                         self.count)
+            self.refusing, self.count = False, 0
+
+
+def guarded_protocol(*, max_connections: int, request_timeout: float) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with the limits above (pass it as ``uvicorn.Config(http=...)``)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    refusals = _Refusals(max_connections)
+
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+        _refused = False
+        _deadline: asyncio.TimerHandle | None = None
+        _waiting = True  # no complete request since the connection opened or the last response
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            open_now = len(self.server_state.connections)
+            if open_now >= max_connections:
+                self._refused = True
+                refusals.refused(open_now)
+                transport.abort()  # no lingering close: the descriptor is freed now
+                return
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._refused:
+                return
+            self._disarm()
+            super().connection_lost(exc)
+            refusals.closed(len(self.server_state.connections))
+
+        def data_received(self, data: bytes) -> None:
+            if self._waiting and self._deadline is None:
+                self._arm()
+            super().data_received(data)
+
+        def on_message_complete(self) -> None:
+            self._waiting = False
+            self._disarm()
+            super().on_message_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._waiting = not self.pipeline  # a pipelined request is complete already
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(request_timeout, self._expire)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expire(self) -> None:
+            self._deadline = None
+            if self.transport.is_closing() or not self._waiting:
+                return
+            if self.cycle is None or self.cycle.response_complete:
+                self.transport.write(_TIMEOUT_RESPONSE)  # headers incomplete: nothing else was sent
+            elif not self.cycle.response_started:
+                self.cycle.keep_alive = False
+                self.transport.write(_TIMEOUT_RESPONSE)  # the body never came: the app sees a disconnect
+            self.transport.close()
+
+    return GuardedHttpToolsProtocol
+
+
+class _OnceFilter(logging.Filter):
+    """Lets the first record with a given message through and drops the rest (asyncio's accept errors)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.seen = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        self.seen += 1
+        if self.seen == 1:
+            record.msg = f"{record.msg} (logged once; later ones are dropped)"
+            return True
+        return False
+
+
+def log_accept_errors_once() -> None:
+    """Install :class:`_OnceFilter` on asyncio's logger for its per-accept 'out of system resource' error."""
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _OnceFilter) for f in logger.filters):
+        logger.addFilter(_OnceFilter("socket.accept() out of system resource"))
+
+
+__all__ = ["default_max_connections", "guarded_protocol", "log_accept_errors_once"]

@@ -1,0 +1,107 @@
+"""Request parsing: JSON bodies and uploaded files into Python values, with typed errors.
+
+Nothing here knows a status code; :mod:`.app` maps the error types to them (:data:`STATUS`):
+a body that is not JSON is :class:`BadRequest` (400), a wrong Content-Type is
+:class:`UnsupportedMedia` (415), and JSON of the wrong shape or values is an
+:class:`~mnist_deploy.errors.InputError` (422).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..errors import InputError
+
+UNSUPPORTED = ("Content-Type must be application/json (pixels), multipart/form-data (an image file in the "
+               "field 'file') or image/* (the image as the body); got {!r}")
+
+
+class BadRequest(InputError):
+    """The body cannot be read at all: empty, not UTF-8, not JSON."""
+
+
+class UnsupportedMedia(InputError):
+    """The Content-Type is not one the route reads."""
+
+
+class NotFound(InputError):
+    """The request names something this server does not have (a model, a static file)."""
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON bytes (the answers are small and hot)."""
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def loads(body: bytes) -> Any:
+    """Parse a JSON body; every way it can fail is a :class:`BadRequest` naming the problem."""
+    if not body:
+        raise BadRequest("empty body; send a JSON object")
+    try:
+        obj = json.loads(body)
+    except UnicodeDecodeError:
+        raise BadRequest("body is not UTF-8 JSON") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise BadRequest("body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer over Python's 4,300-digit conversion limit
+        raise BadRequest(f"body is not usable JSON: {_first_line(exc)}") from None
+    return obj
+
+
+def json_field(body: bytes, key: str = "pixels") -> Any:
+    """``obj[key]`` of a JSON object body, or an error saying what was expected."""
+    if not body:
+        raise BadRequest(f'empty body; send JSON {{"{key}": [784 values in 0..255]}}')
+    obj = loads(body)
+    if not isinstance(obj, dict) or key not in obj:
+        raise InputError(f'expected a JSON object with a "{key}" field')
+    value = obj[key]
+    # numpy reads [true, 0, ...] as [1, 0, ...]; the bytes test keeps the walk off the hot path.
+    if (b"true" in body or b"false" in body) and has_bool(value):
+        raise InputError(f"{key} must be numbers in 0..255, got booleans (true/false) among them")
+    return value
+
+
+def media_type(content_type: str | bytes) -> str:
+    """The media type of a Content-Type header, lower case, without parameters."""
+    if isinstance(content_type, bytes):
+        content_type = content_type.decode("latin-1")
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+async def uploads(request, media: str, limit: int) -> list[tuple[str, bytes]]:
+    """The image files of a multipart body or an ``image/*`` body, as (name, bytes)."""
+    if media == "multipart/form-data":
+        form = await request.form(max_files=limit, max_fields=limit + 8)
+        try:
+            files = [(v.filename or k, await v.read()) for k, v in form.multi_items() if not isinstance(v, str)]
+        finally:
+            await form.close()
+        if not files:
+            raise InputError("the multipart body has no file; send the image in the field 'file'")
+        return files
+    if media.startswith("image/"):
+        return [("body", await request.body())]
+    raise UnsupportedMedia(UNSUPPORTED.format(media or "(none)"))
+
+
+def has_bool(obj: Any) -> bool:
+    """Whether a parsed JSON value holds ``true`` or ``false`` anywhere (numpy would read them as 1 and 0)."""
+    if obj is True or obj is False:
+        return True
+    if isinstance(obj, list):
+        return any(has_bool(v) for v in obj)
+    if isinstance(obj, dict):
+        return any(has_bool(v) for v in obj.values())
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+__all__ = ["BadRequest", "NotFound", "UnsupportedMedia", "dumps", "has_bool", "json_field", "loads", "media_type", "uploads"]

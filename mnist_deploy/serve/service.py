@@ -1,0 +1,148 @@
+"""The prediction service: the model, its limits and its metrics, with no knowledge of HTTP.
+
+Every protocol the server speaks (our JSON at ``/predict``, uploads, the Open Inference Protocol at
+``/v2``) is a thin translation onto these methods. They take Python values, return plain dicts, and
+raise typed errors (:class:`NotReady`, :class:`~mnist_deploy.errors.InputError` and the parsing
+errors), which the HTTP layer maps to status codes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from ..data import manifest_normalization, normalize_pixels
+from ..errors import InputError
+from ..predict import LoadedModel, check_image_header, pixels_to_array, preprocess_image
+from .metrics import Metrics
+
+
+class NotReady(Exception):
+    """The model is not loaded yet."""
+
+
+class Service:
+    """The model, the metrics and the limits; turns request values into prediction answers."""
+
+    def __init__(self, model: LoadedModel | None, *, max_body_bytes: int, max_image_pixels: int, max_batch: int,
+                 routes: tuple[str, ...] = ()) -> None:
+        self.model = model
+        self.metrics = Metrics(routes)
+        self.max_body_bytes = max_body_bytes
+        self.max_image_pixels = max_image_pixels
+        self.max_batch = max_batch
+
+    def ready(self) -> LoadedModel:
+        if self.model is None:
+            raise NotReady("model not loaded yet")
+        return self.model
+
+    def run(self, m: LoadedModel, x: np.ndarray) -> np.ndarray:
+        """Probabilities of a normalised float32 (N, 784) batch, timed for the metrics."""
+        t0 = time.perf_counter()
+        probs = m.probabilities(x)
+        self.metrics.inferred(m.runtime, x.shape[0], time.perf_counter() - t0)
+        return probs
+
+    def logits(self, m: LoadedModel, x: np.ndarray) -> np.ndarray:
+        """Logits of a normalised float32 (N, 784) batch, timed for the metrics."""
+        t0 = time.perf_counter()
+        z = m.logits(x)
+        self.metrics.inferred(m.runtime, x.shape[0], time.perf_counter() - t0)
+        return z
+
+    def normalize(self, m: LoadedModel, pixels: np.ndarray) -> np.ndarray:
+        """0..255 pixels -> the model's input, with the mean and std the model was trained with."""
+        return normalize_pixels(pixels, **manifest_normalization(m.manifest))
+
+    # -- our JSON ------------------------------------------------------------------------------
+
+    def predict_pixels(self, values: Any) -> dict:
+        """One image of 784 raw pixel values -> its prediction."""
+        t0 = time.perf_counter()
+        m = self.ready()
+        probs = self.run(m, self.normalize(m, pixels_to_array(values)))
+        out = result(probs[0])
+        out["runtime"] = m.runtime
+        out["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        return out
+
+    def predict_pixel_batch(self, rows: Any) -> dict:
+        m = self.ready()
+        t0 = time.perf_counter()
+        if isinstance(rows, list) and len(rows) > self.max_batch:
+            raise InputError(f"at most {self.max_batch} images per batch, got {len(rows)}")
+        probs = self.run(m, self.normalize(m, pixels_to_array(rows, batch=True)))
+        return {"predictions": [result(p) for p in probs], "count": len(probs), "runtime": m.runtime,
+                "latency_ms": round((time.perf_counter() - t0) * 1000, 3)}
+
+    # -- uploaded images -----------------------------------------------------------------------
+
+    def check_images(self, files: list[tuple[str, bytes]]) -> None:
+        """Refuse at once what cannot be decoded cheaply: read each image's header, check its pixel count."""
+        for i, (name, blob) in enumerate(files):
+            try:
+                check_image_header(blob, max_pixels=self.max_image_pixels, name=name)
+            except InputError as exc:
+                raise type(exc)(f"image {i} ({exc})" if len(files) > 1 else str(exc)) from None
+
+    def predict_images(self, files: list[tuple[str, bytes]]) -> dict:
+        """Uploaded images (name, bytes) -> predictions; run it in a worker thread (decoding is slow)."""
+        m = self.ready()
+        t0 = time.perf_counter()
+        rows = []
+        for i, (name, blob) in enumerate(files):
+            try:
+                rows.append(preprocess_image(blob, max_pixels=self.max_image_pixels, name=name,
+                                             **manifest_normalization(m.manifest)))
+            except InputError as exc:
+                raise InputError(f"image {i} ({exc})" if len(files) > 1 else str(exc)) from None
+        probs = self.run(m, np.concatenate(rows))
+        return {"predictions": [result(p) for p in probs], "runtime": m.runtime,
+                "latency_ms": round((time.perf_counter() - t0) * 1000, 3)}
+
+    # -- what is served ------------------------------------------------------------------------
+
+    def health(self) -> dict | None:
+        """The health answer, or None while the model loads."""
+        m = self.model
+        if m is None:
+            return None
+        return {"status": "ok", "runtime": m.runtime, "model": m.manifest["model"]["name"]}
+
+    def model_info(self) -> dict:
+        """The format, file, sha256, metrics and parity of the served artifact, from the manifest."""
+        m = self.ready()
+        e = m.entry
+        return {
+            "runtime": m.runtime, "engine": m.predictor.runtime, "device": m.device, "threads": m.threads,
+            "format": e.get("format"), "file": e.get("path"), "sha256": e.get("sha256"),
+            "size_bytes": e.get("size_bytes"), "parity": e.get("parity"), "options": e.get("options"),
+            "model": m.manifest.get("model"), "metrics": m.manifest.get("metrics"),
+            "preprocessing": m.manifest.get("preprocessing"), "versions": m.manifest.get("versions"),
+            "load_seconds": round(m.load_seconds, 4),
+            "limits": {"max_body_bytes": self.max_body_bytes, "max_image_pixels": self.max_image_pixels,
+                       "max_batch": self.max_batch},
+        }
+
+    def model_labels(self) -> dict[str, str] | None:
+        m = self.model
+        if m is None:
+            return None
+        return {"model": m.manifest["model"]["name"], "runtime": m.runtime, "engine": m.predictor.runtime,
+                "sha256": str(m.entry.get("sha256", "")), "device": m.device}
+
+    def render_metrics(self) -> str:
+        return self.metrics.render(self.model_labels())
+
+
+def result(probs: np.ndarray) -> dict:
+    """One probability row -> our JSON answer: the digit, its confidence and the ten probabilities."""
+    digit = int(probs.argmax())
+    return {"digit": digit, "confidence": round(float(probs[digit]), 6),
+            "probabilities": [round(p, 6) for p in probs.tolist()]}
+
+
+__all__ = ["NotReady", "Service", "result"]

@@ -1,0 +1,204 @@
+"""The Open Inference Protocol (KServe v2, REST) as a thin translation onto the :class:`.service.Service`.
+
+Routes (each model route also under ``/versions/{version}``):
+``GET /v2``, ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2/models/{name}``,
+``GET /v2/models/{name}/ready``, ``POST /v2/models/{name}/infer``.
+
+The model takes one of two inputs, both listed in its metadata: ``input``, FP32 of the model's
+shape with batch -1, already normalised (what an exported model takes: the same tensor Triton would
+be sent); or ``pixels``, UINT8 raw 0..255 values ``[-1, 28, 28]`` (``[-1, 784]`` is accepted too),
+normalised here with the manifest's mean and std. Outputs: ``logits`` FP32 ``[-1, 10]``, and
+``probabilities`` FP32 ``[-1, 10]`` when asked for in ``outputs``. Tensor ``data`` is row-major,
+flat or nested. Errors are 400 ``{"error": "..."}``, an unknown model or version 404.
+Readiness false is 400 (the spec: "a 4xx status code indicates false"); inference or metadata before
+the model is loaded is 503. Where the spec is silent: with no ``outputs`` only ``logits`` is returned; the model version is the
+manifest's ``model.version`` or ``"1"`` (a Triton repository's first version); the binary tensor
+extension is not supported (``extensions`` is empty), so clients send JSON data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from ..errors import InputError
+from ..predict import LoadedModel
+from .parsing import BadRequest, dumps, has_bool, loads
+from .service import NotReady, Service
+
+router = APIRouter(prefix="/v2")
+PIXELS, INPUT = "pixels", "input"
+OUTPUTS = ("logits", "probabilities")
+_DTYPES = {"FP32": np.float32, "UINT8": np.uint8}
+
+
+class V2Error(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _reply(obj: Any, status: int = 200) -> Response:
+    return Response(dumps(obj), status_code=status, media_type="application/json")
+
+
+def model_name(m: LoadedModel) -> str:
+    return str(m.manifest["model"]["name"])
+
+
+def model_version(m: LoadedModel) -> str:
+    return str(m.manifest["model"].get("version", "1"))
+
+
+def _model(service: Service, name: str, version: str | None) -> LoadedModel:
+    try:
+        m = service.ready()
+    except NotReady:
+        raise V2Error(503, "model not loaded yet") from None
+    if name != model_name(m):
+        raise V2Error(404, f"unknown model '{name}'; this server serves '{model_name(m)}'")
+    if version not in (None, "", model_version(m)):
+        raise V2Error(404, f"unknown version '{version}' of model '{name}'; it has version '{model_version(m)}'")
+    return m
+
+
+def metadata(m: LoadedModel) -> dict:
+    shape = [-1, *m.input_shape]
+    return {
+        "name": model_name(m), "versions": [model_version(m)], "platform": f"mnist-deploy/{m.runtime}",
+        "inputs": [{"name": INPUT, "datatype": "FP32", "shape": shape},
+                   {"name": PIXELS, "datatype": "UINT8", "shape": [-1, 28, 28]}],
+        "outputs": [{"name": name, "datatype": "FP32", "shape": [-1, 10]} for name in OUTPUTS],
+    }
+
+
+def _tensor(spec: Any, service: Service, m: LoadedModel) -> np.ndarray:
+    """One request input -> the model's normalised float32 (N, 784) batch, validated."""
+    if not isinstance(spec, dict):
+        raise InputError("each input must be an object with name, shape, datatype and data")
+    name, shape, dtype, data = (spec.get(k) for k in ("name", "shape", "datatype", "data"))
+    if name not in (INPUT, PIXELS):
+        raise InputError(f"unknown input '{name}'; the model takes '{INPUT}' (FP32, normalised) or '{PIXELS}' "
+                         "(UINT8, 0..255)")
+    want = "FP32" if name == INPUT else "UINT8"
+    if dtype != want:
+        raise InputError(f"input '{name}' has datatype {want}, got {dtype!r}")
+    if (not isinstance(shape, list) or not shape
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise InputError(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
+    count = int(np.prod(shape, dtype=object))
+    if len(shape) < 2 or count != shape[0] * 784 or shape[0] < 1:
+        raise InputError(f"input '{name}': shape {shape} is not a batch of 28x28 images ([N, 784], [N, 28, 28] "
+                         "or the model's own shape)")
+    if shape[0] > service.max_batch:
+        raise InputError(f"input '{name}': at most {service.max_batch} images per request, got {shape[0]}")
+    try:
+        arr = np.asarray(data)
+    except (ValueError, TypeError, OverflowError):
+        raise InputError(f"input '{name}': data must be a flat or nested list of numbers") from None
+    if arr.dtype.kind not in "iuf" or arr.size != count:
+        raise InputError(f"input '{name}': data must hold {count} numbers (shape {shape}), got "
+                         f"{arr.size} values of kind {arr.dtype.kind!r}")
+    x = arr.astype(np.float32).reshape(shape[0], 784)
+    if not np.isfinite(x).all():
+        raise InputError(f"input '{name}': data must be finite numbers")
+    if name == INPUT:
+        return x
+    if arr.dtype.kind == "f" and not np.array_equal(x, np.round(x)):
+        raise InputError(f"input '{name}': UINT8 data must be integers")
+    if ((x < 0) | (x > 255)).any():
+        raise InputError(f"input '{name}': UINT8 data must be in 0..255")
+    return service.normalize(m, x)
+
+
+def infer(service: Service, m: LoadedModel, body: bytes) -> dict:
+    """An inference request body -> the response dict (the spec's $inference_response)."""
+    req = loads(body)
+    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or len(req["inputs"]) != 1:
+        raise InputError('expected {"inputs": [one tensor: "input" (FP32) or "pixels" (UINT8)]}')
+    if (b"true" in body or b"false" in body) and has_bool(req["inputs"]):
+        raise InputError("tensor data must be numbers, got booleans (true/false) among them")
+    wanted = req.get("outputs") or [{"name": "logits"}]
+    if not isinstance(wanted, list) or not all(isinstance(o, dict) and o.get("name") in OUTPUTS for o in wanted):
+        raise InputError(f"outputs must be a list of {{\"name\": ...}} with names from {list(OUTPUTS)}")
+    x = _tensor(req["inputs"][0], service, m)
+    logits = service.logits(m, x)
+    out = []
+    for o in wanted:
+        if o["name"] == "logits":
+            y = logits
+        else:
+            z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+            y = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        out.append({"name": o["name"], "datatype": "FP32", "shape": [int(x.shape[0]), 10],
+                    "data": y.astype(np.float32).ravel().tolist()})
+    answer = {"model_name": model_name(m), "model_version": model_version(m), "outputs": out}
+    if "id" in req:
+        answer["id"] = req["id"]
+    return answer
+
+
+# ---------------------------------------------------------------------------------------------
+# Routes.
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+@router.get("", summary="v2: server metadata", tags=["v2"])
+async def server_metadata(request: Request):
+    from .. import __version__
+
+    return _reply({"name": "mnist-deploy", "version": __version__, "extensions": []})
+
+
+@router.get("/health/live", summary="v2: liveness", tags=["v2"])
+async def live(request: Request):
+    return _reply({"live": True})
+
+
+@router.get("/health/ready", summary="v2: readiness", tags=["v2"])
+async def ready(request: Request):
+    ok = _service(request).model is not None
+    return _reply({"ready": ok}, 200 if ok else 400)  # the spec: 200 is true, a 4xx is false
+
+
+async def _metadata(request: Request, name: str, version: str | None = None):
+    try:
+        return _reply(metadata(_model(_service(request), name, version)))
+    except V2Error as exc:
+        return _reply({"error": str(exc)}, exc.status)
+
+
+async def _ready(request: Request, name: str, version: str | None = None):
+    try:
+        m = _model(_service(request), name, version)
+    except V2Error as exc:  # a 4xx is "not ready" (the spec); an unknown model stays 404
+        return _reply({"error": str(exc)}, 400 if exc.status == 503 else exc.status)
+    return _reply({"name": model_name(m), "ready": True})
+
+
+async def _infer(request: Request, name: str, version: str | None = None):
+    service = _service(request)
+    try:
+        m = _model(service, name, version)
+        return _reply(infer(service, m, await request.body()))
+    except V2Error as exc:
+        return _reply({"error": str(exc)}, exc.status)
+    except (BadRequest, InputError) as exc:
+        return _reply({"error": str(exc)}, 400)
+
+
+for _suffix in ("", "/versions/{version}"):
+    router.add_api_route("/models/{name}" + _suffix, _metadata, methods=["GET"], tags=["v2"],
+                         summary="v2: model metadata")
+    router.add_api_route("/models/{name}" + _suffix + "/ready", _ready, methods=["GET"], tags=["v2"],
+                         summary="v2: model readiness")
+    router.add_api_route("/models/{name}" + _suffix + "/infer", _infer, methods=["POST"], tags=["v2"],
+                         summary="v2: inference")
+
+__all__ = ["infer", "metadata", "router"]
