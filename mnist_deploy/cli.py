@@ -448,12 +448,15 @@ def serve_cmd(host, port, runtime, artifacts, device, threads, max_body, access_
     run_server(app, host=host, port=port, log_level=log_level, access_log=access_log)
 
 
+PACKAGE_FORMATS = ("onnx", "onnx-int8")  # mirrors package.ONNX_FORMATS (the registry's .onnx formats)
+
+
 @cli.command("package")
 @click.option("--artifacts", type=click.Path(file_okay=False, path_type=Path), default=Path("artifacts"),
               show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("package"), show_default=True,
               help="Folder to write model_repository/ and inferenceservice.yaml into.")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "onnx-int8"]), default="onnx", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(PACKAGE_FORMATS), default="onnx", show_default=True,
               help="Which ONNX export to package (it must have passed its parity gate).")
 @click.option("--name", default=None, help="Model name on Triton and KServe. Default: the manifest's model name.")
 @click.option("--model-version", type=int, default=1, show_default=True, callback=_positive,

@@ -195,6 +195,13 @@ def test_cli_bad_options(exported, tmp_path, args, message):
     assert not (tmp_path / "pkg" / "model_repository" / "mlp").exists()
 
 
+def test_cli_formats_mirror_the_registrys_onnx_formats():
+    from mnist_deploy.cli import PACKAGE_FORMATS
+    from mnist_deploy.package import ONNX_FORMATS
+
+    assert PACKAGE_FORMATS == ONNX_FORMATS == ("onnx", "onnx-int8")
+
+
 def test_missing_artifacts_folder_is_one_clear_error(tmp_path):
     res = CliRunner().invoke(cli, ["package", "--artifacts", str(tmp_path / "nope"), "--out", str(tmp_path / "pkg")])
     assert res.exit_code == 2 and "no such artifacts folder" in res.output
