@@ -11,7 +11,8 @@ import io
 import json
 import os
 import pickle
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path, mode = _create_temp(path)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
+            os.fchmod(fh.fileno(), mode)  # in case the writer replaced the file with one of its own mode
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
@@ -44,6 +44,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def _create_temp(path: Path) -> tuple[Path, int]:
+    """Create an empty ``.NAME.XXXX.tmp`` beside ``path``; return it and the mode the umask gave it.
+
+    Not ``mkstemp``: its 0600 would survive the rename, so files another user should read (the
+    manifest, the model) would not be readable. Created 0666 and filtered by the umask, as ``open`` does.
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            return tmp, stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+    raise FileExistsError(f"{path.parent}: no free temporary file name for {path.name}")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

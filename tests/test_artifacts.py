@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+import stat
+import subprocess
+import sys
 
-from mnist_deploy.artifacts import atomic_path, atomic_write_text, record_artifact, verified_path
+import pytest
+import torch
+
+from mnist_deploy.artifacts import (
+    atomic_path,
+    atomic_torch_save,
+    atomic_write_text,
+    record_artifact,
+    save_manifest,
+    verified_path,
+)
 from mnist_deploy.errors import IntegrityError, ManifestError
 
 
@@ -31,3 +44,47 @@ def test_verified_path_refuses_changed_files(tmp_path):
     f.unlink()
     with pytest.raises(IntegrityError, match="missing"):
         verified_path(tmp_path, "onnx")
+
+
+@pytest.fixture
+def umask():
+    """``umask(mask)`` sets this process's umask for the test; the old one comes back afterwards."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)],
+                         ids=["umask022", "umask027", "umask002"])
+def test_final_files_respect_the_umask(tmp_path, umask, mask, mode):
+    # mkstemp's 0600 used to survive the rename: nobody else could read the manifest or the model.
+    umask(mask)
+    written = [
+        atomic_write_text(tmp_path / "a.json", "{}"),
+        atomic_torch_save({"w": torch.zeros(2)}, tmp_path / "m.pth"),
+        save_manifest(tmp_path, {"artifacts": {}}),
+    ]
+    with atomic_path(tmp_path / "plot.png") as tmp:
+        tmp.write_bytes(b"png")
+    with atomic_path(tmp_path / "replaced.onnx") as tmp:  # a writer that puts its own (0600) file there
+        tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+    written += [tmp_path / "plot.png", tmp_path / "replaced.onnx"]
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {p.name: oct(mode) for p in written}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)
+
+
+def test_train_outputs_are_readable_by_others(tmp_path, mnist_dir):
+    """The whole set train writes (state_dict, metrics, plots, manifest) is 0644 under umask 022."""
+    out = tmp_path / "art"
+    r = subprocess.run(
+        [sys.executable, "-m", "mnist_deploy", "train", "--subset", "2000", "--epochs", "1", "--out", str(out),
+         "--data-dir", str(mnist_dir), "--no-download"],
+        capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(0o022),
+        env={**os.environ, "MNIST_DEPLOY_CACHE": str(tmp_path / "cache")},
+    )
+    assert r.returncode == 0, r.stderr
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in out.iterdir()}
+    assert {"manifest.json", "mnist_model_state_dict.pth", "metrics.json"} <= set(modes)
+    assert modes == dict.fromkeys(modes, oct(0o644))
