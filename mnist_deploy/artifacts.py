@@ -9,8 +9,10 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
+import re
 import secrets
 import stat
 from collections.abc import Iterator
@@ -157,10 +159,92 @@ def load_manifest(folder: str | os.PathLike, *, required: bool = True, need_mode
     if not isinstance(data, dict):
         raise ManifestError(f"{path}: manifest is not a JSON object")
     data.setdefault("artifacts", {})
-    model = data.get("model")
-    if (required if need_model is None else need_model) and not (isinstance(model, dict) and "name" in model):
+    if (required if need_model is None else need_model) and "model" not in data:
         raise ManifestError(f"{path}: has no model entry; run `mnist-deploy train` first")
+    _check_manifest(data, path)
     return data
+
+
+# The manifest's shape, checked once on load so that every reader can index it without a traceback.
+# A field of the wrong type is one ManifestError naming it (``artifacts.onnx.path must be ...``).
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+IMAGE_SIZE = 28 * 28  # every model here takes one MNIST image, however it is shaped
+MAX_WIDTH = 1 << 16  # a layer wider than this is a corrupt manifest, not a model (and would allocate terabytes)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _check_manifest(data: dict, where: Path) -> None:
+    def need(ok: bool, field: str, want: str, value: Any) -> None:
+        if not ok:
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise ManifestError(f"{where}: {field} must be {want}, not {shown}; retrain or re-export to rewrite it")
+
+    def need_dict(value: Any, field: str, optional: bool = True) -> dict:
+        need(isinstance(value, dict) or (optional and value is None), field, "a JSON object", value)
+        return value or {}
+
+    if "model" in data:
+        model = need_dict(data["model"], "model", optional=False)
+        need(isinstance(model.get("name"), str) and model["name"] != "", "model.name", "a model name", model.get("name"))
+        for k, v in need_dict(model.get("hparams"), "model.hparams").items():  # models.check_hparams: per kind
+            need(_is_int(v) and 1 <= v <= MAX_WIDTH or _is_number(v) and 0 <= v <= 1, f"model.hparams.{k}",
+                 f"a width (an integer from 1 to {MAX_WIDTH}) or a rate (a number from 0 to 1)", v)
+        shape = model.get("input_shape")
+        if shape is not None:
+            need(isinstance(shape, list) and 1 <= len(shape) <= 4 and all(_is_int(d) and d > 0 for d in shape)
+                 and math.prod(shape) == IMAGE_SIZE, "model.input_shape",
+                 f"a list of positive integers with product {IMAGE_SIZE} (one 28x28 image)", shape)
+    pre = need_dict(data.get("preprocessing"), "preprocessing")
+    for k in ("scale", "mean", "std"):
+        if k in pre:
+            need(_is_number(pre[k]) and (k == "mean" or pre[k] > 0), f"preprocessing.{k}",
+                 "a positive number" if k != "mean" else "a number", pre[k])
+    for k in ("versions", "metrics", "training", "data"):
+        need_dict(data.get(k), k)
+    entries = need_dict(data["artifacts"], "artifacts", optional=False)
+    for key, entry in entries.items():
+        _check_entry(need_dict(entry, f"artifacts.{key}", optional=False), f"artifacts.{key}", need)
+
+
+def _check_entry(entry: dict, field: str, need) -> None:
+    status = entry.get("status", "ok")
+    need(isinstance(status, str), f"{field}.status", "a string", status)
+    made = status == "ok"  # a failed export has no file: its sha256 and size are null
+    files = entry.get("files")
+    need(files is None or isinstance(files, list) and len(files) > 0, f"{field}.files", "a non-empty list", files)
+    for f, e in [(field, entry)] + [(f"{field}.files[{i}]", x) for i, x in enumerate(files or [])]:
+        need(isinstance(e, dict), f, "a JSON object", e)
+        need(isinstance(e.get("path"), str) and e["path"] != "", f"{f}.path", "a file name", e.get("path"))
+        sha, size = e.get("sha256"), e.get("size_bytes")
+        need(isinstance(sha, str) and _SHA256.fullmatch(sha) is not None or (not made and sha is None),
+             f"{f}.sha256", "64 lowercase hex digits", sha)
+        need(_is_int(size) and size >= 0 or (not made and size is None), f"{f}.size_bytes",
+             "a non-negative integer", size)
+    for k in ("format", "error", "source_state_dict_sha256", "runtime"):
+        v = entry.get(k)
+        need(v is None or isinstance(v, str), f"{field}.{k}", "a string", v)
+    need(entry.get("options") is None or isinstance(entry["options"], dict), f"{field}.options",
+         "a JSON object", entry.get("options"))
+    parity = entry.get("parity")
+    need(parity is None or isinstance(parity, dict), f"{field}.parity", "a JSON object", parity)
+    criteria = (parity or {}).get("criteria")
+    if criteria is not None:
+        need(isinstance(criteria, dict) and criteria.get("kind") in ("logits", "predictions"),
+             f"{field}.parity.criteria", 'an object of kind "logits" or "predictions"', criteria)
+        keys = ("atol", "rtol", "min_agreement") if criteria["kind"] == "logits" else \
+            ("min_agreement", "max_accuracy_drop")
+        for k in keys:
+            need(_is_number(criteria.get(k)) and criteria[k] >= 0, f"{field}.parity.criteria.{k}",
+                 "a non-negative number", criteria.get(k))
 
 
 def save_manifest(folder: str | os.PathLike, manifest: dict) -> Path:
