@@ -224,6 +224,7 @@ def _check_entry(entry: dict, field: str, need) -> None:
     for f, e in [(field, entry)] + [(f"{field}.files[{i}]", x) for i, x in enumerate(files or [])]:
         need(isinstance(e, dict), f, "a JSON object", e)
         need(isinstance(e.get("path"), str) and e["path"] != "", f"{f}.path", "a file name", e.get("path"))
+        need(_stays_inside(e["path"]), f"{f}.path", "a file name inside the artifacts folder", e["path"])
         sha, size = e.get("sha256"), e.get("size_bytes")
         need(isinstance(sha, str) and _SHA256.fullmatch(sha) is not None or (not made and sha is None),
              f"{f}.sha256", "64 lowercase hex digits", sha)
@@ -266,6 +267,25 @@ def record_artifact(folder: str | os.PathLike, key: str, path: str | os.PathLike
     return entry
 
 
+def _stays_inside(relpath: str) -> bool:
+    """Whether a manifest path names a file under the manifest's folder: relative, no ``..``."""
+    rel = Path(relpath)
+    return not rel.is_absolute() and ".." not in rel.parts and "\x00" not in relpath
+
+
+def _contained(folder: str | os.PathLike, relpath: str) -> Path:
+    """``folder / relpath``, refused unless it stays inside ``folder``: no absolute path, no ``..``, no
+    symlink that leads out. A manifest vouches only for files of its own folder; otherwise a hash that
+    matches could approve any file on the machine (``/etc/passwd``, a model placed elsewhere)."""
+    if not _stays_inside(relpath):
+        raise ManifestError(f"{manifest_path(folder)}: artifact path {relpath!r} is outside {folder}; refusing it")
+    path = Path(folder) / relpath
+    target, root = path.resolve(), Path(folder).resolve()
+    if not target.is_relative_to(root):
+        raise IntegrityError(f"{path}: leads to {target}, outside {folder} (a symlink?); refusing to load it")
+    return path
+
+
 def verified_path(folder: str | os.PathLike, key: str, manifest: dict | None = None) -> Path:
     """Return the path of artifact ``key`` after checking its sha256 against the manifest.
 
@@ -276,7 +296,7 @@ def verified_path(folder: str | os.PathLike, key: str, manifest: dict | None = N
     entry = manifest.get("artifacts", {}).get(key)
     if entry is None:
         raise ManifestError(f"{manifest_path(folder)}: no artifact '{key}' recorded; export it first")
-    path = Path(folder) / entry["path"]
+    path = _contained(folder, entry["path"])
     if not path.is_file():
         raise IntegrityError(f"{path}: listed in the manifest as '{key}' but missing")
     actual = sha256_file(path)

@@ -88,3 +88,74 @@ def test_train_outputs_are_readable_by_others(tmp_path, mnist_dir):
     modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in out.iterdir()}
     assert {"manifest.json", "mnist_model_state_dict.pth", "metrics.json"} <= set(modes)
     assert modes == dict.fromkeys(modes, oct(0o644))
+
+
+# ---------------------------------------------------------------------------------------------
+# A manifest vouches only for files in its own folder.
+
+
+def _entry_for(path, name):
+    from mnist_deploy.artifacts import artifact_entry
+
+    return {**artifact_entry(path), "path": name}
+
+
+@pytest.mark.parametrize("name", ["../outside.onnx", "sub/../../outside.onnx", "ABSOLUTE"])
+def test_manifest_paths_outside_the_folder_are_refused(tmp_path, name):
+    folder = tmp_path / "art"
+    folder.mkdir()
+    outside = tmp_path / "outside.onnx"
+    outside.write_bytes(b"a valid model, elsewhere")
+    name = str(outside) if name == "ABSOLUTE" else name
+    manifest = {"artifacts": {"onnx": _entry_for(outside, name)}}
+    # Through the check verified_path makes itself (the manifest handed in, as bench and predict do) ...
+    with pytest.raises(ManifestError, match=r"artifact path .* is outside .*; refusing it"):
+        verified_path(folder, "onnx", manifest)
+    # ... and on load, so that no command resolves it at all.
+    save_manifest(folder, manifest)
+    with pytest.raises(ManifestError, match=r"artifacts.onnx.path must be a file name inside the artifacts folder"):
+        verified_path(folder, "onnx")
+
+
+def test_symlinks_that_leave_the_folder_are_refused(tmp_path):
+    folder = tmp_path / "art"
+    (folder / "sub").mkdir(parents=True)
+    outside = tmp_path / "outside.onnx"
+    outside.write_bytes(b"model")
+    (folder / "model.onnx").symlink_to(outside)
+    (folder / "sub" / "real.onnx").write_bytes(b"model")
+    (folder / "inside.onnx").symlink_to(folder / "sub" / "real.onnx")
+    save_manifest(folder, {"artifacts": {"onnx": _entry_for(outside, "model.onnx"),
+                                         "in": _entry_for(outside, "inside.onnx"),
+                                         "sub": _entry_for(outside, "sub/real.onnx")}})
+    with pytest.raises(IntegrityError, match=r"model.onnx: leads to .*outside.onnx, outside .*refusing to load"):
+        verified_path(folder, "onnx")
+    assert verified_path(folder, "in") == folder / "inside.onnx"  # a link within the folder is fine
+    assert verified_path(folder, "sub") == folder / "sub" / "real.onnx"
+
+
+@pytest.mark.integration
+def test_cli_refuses_a_state_dict_from_elsewhere(trained_mlp, copy_artifacts, tmp_path):
+    """An absolute path to a valid state_dict elsewhere, with its right sha256, used to pass verify and predict."""
+    import json
+
+    import numpy as np
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from mnist_deploy.cli import cli
+
+    folder = copy_artifacts(trained_mlp)
+    elsewhere = tmp_path / "elsewhere.pth"
+    (folder / "mnist_model_state_dict.pth").rename(elsewhere)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["artifacts"]["state_dict"]["path"] = str(elsewhere)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    image = tmp_path / "digit.png"
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(image)
+    for args in (["verify", "--artifacts", str(folder), "--no-download"],
+                 ["predict", str(image), "--artifacts", str(folder), "--runtime", "pytorch"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2, f"{args[0]}: {result.output}"
+        assert "artifacts.state_dict.path must be a file name inside the artifacts folder" in result.output
+        assert "Traceback" not in result.output
