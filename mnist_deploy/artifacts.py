@@ -15,6 +15,8 @@ import pickle
 import re
 import secrets
 import stat
+import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -120,8 +122,15 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (or, long ago, a pickle)
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; "
                               f"this file starts with {head!r})")
+    if head == b"PK" and _is_torchscript_archive(path):
+        raise CheckpointError(f"{path}: a TorchScript archive (torch.jit.save), not a state_dict "
+                              "(torch.save(model.state_dict())); refusing to load it as weights")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # torch warns on its way to some of the failures below; the error line says it all, so the
+        # warnings are held back and shown only when the load succeeds.
+        with warnings.catch_warnings(record=True) as held:
+            warnings.simplefilter("always")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
@@ -131,6 +140,20 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+    for w in held:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return obj
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    """TorchScript zips hold ``ARCHIVE/constants.pkl`` and ``ARCHIVE/code/``; torch.save's do not
+    (torch.load tells them apart the same way)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False  # torch.load says what is wrong with it
+    return any(n.split("/", 1)[-1] == "constants.pkl" or n.split("/", 2)[1:2] == ["code"] for n in names)
 
 
 # ---------------------------------------------------------------------------------------------

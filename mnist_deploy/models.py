@@ -173,5 +173,11 @@ def load_state_dict_checked(model: nn.Module, state_dict: Any, source: str = "ch
         problems.append("wrong shape " + ", ".join(wrong))
     if problems:
         raise CheckpointError(f"{source}: does not match the model: " + "; ".join(problems))
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state_dict.items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())}
+    if bad:
+        listed = ", ".join(f"{k} ({n:,} of {state_dict[k].numel():,})" for k, n in bad.items())
+        raise CheckpointError(f"{source}: non-finite weights (NaN or inf) in {listed}; the training diverged "
+                              "or the file is corrupt, refusing to load it")
     model.load_state_dict(state_dict, strict=True)
     return model

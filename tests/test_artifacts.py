@@ -159,3 +159,26 @@ def test_cli_refuses_a_state_dict_from_elsewhere(trained_mlp, copy_artifacts, tm
         assert result.exit_code == 2, f"{args[0]}: {result.output}"
         assert "artifacts.state_dict.path must be a file name inside the artifacts folder" in result.output
         assert "Traceback" not in result.output
+
+
+def test_torchscript_renamed_pth_is_named_without_warnings(tmp_path):
+    import warnings
+
+    from mnist_deploy.artifacts import safe_torch_load
+    from mnist_deploy.errors import CheckpointError
+    from mnist_deploy.models import build_model
+
+    path = tmp_path / "model.pth"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's own deprecation notice, not what is tested
+        torch.jit.trace(build_model("mlp").eval(), torch.zeros(1, 784)).save(str(path))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError, match=r"model.pth: a TorchScript archive \(torch.jit.save\), not a st"):
+            safe_torch_load(path)
+    assert [str(w.message) for w in seen] == []
+    torch.save(build_model("mlp").state_dict(), path)  # a real state_dict still loads, and quietly
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert set(safe_torch_load(path)) == set(build_model("mlp").state_dict())
+    assert [str(w.message) for w in seen] == []
