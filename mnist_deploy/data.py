@@ -172,7 +172,11 @@ def download(root: Path, keys: list[str], *, timeout: float = 15.0, progress: bo
         md5 = hashlib.md5(raw).hexdigest()
         if md5 != spec.md5:
             raise DataError(f"{url}: downloaded data has MD5 {md5}, expected {spec.md5}; not saved")
-        atomic_write_bytes(dest / f"{spec.name}.gz", data)
+        try:
+            atomic_write_bytes(dest / f"{spec.name}.gz", data)
+        except OSError as exc:  # a full disk or a read-only folder: nothing half-written is left
+            raise DataError(f"{dest / spec.name}.gz: cannot save the download ({exc.strerror or exc}); "
+                            f"free some space or point --data-dir at another folder") from None
 
 
 def _read_with_progress(resp, total: int, label: str, progress: bool, *, url: str, limit: int) -> bytes:
