@@ -288,3 +288,10 @@ def test_download_bomb_is_not_inflated(tmp_path, mirror):
     with pytest.raises(DataError, match="downloaded file: inflates to more than the 10,008 bytes"):
         data.download(tmp_path / "data", ["test-labels"], progress=False)
     assert not (tmp_path / "data").exists()
+
+
+def test_download_larger_than_any_mnist_file_is_cut_off(tmp_path, mirror):
+    (mirror / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\0" * (2 << 20))  # 2 MiB where 4.5 KB belong
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz: 2,097,152 bytes announced, more than 1,058,584"):
+        data.download(tmp_path / "data", ["test-labels"], progress=False)
+    assert not (tmp_path / "data").exists()
