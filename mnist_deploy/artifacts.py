@@ -9,9 +9,14 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
-import tempfile
+import re
+import secrets
+import stat
+import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,12 +36,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path, mode = _create_temp(path)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
+            os.fchmod(fh.fileno(), mode)  # in case the writer replaced the file with one of its own mode
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
@@ -44,6 +48,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def _create_temp(path: Path) -> tuple[Path, int]:
+    """Create an empty ``.NAME.XXXX.tmp`` beside ``path``; return it and the mode the umask gave it.
+
+    Not ``mkstemp``: its 0600 would survive the rename, so files another user should read (the
+    manifest, the model) would not be readable. Created 0666 and filtered by the umask, as ``open`` does.
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            return tmp, stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+    raise FileExistsError(f"{path.parent}: no free temporary file name for {path.name}")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -99,8 +122,15 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (or, long ago, a pickle)
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; "
                               f"this file starts with {head!r})")
+    if head == b"PK" and _is_torchscript_archive(path):
+        raise CheckpointError(f"{path}: a TorchScript archive (torch.jit.save), not a state_dict "
+                              "(torch.save(model.state_dict())); refusing to load it as weights")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # torch warns on its way to some of the failures below; the error line says it all, so the
+        # warnings are held back and shown only when the load succeeds.
+        with warnings.catch_warnings(record=True) as held:
+            warnings.simplefilter("always")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
@@ -110,6 +140,20 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+    for w in held:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return obj
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    """TorchScript zips hold ``ARCHIVE/constants.pkl`` and ``ARCHIVE/code/``; torch.save's do not
+    (torch.load tells them apart the same way)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False  # torch.load says what is wrong with it
+    return any(n.split("/", 1)[-1] == "constants.pkl" or n.split("/", 2)[1:2] == ["code"] for n in names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,10 +182,93 @@ def load_manifest(folder: str | os.PathLike, *, required: bool = True, need_mode
     if not isinstance(data, dict):
         raise ManifestError(f"{path}: manifest is not a JSON object")
     data.setdefault("artifacts", {})
-    model = data.get("model")
-    if (required if need_model is None else need_model) and not (isinstance(model, dict) and "name" in model):
+    if (required if need_model is None else need_model) and "model" not in data:
         raise ManifestError(f"{path}: has no model entry; run `mnist-deploy train` first")
+    _check_manifest(data, path)
     return data
+
+
+# The manifest's shape, checked once on load so that every reader can index it without a traceback.
+# A field of the wrong type is one ManifestError naming it (``artifacts.onnx.path must be ...``).
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+IMAGE_SIZE = 28 * 28  # every model here takes one MNIST image, however it is shaped
+MAX_WIDTH = 1 << 16  # a layer wider than this is a corrupt manifest, not a model (and would allocate terabytes)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _check_manifest(data: dict, where: Path) -> None:
+    def need(ok: bool, field: str, want: str, value: Any) -> None:
+        if not ok:
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise ManifestError(f"{where}: {field} must be {want}, not {shown}; retrain or re-export to rewrite it")
+
+    def need_dict(value: Any, field: str, optional: bool = True) -> dict:
+        need(isinstance(value, dict) or (optional and value is None), field, "a JSON object", value)
+        return value or {}
+
+    if "model" in data:
+        model = need_dict(data["model"], "model", optional=False)
+        need(isinstance(model.get("name"), str) and model["name"] != "", "model.name", "a model name", model.get("name"))
+        for k, v in need_dict(model.get("hparams"), "model.hparams").items():  # models.check_hparams: per kind
+            need(_is_int(v) and 1 <= v <= MAX_WIDTH or _is_number(v) and 0 <= v <= 1, f"model.hparams.{k}",
+                 f"a width (an integer from 1 to {MAX_WIDTH}) or a rate (a number from 0 to 1)", v)
+        shape = model.get("input_shape")
+        if shape is not None:
+            need(isinstance(shape, list) and 1 <= len(shape) <= 4 and all(_is_int(d) and d > 0 for d in shape)
+                 and math.prod(shape) == IMAGE_SIZE, "model.input_shape",
+                 f"a list of positive integers with product {IMAGE_SIZE} (one 28x28 image)", shape)
+    pre = need_dict(data.get("preprocessing"), "preprocessing")
+    for k in ("scale", "mean", "std"):
+        if k in pre:
+            need(_is_number(pre[k]) and (k == "mean" or pre[k] > 0), f"preprocessing.{k}",
+                 "a positive number" if k != "mean" else "a number", pre[k])
+    for k in ("versions", "metrics", "training", "data"):
+        need_dict(data.get(k), k)
+    entries = need_dict(data["artifacts"], "artifacts", optional=False)
+    for key, entry in entries.items():
+        _check_entry(need_dict(entry, f"artifacts.{key}", optional=False), f"artifacts.{key}", need)
+
+
+def _check_entry(entry: dict, field: str, need) -> None:
+    status = entry.get("status", "ok")
+    need(isinstance(status, str), f"{field}.status", "a string", status)
+    made = status == "ok"  # a failed export has no file: its sha256 and size are null
+    files = entry.get("files")
+    need(files is None or isinstance(files, list) and len(files) > 0, f"{field}.files", "a non-empty list", files)
+    for f, e in [(field, entry)] + [(f"{field}.files[{i}]", x) for i, x in enumerate(files or [])]:
+        need(isinstance(e, dict), f, "a JSON object", e)
+        need(isinstance(e.get("path"), str) and e["path"] != "", f"{f}.path", "a file name", e.get("path"))
+        need(_stays_inside(e["path"]), f"{f}.path", "a file name inside the artifacts folder", e["path"])
+        sha, size = e.get("sha256"), e.get("size_bytes")
+        need(isinstance(sha, str) and _SHA256.fullmatch(sha) is not None or (not made and sha is None),
+             f"{f}.sha256", "64 lowercase hex digits", sha)
+        need(_is_int(size) and size >= 0 or (not made and size is None), f"{f}.size_bytes",
+             "a non-negative integer", size)
+    for k in ("format", "error", "source_state_dict_sha256", "runtime"):
+        v = entry.get(k)
+        need(v is None or isinstance(v, str), f"{field}.{k}", "a string", v)
+    need(entry.get("options") is None or isinstance(entry["options"], dict), f"{field}.options",
+         "a JSON object", entry.get("options"))
+    parity = entry.get("parity")
+    need(parity is None or isinstance(parity, dict), f"{field}.parity", "a JSON object", parity)
+    criteria = (parity or {}).get("criteria")
+    if criteria is not None:
+        need(isinstance(criteria, dict) and criteria.get("kind") in ("logits", "predictions"),
+             f"{field}.parity.criteria", 'an object of kind "logits" or "predictions"', criteria)
+        keys = ("atol", "rtol", "min_agreement") if criteria["kind"] == "logits" else \
+            ("min_agreement", "max_accuracy_drop")
+        for k in keys:
+            need(_is_number(criteria.get(k)) and criteria[k] >= 0, f"{field}.parity.criteria.{k}",
+                 "a non-negative number", criteria.get(k))
 
 
 def save_manifest(folder: str | os.PathLike, manifest: dict) -> Path:
@@ -163,6 +290,25 @@ def record_artifact(folder: str | os.PathLike, key: str, path: str | os.PathLike
     return entry
 
 
+def _stays_inside(relpath: str) -> bool:
+    """Whether a manifest path names a file under the manifest's folder: relative, no ``..``."""
+    rel = Path(relpath)
+    return not rel.is_absolute() and ".." not in rel.parts and "\x00" not in relpath
+
+
+def _contained(folder: str | os.PathLike, relpath: str) -> Path:
+    """``folder / relpath``, refused unless it stays inside ``folder``: no absolute path, no ``..``, no
+    symlink that leads out. A manifest vouches only for files of its own folder; otherwise a hash that
+    matches could approve any file on the machine (``/etc/passwd``, a model placed elsewhere)."""
+    if not _stays_inside(relpath):
+        raise ManifestError(f"{manifest_path(folder)}: artifact path {relpath!r} is outside {folder}; refusing it")
+    path = Path(folder) / relpath
+    target, root = path.resolve(), Path(folder).resolve()
+    if not target.is_relative_to(root):
+        raise IntegrityError(f"{path}: leads to {target}, outside {folder} (a symlink?); refusing to load it")
+    return path
+
+
 def verified_path(folder: str | os.PathLike, key: str, manifest: dict | None = None) -> Path:
     """Return the path of artifact ``key`` after checking its sha256 against the manifest.
 
@@ -173,7 +319,7 @@ def verified_path(folder: str | os.PathLike, key: str, manifest: dict | None = N
     entry = manifest.get("artifacts", {}).get(key)
     if entry is None:
         raise ManifestError(f"{manifest_path(folder)}: no artifact '{key}' recorded; export it first")
-    path = Path(folder) / entry["path"]
+    path = _contained(folder, entry["path"])
     if not path.is_file():
         raise IntegrityError(f"{path}: listed in the manifest as '{key}' but missing")
     actual = sha256_file(path)

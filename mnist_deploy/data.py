@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
+import math
 import os
 import struct
 import urllib.error
@@ -39,7 +41,7 @@ class IdxFile:
 
     @property
     def nbytes(self) -> int:
-        return 4 + 4 * len(self.dims) + int(np.prod(self.dims))
+        return 4 + 4 * len(self.dims) + math.prod(self.dims)
 
 
 FILES: dict[str, IdxFile] = {
@@ -81,14 +83,37 @@ def find_file(root: Path, key: str) -> Path | None:
     return None
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: Path, limit: int) -> bytes:
+    """The file's (uncompressed) bytes; more than ``limit`` of them is an error, found without reading
+    past ``limit + 1`` (a small gzip can inflate to gigabytes)."""
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as fh:
-                return fh.read()
-        return path.read_bytes()
+                raw = fh.read(limit + 1)
+        else:
+            with open(path, "rb") as fh:
+                raw = fh.read(limit + 1)
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: cannot be read: {exc} (truncated or not gzip?)") from None
+    if len(raw) > limit:
+        what = "inflates to" if path.suffix == ".gz" else "has"
+        raise DataError(f"{path}: {what} more than the {limit:,} bytes this MNIST file has; not an MNIST file")
+    return raw
+
+
+def _gunzip(data: bytes, limit: int, source: str) -> bytes:
+    """Decompress ``data``, refusing (without inflating it all) anything longer than ``limit`` bytes."""
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as fh:
+            raw = fh.read(limit + 1)
+    except (OSError, EOFError, zlib.error):
+        raise DataError(f"{source}: not valid gzip") from None
+    if len(raw) > limit:
+        raise DataError(f"{source}: inflates to more than the {limit:,} bytes expected")
+    return raw
+
+
+MAX_IDX_DIMS = 8  # MNIST has 1 or 3; numpy allows 64. Anything more is not an image file.
 
 
 def parse_idx(raw: bytes, source: str = "IDX data") -> np.ndarray:
@@ -98,11 +123,13 @@ def parse_idx(raw: bytes, source: str = "IDX data") -> np.ndarray:
     zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype != 0x08 or ndim == 0:
         raise DataError(f"{source}: bad IDX magic {raw[:4].hex()} (expected 0000 08 then the number of dimensions)")
+    if ndim > MAX_IDX_DIMS:
+        raise DataError(f"{source}: IDX header claims {ndim} dimensions (at most {MAX_IDX_DIMS} accepted)")
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{source}: truncated IDX header")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = header + int(np.prod(dims))
+    expected = header + math.prod(dims)  # Python integers: a header cannot overflow the check
     if len(raw) != expected:
         what = "truncated" if len(raw) < expected else "has trailing bytes"
         raise DataError(f"{source}: {what}: header {dims} needs {expected} bytes, file has {len(raw)}")
@@ -112,7 +139,7 @@ def parse_idx(raw: bytes, source: str = "IDX data") -> np.ndarray:
 def load_verified(path: Path, key: str) -> tuple[np.ndarray, str]:
     """Read one file, check its IDX header against the expected one and its MD5; return (array, md5)."""
     spec = FILES[key]
-    raw = _read_bytes(path)
+    raw = _read_bytes(path, spec.nbytes)
     arr = parse_idx(raw, str(path))
     magic = struct.unpack(">I", raw[:4])[0]
     if magic != spec.magic or arr.shape != spec.dims:
@@ -134,34 +161,47 @@ def download(root: Path, keys: list[str], *, timeout: float = 15.0, progress: bo
         try:
             with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (fixed https URL)
                 total = int(resp.headers.get("Content-Length") or 0)
-                data = _read_with_progress(resp, total, spec.name, progress)
+                data = _read_with_progress(resp, total, spec.name, progress, url=url, limit=spec.nbytes + (1 << 20))
         except (urllib.error.URLError, TimeoutError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise DataError(
                 f"cannot download {url} ({reason}); no network? Put the four MNIST files in {root} "
                 f"or point --data-dir / ${DATA_ENV} at a local copy"
             ) from None
-        try:
-            raw = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error):
-            raise DataError(f"{url}: downloaded file is not valid gzip") from None
+        raw = _gunzip(data, spec.nbytes, f"{url}: downloaded file")
         md5 = hashlib.md5(raw).hexdigest()
         if md5 != spec.md5:
             raise DataError(f"{url}: downloaded data has MD5 {md5}, expected {spec.md5}; not saved")
-        atomic_write_bytes(dest / f"{spec.name}.gz", data)
+        try:
+            atomic_write_bytes(dest / f"{spec.name}.gz", data)
+        except OSError as exc:  # a full disk or a read-only folder: nothing half-written is left
+            raise DataError(f"{dest / spec.name}.gz: cannot save the download ({exc.strerror or exc}); "
+                            f"free some space or point --data-dir at another folder") from None
 
 
-def _read_with_progress(resp, total: int, label: str, progress: bool) -> bytes:
-    chunks = []
-    if not progress:
-        return resp.read()
-    from rich.progress import Progress
+def _read_with_progress(resp, total: int, label: str, progress: bool, *, url: str, limit: int) -> bytes:
+    """The response body, at most ``limit`` bytes (a gzip of an MNIST file is smaller than the file)."""
+    if total > limit:
+        raise DataError(f"{url}: {total:,} bytes announced, more than {limit:,}; not an MNIST file")
+    chunks, size = [], 0
+    bar = task = None
+    if progress:
+        from rich.progress import Progress
 
-    with Progress(transient=True) as bar:
+        bar = Progress(transient=True)
+        bar.start()
         task = bar.add_task(f"download {label}", total=total or None)
+    try:
         while chunk := resp.read(1 << 16):
+            size += len(chunk)
+            if size > limit:
+                raise DataError(f"{url}: more than {limit:,} bytes; not an MNIST file")
             chunks.append(chunk)
-            bar.advance(task, len(chunk))
+            if bar is not None:
+                bar.advance(task, len(chunk))
+    finally:
+        if bar is not None:
+            bar.stop()
     return b"".join(chunks)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ManifestError
 
 
 class MLP(nn.Module):
@@ -89,11 +89,30 @@ def get_spec(name: str) -> ModelSpec:
         raise CheckpointError(f"unknown model '{name}'; known: {', '.join(MODELS)}") from None
 
 
+MAX_WIDTH = 1 << 16  # as artifacts.MAX_WIDTH: a wider layer is a corrupt manifest (and would allocate terabytes)
+
+
+def check_hparams(name: str, hparams: dict[str, Any] | None) -> dict[str, Any]:
+    """``hparams`` over model ``name``'s defaults, each checked against its default's kind: widths are
+    integers in [1, 65536], rates (dropout) numbers in [0, 1]. A bad one is a ManifestError naming it."""
+    spec = get_spec(name)
+    for key, value in (hparams or {}).items():
+        if key not in spec.defaults:
+            raise ManifestError(f"model '{name}': unknown hyperparameter model.hparams.{key} "
+                                f"(known: {', '.join(spec.defaults)})")
+        default = spec.defaults[key]
+        if isinstance(default, int):
+            ok, want = type(value) is int and 1 <= value <= MAX_WIDTH, f"an integer from 1 to {MAX_WIDTH}"
+        else:
+            ok, want = type(value) in (int, float) and 0 <= value <= 1, "a number from 0 to 1"
+        if not ok:
+            raise ManifestError(f"model '{name}': model.hparams.{key} must be {want}, not {value!r}")
+    return {**spec.defaults, **(hparams or {})}
+
+
 def build_model(name: str, hparams: dict[str, Any] | None = None) -> nn.Module:
     """Build model ``name`` with its defaults overridden by ``hparams`` (as recorded in a manifest)."""
-    spec = get_spec(name)
-    kwargs = {**spec.defaults, **(hparams or {})}
-    return spec.factory(**kwargs)
+    return get_spec(name).factory(**check_hparams(name, hparams))
 
 
 def model_hparams(name: str, hparams: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -154,5 +173,11 @@ def load_state_dict_checked(model: nn.Module, state_dict: Any, source: str = "ch
         problems.append("wrong shape " + ", ".join(wrong))
     if problems:
         raise CheckpointError(f"{source}: does not match the model: " + "; ".join(problems))
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state_dict.items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())}
+    if bad:
+        listed = ", ".join(f"{k} ({n:,} of {state_dict[k].numel():,})" for k, n in bad.items())
+        raise CheckpointError(f"{source}: non-finite weights (NaN or inf) in {listed}; the training diverged "
+                              "or the file is corrupt, refusing to load it")
     model.load_state_dict(state_dict, strict=True)
     return model

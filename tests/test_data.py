@@ -204,3 +204,94 @@ def test_download_of_wrong_bytes_is_not_saved(mnist_dir, tmp_path, mirror):
     with pytest.raises(DataError, match="downloaded data has MD5"):
         data.load_raw(dest, allow_download=True)
     assert not (dest / "MNIST").exists() or not any((dest / "MNIST").rglob("*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile IDX headers and gzip bombs: one DataError naming the file, bounded memory.
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        # 2**31 * 2**31 * 4 == 2**64: numpy's int64 product wrapped to 0, so 16 bytes "matched" the header.
+        (struct.pack(">HBB3I", 0, 8, 3, 2**31, 2**31, 4), "needs 18446744073709551632 bytes"),
+        (struct.pack(">HBB3I", 0, 8, 3, 2**32 - 1, 2**32 - 1, 2**32 - 1), "truncated"),
+        # 255 dimensions of size 1 and one pixel: the sizes agree, numpy cannot make a 255-d array.
+        (struct.pack(">HBB", 0, 8, 255) + struct.pack(">255I", *[1] * 255) + b"\x00", "255 dimensions"),
+    ],
+)
+def test_parse_idx_hostile_headers(raw, message):
+    with pytest.raises(DataError, match=message):
+        data.parse_idx(raw, "x")
+
+
+def _bomb(path, gib: int) -> None:
+    """A gzip of ``gib`` GiB of zeros, as concatenated members (``gzip`` reads them all), ~1 MB per GiB."""
+    member = gzip.compress(bytes(1 << 26), compresslevel=9)  # 64 MiB of zeros -> ~65 KB
+    with open(path, "wb") as fh:
+        for _ in range(16 * gib):
+            fh.write(member)
+
+
+# Runs the command under a small launcher so that the peak RSS is the command's own: a child forked
+# from pytest starts with pytest's resident pages, and ru_maxrss keeps that peak across exec.
+_LAUNCHER = """
+import resource, subprocess, sys
+resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))  # a regression fails the test, not the machine
+r = subprocess.run(sys.argv[2:], stdout=subprocess.DEVNULL, timeout=float(sys.argv[1]))
+print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def _run_measured(args, timeout=120):
+    """Run ``args``; return (exit code, stderr, peak RSS in MB of that command)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _LAUNCHER, str(timeout), *args], capture_output=True, text=True,
+                       timeout=timeout + 30)
+    code, rss_kb = (int(v) for v in r.stdout.split())
+    return code, r.stderr, rss_kb / 1024
+
+
+@pytest.mark.integration
+def test_gzip_bomb_is_refused_in_bounded_memory(mnist_dir, tmp_path):
+    import sys
+
+    root = _link_real(mnist_dir, tmp_path / "data", skip=("train-images",))
+    bomb = root / "train-images-idx3-ubyte.gz"
+    _bomb(bomb, 1)
+    assert bomb.stat().st_size < 2_000_000
+    code, err, peak_mb = _run_measured([sys.executable, "-m", "mnist_deploy", "data", "--data-dir", str(root),
+                                        "--no-download"])
+    assert peak_mb < 500, f"peak RSS {peak_mb:.0f} MB while refusing a 1 GiB gzip bomb"  # about 90 MB
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"{bomb}: inflates to more than the 47,040,016 bytes" in err
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("gz", [False, True])
+def test_cli_data_hostile_header_is_one_line(mnist_dir, tmp_path, gz):
+    root = _link_real(mnist_dir, tmp_path / "data", skip=("test-labels",))
+    raw = struct.pack(">HBB", 0, 8, 255) + struct.pack(">255I", *[1] * 255) + b"\x00"
+    bad = root / ("t10k-labels-idx1-ubyte" + (".gz" if gz else ""))
+    bad.write_bytes(gzip.compress(raw) if gz else raw)
+    res = CliRunner().invoke(cli, ["data", "--data-dir", str(root), "--no-download"])
+    assert res.exit_code == 2, res.output
+    assert f"{bad}: IDX header claims 255 dimensions" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_download_bomb_is_not_inflated(tmp_path, mirror):
+    _bomb(mirror / "t10k-labels-idx1-ubyte.gz", 1)
+    with pytest.raises(DataError, match="downloaded file: inflates to more than the 10,008 bytes"):
+        data.download(tmp_path / "data", ["test-labels"], progress=False)
+    assert not (tmp_path / "data").exists()
+
+
+def test_download_larger_than_any_mnist_file_is_cut_off(tmp_path, mirror):
+    (mirror / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\0" * (2 << 20))  # 2 MiB where 4.5 KB belong
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz: 2,097,152 bytes announced, more than 1,058,584"):
+        data.download(tmp_path / "data", ["test-labels"], progress=False)
+    assert not (tmp_path / "data").exists()

@@ -47,3 +47,37 @@ def test_cnn_state_dict_into_mlp_is_refused():
         load_state_dict_checked(build_model("mlp"), build_model("cnn").state_dict())
     with pytest.raises(CheckpointError, match="not a state_dict"):
         load_state_dict_checked(build_model("mlp"), [1, 2, 3])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(value):
+    sd = build_model("mlp").state_dict()
+    sd["fc2.bias"] = torch.full_like(sd["fc2.bias"], value)
+    sd["fc1.weight"][3, 5] = value
+    with pytest.raises(CheckpointError, match=r"ckpt.pth: non-finite weights \(NaN or inf\) in "
+                                              r"fc1.weight \(1 of 100,352\), fc2.bias \(64 of 64\)"):
+        load_state_dict_checked(build_model("mlp"), sd, "ckpt.pth")
+
+
+@pytest.mark.integration
+def test_cli_evaluate_refuses_an_all_nan_state_dict(trained_mlp, copy_artifacts, mnist_dir):
+    """An all-NaN state_dict used to be evaluated (10% accuracy, every digit a 0) with no warning."""
+    import json
+
+    from click.testing import CliRunner
+
+    from mnist_deploy.artifacts import artifact_entry
+    from mnist_deploy.cli import cli
+
+    folder = copy_artifacts(trained_mlp)
+    sd_path = folder / "mnist_model_state_dict.pth"
+    sd = torch.load(sd_path, weights_only=True)
+    torch.save({k: torch.full_like(v, float("nan")) for k, v in sd.items()}, sd_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["artifacts"]["state_dict"] = artifact_entry(sd_path, format="state_dict")  # a consistent set
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(cli, ["evaluate", "--artifacts", str(folder), "--data-dir", str(mnist_dir),
+                                      "--no-download"])
+    assert result.exit_code == 2, result.output
+    assert "non-finite weights (NaN or inf) in fc1.weight (100,352 of 100,352)" in result.output
+    assert "Traceback" not in result.output
