@@ -83,14 +83,31 @@ def finish_pending_commit(out: str | os.PathLike, *, manifest_name: str = "manif
     journal = out / JOURNAL
     if not journal.is_dir():
         return False
-    names = sorted(p.name for p in journal.iterdir() if p.name != manifest_name)
-    if (journal / manifest_name).exists():
-        names.append(manifest_name)  # the manifest goes last: while it is in the journal, the commit is pending
-    for name in names:
-        os.replace(journal / name, out / name)
-    _fsync_dir(out)
-    shutil.rmtree(journal, ignore_errors=True)
+    with _commit_lock(out):  # a live writer holds it for its few renames: wait, then look again
+        if not journal.is_dir():
+            return False
+        names = sorted(p.name for p in journal.iterdir() if p.name != manifest_name)
+        if (journal / manifest_name).exists():
+            names.append(manifest_name)  # the manifest goes last: while it is in the journal, the commit is pending
+        for name in names:
+            os.replace(journal / name, out / name)
+        _fsync_dir(out)
+        shutil.rmtree(journal, ignore_errors=True)
     return True
+
+
+@contextlib.contextmanager
+def _commit_lock(out: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on the folder for the in-place commit's renames; released when the
+    holder exits, however it exits, so a reader never rolls forward under a live writer."""
+    import fcntl
+
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _can_exchange(out: Path) -> bool:
@@ -142,15 +159,16 @@ def _commit_by_exchange(staging: Path, out: Path, manifest_name: str) -> None:
 
 def _commit_in_place(staging: Path, out: Path, manifest_name: str) -> None:
     journal = out / JOURNAL
-    os.replace(staging, journal)  # the commit point
-    _fsync_dir(out)
-    fault_point("train:journaled")
-    names = sorted(p.name for p in journal.iterdir() if p.name != manifest_name) + [manifest_name]
-    for name in names:
-        os.replace(journal / name, out / name)
-        fault_point("train:renamed-one")
-    _fsync_dir(out)
-    os.rmdir(journal)
+    with _commit_lock(out):
+        os.replace(staging, journal)  # the commit point
+        _fsync_dir(out)
+        fault_point("train:journaled")
+        names = sorted(p.name for p in journal.iterdir() if p.name != manifest_name) + [manifest_name]
+        for name in names:
+            os.replace(journal / name, out / name)
+            fault_point("train:renamed-one")
+        _fsync_dir(out)
+        os.rmdir(journal)
 
 
 def _link_tree(src: Path, dst: Path) -> None:

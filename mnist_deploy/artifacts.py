@@ -171,6 +171,7 @@ def load_manifest(folder: str | os.PathLike, *, required: bool = True, need_mode
     which every stage that rebuilds or describes the model needs.
     """
     path = manifest_path(folder)
+    _finish_interrupted_train(Path(folder))
     if not path.is_file():
         if required:
             raise ManifestError(f"{path}: no manifest; run `mnist-deploy train --out {Path(folder)}` first")
@@ -186,6 +187,20 @@ def load_manifest(folder: str | os.PathLike, *, required: bool = True, need_mode
         raise ManifestError(f"{path}: has no model entry; run `mnist-deploy train` first")
     _check_manifest(data, path)
     return data
+
+
+def _finish_interrupted_train(folder: Path) -> None:
+    """A train killed inside its in-place commit (the fallback where folders cannot be exchanged)
+    leaves a journal of the new set: every reader rolls it forward first, so it sees one whole set."""
+    from .artifact_set import JOURNAL, finish_pending_commit
+
+    if not (folder / JOURNAL).is_dir():
+        return
+    try:
+        finish_pending_commit(folder)
+    except OSError as exc:
+        raise ManifestError(f"{folder}: an interrupted train left its new artifacts in {JOURNAL}/ and they "
+                            f"cannot be moved into place ({exc.strerror}); fix that, or train again") from None
 
 
 # The manifest's shape, checked once on load so that every reader can index it without a traceback.

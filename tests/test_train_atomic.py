@@ -121,6 +121,23 @@ def test_in_place_fallback_rolls_forward(point, previous_set, tmp_path, mnist_di
     _no_leftovers(out)
 
 
+def test_a_reader_rolls_an_interrupted_commit_forward(previous_set, tmp_path, mnist_dir, cache_dir):
+    """verify, predict and serve read the manifest through load_manifest: the journal is completed
+    there, so no reader ever sees the new state_dict beside the old manifest."""
+    from mnist_deploy.artifacts import load_manifest, verified_path
+
+    out = tmp_path / "artifacts"
+    shutil.copytree(previous_set, out)
+    r = _run(out, mnist_dir, cache_dir, seed=1, fault="train:renamed-one",
+             env_extra={"MNIST_DEPLOY_INPLACE_COMMIT": "1"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert (out / JOURNAL).is_dir()
+    manifest = load_manifest(out)
+    assert not (out / JOURNAL).exists()
+    verified_path(out, "state_dict", manifest)  # the sha256 matches: one whole set
+    assert _set_state(out)[0] == 1
+
+
 def test_in_place_fallback_killed_before_the_journal(previous_set, tmp_path, mnist_dir, cache_dir):
     out = tmp_path / "artifacts"
     shutil.copytree(previous_set, out)
