@@ -54,6 +54,8 @@ class OpenVINOPredictor(Predictor):
 
 def _text(value) -> str:
     """OpenVINO returns enums and Type objects; ``f32`` / ``LATENCY`` is what we record."""
+    if hasattr(value, "to_string"):
+        return value.to_string()  # an ov.Type: f32, bf16
     text = str(value)
     return text.rsplit(".", 1)[-1] if "." in text else text
 
