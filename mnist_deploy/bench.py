@@ -428,7 +428,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 __all__ = [
-    "BenchConfig", "DEFAULT_BATCH_SIZES", "DEVICE_CHOICES", "check_artifacts", "collect_environment",
+    "BenchConfig", "DEFAULT_BATCH_SIZES", "best_peak", "DEVICE_CHOICES", "check_artifacts", "collect_environment",
     "default_threads", "latency_stats", "load_runtime", "measure_peak", "parse_batch_sizes", "parse_runtimes",
     "plan_devices", "run_bench", "runtime_names", "sort_records", "time_calls", "unavailable_reason",
 ]
