@@ -142,7 +142,7 @@ def test_toy_format_flows_through_every_stage(toy, folder, tmp_path, mnist_dir, 
         assert response.json()["digit"] == label
 
 
-def test_toy_parity_failure_and_a_tampered_second_file(toy, folder, mnist_dir, cache_dir, monkeypatch):
+def test_toy_parity_failure_and_a_tampered_second_file(toy, folder, mnist_dir, cache_dir):
     from mnist_deploy.export import export_artifacts
 
     def wrong(model, path, options, ctx):
@@ -153,13 +153,15 @@ def test_toy_parity_failure_and_a_tampered_second_file(toy, folder, mnist_dir, c
         with open(path, "wb") as fh:
             np.savez(fh, **state)
 
-    monkeypatch.setitem(formats.FORMATS, "numpy-mlp", dataclasses.replace(TOY, export=wrong))
-    report = export_artifacts(artifacts=folder, formats=["numpy-mlp"], **_data(mnist_dir, cache_dir))
+    formats.register(dataclasses.replace(TOY, export=wrong), replace=True)
+    try:
+        report = export_artifacts(artifacts=folder, formats=["numpy-mlp"], **_data(mnist_dir, cache_dir))
+    finally:
+        formats.register(TOY, replace=True)
     assert not report.ok and "exceeds atol 0.0001" in report.failures[0].error
     assert load_manifest(folder)["artifacts"]["numpy-mlp"]["status"] == "failed"
     assert not any((folder / f).exists() for f in TOY.files)
 
-    monkeypatch.setitem(formats.FORMATS, "numpy-mlp", TOY)
     assert export_artifacts(artifacts=folder, formats=["numpy-mlp"], **_data(mnist_dir, cache_dir)).ok
     side = folder / TOY.files[1]
     side.write_text(side.read_text().replace("fc1", "fc2", 1))  # the second file changes: refused
@@ -168,6 +170,7 @@ def test_toy_parity_failure_and_a_tampered_second_file(toy, folder, mnist_dir, c
 
 
 def test_registry_entries_carry_everything():
+    assert "numpy-mlp" not in formats.FORMATS  # the toy left with its test
     for fmt in formats.FORMATS.values():
         assert fmt.load is not None and fmt.runtime and fmt.devices and fmt.packages
         assert fmt.exportable == bool(fmt.files)
