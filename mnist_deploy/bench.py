@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -27,6 +26,17 @@ from pathlib import Path
 import numpy as np
 
 from .artifacts import load_manifest, manifest_path, verified_path
+from .bench_config import (  # the input checks, re-exported as the bench API
+    DEFAULT_BATCH_SIZES,
+    DEVICE_CHOICES,
+    BenchConfig,
+    by_runtime,
+    parse_batch_sizes,
+    parse_runtimes,
+    plan_devices,
+    runtime_names,
+    unavailable_reason,
+)
 from .bench_env import (
     collect_environment,
     cpu_snapshot,
@@ -37,127 +47,11 @@ from .bench_env import (
 )
 from .bench_report import RECORD_KEYS, format_ms, verdict
 from .bench_timing import best_peak, latency_stats, measure_peak, time_calls
-from .errors import InputError, ManifestError, MnistDeployError, RuntimeUnavailable
-from .formats import FORMATS, Format, load_predictor, resolve
+from .errors import ManifestError, MnistDeployError, RuntimeUnavailable
+from .formats import FORMATS, Format, load_predictor
 
-DEFAULT_BATCH_SIZES = (1, 32, 256, 1024)
-DEVICE_CHOICES = ("cpu", "cuda", "all")
-MAX_BATCH = 1 << 20  # the dynamic batch axis the exporters declare
 ACCURACY_CHUNK = 1000
 PEAK_OVER_100 = "measured above the matmul peak: a measurement warning (the peak was understated or the row disturbed)"
-
-
-# ---------------------------------------------------------------------------------------------
-# What can be benchmarked: every format in the registry, by its runtime name.
-
-
-def runtime_names() -> tuple[str, ...]:
-    """Every runtime ``bench`` knows, in registry order (row names: ``onnxruntime``, ``torch.export``...)."""
-    return tuple(f.runtime for f in FORMATS.values())
-
-
-def _by_runtime(name: str) -> Format:
-    return next(f for f in FORMATS.values() if f.runtime == name)
-
-
-def parse_runtimes(value: str | Sequence[str] | None) -> tuple[tuple[str, ...], bool]:
-    """``"all"``/None -> every runtime; else a comma list of runtime or format names (or aliases).
-
-    Returns ``(names, explicit)``: an explicitly named runtime whose artifact was never exported is
-    an error, while ``all`` shows it as a skipped row.
-    """
-    items = _split(value)
-    if not items or items == ["all"]:
-        return runtime_names(), False
-    names = [resolve(item).runtime for item in items]
-    order = runtime_names()
-    return tuple(sorted(dict.fromkeys(names), key=order.index)), True
-
-
-def parse_batch_sizes(value: str | Sequence[int] | None) -> tuple[int, ...]:
-    """A comma list (or sequence) of positive integers, deduplicated and sorted."""
-    if value is None:
-        return DEFAULT_BATCH_SIZES
-    items = _split(value) if isinstance(value, str) else list(value)
-    if not items:
-        raise InputError("--batch-sizes is empty; give positive integers such as 1,32,256,1024")
-    out = []
-    for item in items:
-        text = str(item).strip()
-        try:
-            n = int(text) if not isinstance(item, bool) else None
-        except ValueError:
-            n = None
-        if n is None or str(n) != text.lstrip("+") or n < 1:
-            raise InputError(f"batch size '{text}' is not a positive integer (e.g. --batch-sizes 1,32,256,1024)")
-        if n > MAX_BATCH:
-            raise InputError(f"batch size {n} is larger than {MAX_BATCH}, the exported batch axis's limit")
-        out.append(n)
-    return tuple(sorted(set(out)))
-
-
-def _split(value) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return [str(v).strip() for v in value if str(v).strip()]
-
-
-def plan_devices(device: str = "all") -> list[tuple[str, str | None]]:
-    """The devices a run covers, each with ``None`` when usable or the reason it is not.
-
-    ``all`` is CPU plus CUDA; CUDA without a GPU is not an error here but a reason for skipped rows.
-    """
-    from .devices import resolve_device
-
-    key = (device or "all").strip().lower()
-    if key == "all":
-        names = ["cpu", "cuda"]
-    elif key == "cpu" or key == "cuda" or key.startswith("cuda:"):
-        names = [key]
-    else:
-        raise InputError(f"unknown device '{device}'; choose one of {', '.join(DEVICE_CHOICES)}")
-    out = []
-    for name in names:
-        try:
-            resolve_device(name)
-        except RuntimeUnavailable as exc:
-            # devices' message ends with advice for train ("use --device cpu or auto"); keep the cause
-            out.append((name, str(exc).split(" but ", 1)[-1].split(";")[0]))
-        else:
-            out.append((name, None))
-    return out
-
-
-def unavailable_reason(runtime: str, device: str) -> str | None:
-    """Why ``runtime`` cannot run on ``device`` here, or None; the registry entry's own check."""
-    return resolve(runtime).unavailable(device)
-
-
-@dataclass
-class BenchConfig:
-    """What decides a bench run; recorded in bench.json."""
-
-    artifacts: str = "artifacts"
-    runtimes: tuple[str, ...] = ()
-    explicit_runtimes: bool = False
-    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
-    device: str = "all"
-    threads: int = 1
-    warmup: int = 10
-    min_time: float = 1.0
-    min_calls: int = 20
-
-    def validate(self) -> None:
-        if not isinstance(self.threads, int) or self.threads < 1:
-            raise InputError(f"--threads must be at least 1, got {self.threads}")
-        if not isinstance(self.warmup, int) or self.warmup < 0:
-            raise InputError(f"--warmup must be 0 or more calls, got {self.warmup}")
-        if not (isinstance(self.min_time, int | float) and math.isfinite(self.min_time) and self.min_time > 0):
-            raise InputError(f"--min-time must be a positive number of seconds, got {self.min_time}")
-        if not isinstance(self.min_calls, int) or self.min_calls < 1:
-            raise InputError(f"min_calls must be at least 1, got {self.min_calls}")
 
 
 def check_artifacts(folder: Path, manifest: dict, names: Sequence[str], explicit: bool) -> dict[str, str]:
@@ -170,7 +64,7 @@ def check_artifacts(folder: Path, manifest: dict, names: Sequence[str], explicit
     entries = manifest.get("artifacts", {})
     verified_path(folder, "state_dict", manifest)
     for name in names:
-        key = _by_runtime(name).key
+        key = by_runtime(name).key
         if key == "state_dict":
             continue
         entry = entries.get(key)
@@ -192,7 +86,7 @@ def check_artifacts(folder: Path, manifest: dict, names: Sequence[str], explicit
 
 def load_runtime(name: str, folder: Path, manifest: dict, device: str, threads: int | None):
     """Load runtime ``name`` as a :class:`formats.Predictor` on ``device`` (sha256-checked first)."""
-    fmt = _by_runtime(name)
+    fmt = by_runtime(name)
     path = verified_path(folder, fmt.key, manifest)
     return load_predictor(fmt.name, path, device=device, threads=threads, manifest=manifest)
 
@@ -361,7 +255,7 @@ def run_bench(*, artifacts="artifacts", runtimes: str | Sequence[str] | None = N
         for dev, dev_reason in plan:
             first = _peak(dev, config, peak_sizes, progress, "before") if dev_reason is None else None
             for name in names:
-                fmt = _by_runtime(name)
+                fmt = by_runtime(name)
                 reason = dev_reason or skip.get(name) or fmt.unavailable(dev)
                 if reason:
                     progress(f"{name} ({dev}): skipped: {reason}")
