@@ -7,11 +7,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .devices import DEVICE_CHOICES as TORCH_DEVICES
 from .errors import InputError, RuntimeUnavailable
 from .formats import FORMATS, Format, resolve
 
 DEFAULT_BATCH_SIZES = (1, 32, 256, 1024)
-DEVICE_CHOICES = ("cpu", "cuda", "all")
+DEVICE_CHOICES = (*(d for d in TORCH_DEVICES if d != "auto"), "all")  # bench: every device, or all
 MAX_BATCH = 1 << 20  # the dynamic batch axis the exporters declare
 
 

@@ -14,6 +14,7 @@ import click
 
 from .bench import DEVICE_CHOICES as BENCH_DEVICES
 from .bench import BenchConfig
+from .devices import DEVICE_CHOICES
 from .errors import MnistDeployError
 from .formats import DEFAULT_RUNTIME, FORMATS, FP32_PARITY, REDUCED_PARITY, exportable, option_types
 
@@ -401,7 +402,7 @@ PREDICT_RUNTIMES = tuple(FORMATS)  # every runtime in the registry; pytorch runs
 @click.option("--artifacts", type=click.Path(file_okay=False, path_type=Path), default=Path("artifacts"),
               show_default=True)
 @click.option("--top-k", type=click.IntRange(1, 10), default=3, show_default=True, help="How many digits to list.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(list(DEVICE_CHOICES)), default="cpu", show_default=True)
 @click.option("--threads", type=int, default=None, callback=_positive, help="Runtime intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of records.")
 @click.pass_context

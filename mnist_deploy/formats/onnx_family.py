@@ -64,7 +64,8 @@ class Int8Options(OnnxOptions):
 class OrtPredictor(Predictor):
     """An ONNX Runtime ``InferenceSession`` (CPU provider, or CUDA when onnxruntime-gpu has it)."""
 
-    def __init__(self, path: Path, runtime: str, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, path: Path, runtime: str, device: str = "cpu", threads: int | None = None,
+                 precision: str = "f32") -> None:
         import onnxruntime as ort
 
         refuse_external_data(path)
@@ -82,7 +83,7 @@ class OrtPredictor(Predictor):
             raise LoadError(f"{path}: ONNX Runtime cannot load it: {first_line(exc)}") from None
         self.runtime = runtime
         self.device = device
-        self.details = {"precision": "int8" if "int8" in runtime else "f32", "threads": threads,
+        self.details = {"precision": precision, "threads": threads,
                         "providers": self.session.get_providers()}
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [self.session.get_outputs()[0].name]
@@ -206,7 +207,7 @@ def _load_onnx(path: Path, *, device: str, threads: int | None, manifest: dict) 
 def _load_onnx_int8(path: Path, *, device: str, threads: int | None, manifest: dict) -> Predictor:
     if device.startswith("cuda") and (reason := _ort_available(device)):
         raise RuntimeUnavailable(reason)
-    return OrtPredictor(path, "onnxruntime-int8", device, threads)
+    return OrtPredictor(path, "onnxruntime-int8", device, threads, precision="int8")
 
 
 class _Calibration:
