@@ -247,9 +247,12 @@ def _export_one(fmt: Format, source: Source, ctx: ExportContext, config: ExportC
         t0 = time.perf_counter()
         try:
             fmt.export(copy.deepcopy(source.model).eval(), staged[0], options, ctx)
-        except (MnistDeployError, OSError):
+        except OSError:
             raise
         except Exception as exc:  # exporters raise many types; the first line says what failed
+            _raise_if_disk_full(staging)  # some runtimes report a full disk as their own error type
+            if isinstance(exc, MnistDeployError):
+                raise
             raise ExportError(f"{fmt.name} export failed: {_first_line(exc)}") from None
         missing = [p.name for p in staged if not p.is_file()]
         if missing:
@@ -291,6 +294,19 @@ def _export_one(fmt: Format, source: Source, ctx: ExportContext, config: ExportC
                                           "status": "failed", **base, "export_seconds": result.export_seconds,
                                           "parity": result.parity, "error": result.error})
     return result
+
+
+def _raise_if_disk_full(folder: Path, probe_bytes: int = 1 << 20) -> None:
+    """Raise the OSError a write of ``probe_bytes`` into ``folder`` meets (ENOSPC, EFBIG, EDQUOT), if any."""
+    probe = folder / ".space-probe"
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(b"\0" * probe_bytes)
+            fh.flush()
+            os.fsync(fh.fileno())
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
 
 
 def _install(fmt: Format, staged: list[Path], out: Path, manifest: dict, base: dict, result: FormatResult) -> dict:

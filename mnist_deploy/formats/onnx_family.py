@@ -149,6 +149,8 @@ def _write_onnx_fp32(model, path: Path, options: OnnxOptions, ctx: ExportContext
                     input_names=["input"], output_names=["logits"], dynamic_shapes=({0: batch},),
                 )
                 program.save(str(path))
+        except OSError:
+            raise  # a full disk is an I/O failure, not a verdict on the format
         except Exception as exc:  # the exporters raise many types; the first line says what failed
             raise ExportError(f"ONNX export (exporter {options.onnx_exporter}, opset {options.opset}) failed: "
                               f"{first_line(exc)}") from None
