@@ -17,7 +17,7 @@ from mnist_deploy import bench, bench_report
 from mnist_deploy.artifacts import load_manifest, record_artifact
 from mnist_deploy.cli import cli
 from mnist_deploy.errors import InputError, IntegrityError, ManifestError
-from mnist_deploy.formats import exportable
+from mnist_deploy.formats import FORMATS, exportable
 
 FAST = {"warmup": 1, "min_time": 0.005, "min_calls": 3, "peak_sizes": (256,), "threads": 1}
 FAST_CLI = ["--warmup", "1", "--min-time", "0.005", "--threads", "1", "--no-download", "-q"]
@@ -201,7 +201,7 @@ def test_cuda_rows_are_skipped_without_a_gpu(exported, tmp_path, mnist_dir, cach
 def test_unexported_formats_skipped_under_all_but_an_error_when_named(trained_mlp):
     manifest = load_manifest(trained_mlp)
     skip = bench.check_artifacts(trained_mlp, manifest, bench.runtime_names(), explicit=False)
-    assert set(skip) == {"torchscript", "torch.export", "onnxruntime", "onnxruntime-int8"}
+    assert set(skip) == {FORMATS[name].runtime for name in exportable()}
     assert "never exported" in skip["onnxruntime"]
     with pytest.raises(ManifestError, match="'onnx' .*never exported"):
         bench.check_artifacts(trained_mlp, manifest, ("pytorch", "onnxruntime"), explicit=True)
@@ -252,7 +252,7 @@ def test_no_manifest(tmp_path):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--runtimes", "tensorrt"], "unknown runtime 'tensorrt'"),
-    (["--runtimes", "onnx,openvino"], "unknown runtime 'openvino'"),
+    (["--runtimes", "onnx,tensorrt"], "unknown runtime 'tensorrt'"),
     (["--batch-sizes", "0"], "batch size '0' is not a positive integer"),
     (["--batch-sizes", "1,-4"], "batch size '-4' is not a positive integer"),
     (["--batch-sizes", "1.5"], "batch size '1.5' is not a positive integer"),

@@ -107,7 +107,7 @@ def refuse_external_data(path: Path) -> None:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
-        raise LoadError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
+        raise LoadError(f"{path}: ONNX Runtime cannot load it: not a readable ONNX model ({first_line(exc)})") from None
     graphs = [proto.graph]
     while graphs:
         graph = graphs.pop()
