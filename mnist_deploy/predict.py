@@ -25,7 +25,7 @@ import numpy as np
 from .artifacts import load_manifest, verified_path
 from .data import MEAN, STD
 from .errors import InputError, ManifestError, MnistDeployError
-from .formats import DEFAULT_RUNTIME, FORMATS, Predictor, get_format, load_predictor
+from .formats import DEFAULT_RUNTIME, FORMATS, LoadError, Predictor, get_format, load_predictor
 
 EAGER_RUNTIME = "pytorch"
 # Refuse images whose header claims more pixels than this, before decoding them (decompression bombs).
@@ -299,7 +299,12 @@ def load_model(*, artifacts: str | os.PathLike = "artifacts", runtime: str = DEF
     predictor = load_predictor(runtime, path, device, threads, manifest=manifest)
     loaded = LoadedModel(predictor, runtime, dict(entry), manifest, input_shape, device, threads,
                          time.perf_counter() - t0)
-    loaded.probabilities(np.zeros((1, FIELD * FIELD), dtype=np.float32))  # warm-up: first call allocates
+    try:
+        loaded.probabilities(np.zeros((1, FIELD * FIELD), dtype=np.float32))  # warm-up: first call allocates
+    except MnistDeployError:
+        raise
+    except Exception as exc:  # a runtime that loads lazily fails here on a damaged file
+        raise LoadError(f"{path}: {predictor.runtime} loaded it but cannot run it ({_first_line(exc)})") from None
     return loaded
 
 
