@@ -85,7 +85,7 @@ def verdict(result: dict) -> str:
             if fp32 is None:
                 continue
             of_peak = f", {fp32['pct_peak']:.0f}% of the matmul peak" if fp32.get("pct_peak") is not None else ""
-            parts.append(f"{low['runtime']} ({low.get('precision') or 'reduced precision'}) runs "
+            parts.append(f"{low['runtime']} ({(low.get('precision') or 'reduced precision').upper()}) runs "
                          f"{low['throughput_per_s'] / fp32['throughput_per_s']:.2f}x {fp32['runtime']}'s fp32 "
                          f"throughput at batch {sizes[-1]} ({fp32['runtime']}: {fp32['gflops']:.0f} GFLOP/s{of_peak}), "
                          f"at {100 * low['accuracy']:.2f}% accuracy against fp32's {100 * fp32['accuracy']:.2f}%.")

@@ -374,7 +374,10 @@ def bench_cmd(ctx, artifacts, runtimes, batch_sizes, device, threads, warmup, mi
                        threads=threads, warmup=warmup, min_time=min_time, data_dir=data_dir, cache_dir=cache_dir,
                        allow_download=not no_download, progress=progress)
     out = out or Path(artifacts) / "bench"
-    paths = write_outputs(result, out)
+    try:
+        paths = write_outputs(result, out)
+    except OSError as exc:  # a full disk: one line naming the folder, the measurements are lost
+        raise MnistDeployError(f"{out}: cannot write the bench results: {exc.strerror or exc}") from None
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
