@@ -222,7 +222,8 @@ def evaluate_cmd(checkpoint, artifacts, data_dir, cache_dir, no_download, as_jso
 @click.option("--format", "formats", type=click.Choice([*FORMAT_NAMES, "all"]), multiple=True,
               default=("all",), show_default=True,
               help="Format to export; repeat the option for several. all: every format that can run here "
-              "(the others are listed as skipped).")
+              "(the others are listed as skipped). "
+              + " ".join(f"{f.name}: {f.deprecated}." for f in FORMATS.values() if f.deprecated))
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The state_dict to export; the manifest.json next to it says which model to rebuild. "
               "Default: OUT/mnist_model_state_dict.pth.")
