@@ -290,16 +290,24 @@ def save_manifest(folder: str | os.PathLike, manifest: dict) -> Path:
     return atomic_write_json(manifest_path(folder), manifest)
 
 
-def artifact_entry(path: str | os.PathLike, **fields: Any) -> dict:
-    """A manifest entry for a file: its name (relative to the manifest), sha256, size, plus ``fields``."""
-    path = Path(path)
-    return {"path": path.name, "sha256": sha256_file(path), "size_bytes": path.stat().st_size, **fields}
+def artifact_entry(path: str | os.PathLike, *others: str | os.PathLike, **fields: Any) -> dict:
+    """A manifest entry for an artifact: its main file's name (relative to the manifest), sha256 and
+    size, plus ``fields``. An artifact of several files (OpenVINO IR: ``.xml`` + ``.bin``) passes the
+    others too; every file is then listed under ``files`` with its own sha256 and size, and
+    ``size_bytes`` is their total."""
+    paths = [Path(path), *(Path(o) for o in others)]
+    files = [{"path": p.name, "sha256": sha256_file(p), "size_bytes": p.stat().st_size} for p in paths]
+    entry = {**files[0], "size_bytes": sum(f["size_bytes"] for f in files)}
+    if len(files) > 1:
+        entry["files"] = files
+    return {**entry, **fields}
 
 
-def record_artifact(folder: str | os.PathLike, key: str, path: str | os.PathLike, **fields: Any) -> dict:
+def record_artifact(folder: str | os.PathLike, key: str, path: str | os.PathLike, *others: str | os.PathLike,
+                    **fields: Any) -> dict:
     """Add or replace the artifact ``key`` in ``folder``'s manifest and save it atomically."""
     manifest = load_manifest(folder, required=False)
-    entry = artifact_entry(path, **fields)
+    entry = artifact_entry(path, *others, **fields)
     manifest["artifacts"][key] = entry
     save_manifest(folder, manifest)
     return entry
@@ -327,13 +335,23 @@ def _contained(folder: str | os.PathLike, relpath: str) -> Path:
 def verified_path(folder: str | os.PathLike, key: str, manifest: dict | None = None) -> Path:
     """Return the path of artifact ``key`` after checking its sha256 against the manifest.
 
-    Every loader of a TorchScript, ONNX or pt2 file goes through this: those files can run code or
-    change behaviour when tampered with, so a file the manifest does not vouch for is never loaded.
+    Every loader of a TorchScript, ONNX, pt2 or OpenVINO file goes through this: those files can run
+    code or change behaviour when tampered with, so a file the manifest does not vouch for is never
+    loaded. For an artifact of several files every one is checked; the main file's path is returned.
     """
     manifest = load_manifest(folder, need_model=False) if manifest is None else manifest
     entry = manifest.get("artifacts", {}).get(key)
     if entry is None:
         raise ManifestError(f"{manifest_path(folder)}: no artifact '{key}' recorded; export it first")
+    files = entry.get("files") or [entry]
+    paths = [_verified_file(folder, key, f) for f in files]
+    if entry.get("files") and entry.get("path") != files[0].get("path"):
+        raise ManifestError(f"{manifest_path(folder)}: artifact '{key}' names {entry.get('path')!r} as its "
+                            f"file but lists {files[0].get('path')!r} first")
+    return paths[0]
+
+
+def _verified_file(folder: str | os.PathLike, key: str, entry: dict) -> Path:
     path = _contained(folder, entry["path"])
     if not path.is_file():
         raise IntegrityError(f"{path}: listed in the manifest as '{key}' but missing")

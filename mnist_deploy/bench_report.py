@@ -20,7 +20,7 @@ RECORD_KEYS = (
     "runtime", "format", "device", "batch_size", "status", "reason",
     "p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "max_ms", "std_ms", "n_calls",
     "throughput_per_s", "gflops", "pct_peak", "accuracy", "size_bytes", "cold_start_ms", "load_ms",
-    "first_call_ms", "threads",
+    "first_call_ms", "threads", "precision", "performance_mode", "variant_of",
 )
 COLUMNS = ("runtime", "device", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms", "images/s",
            "GFLOP/s", "% peak", "accuracy", "size", "cold start ms", "status")
@@ -80,13 +80,15 @@ def verdict(result: dict) -> str:
                 large.get("pct_peak") is not None and peak) else ""
             parts.append(f"At batch {sizes[-1]} the fastest is {large['runtime']}: "
                          f"{_rate(large['throughput_per_s'])} images/s, {large['gflops']:.0f} GFLOP/s{pct}.")
-        fp32 = next((r for r in ok if r["runtime"] == "onnxruntime" and r["batch_size"] == sizes[-1]), None)
-        int8 = next((r for r in ok if r["runtime"] == "onnxruntime-int8" and r["batch_size"] == sizes[-1]), None)
-        if fp32 and int8:
+        for low in (r for r in ok if r.get("variant_of") and r["batch_size"] == sizes[-1]):
+            fp32 = next((r for r in ok if r["runtime"] == low["variant_of"] and r["batch_size"] == sizes[-1]), None)
+            if fp32 is None:
+                continue
             of_peak = f", {fp32['pct_peak']:.0f}% of the matmul peak" if fp32.get("pct_peak") is not None else ""
-            parts.append(f"ONNX Runtime INT8 runs {int8['throughput_per_s'] / fp32['throughput_per_s']:.2f}x "
-                         f"the fp32 throughput at batch {sizes[-1]} (fp32: {fp32['gflops']:.0f} GFLOP/s{of_peak}), "
-                         f"at {100 * int8['accuracy']:.2f}% accuracy against fp32's {100 * fp32['accuracy']:.2f}%.")
+            parts.append(f"{low['runtime']} ({(low.get('precision') or 'reduced precision').upper()}) runs "
+                         f"{low['throughput_per_s'] / fp32['throughput_per_s']:.2f}x {fp32['runtime']}'s fp32 "
+                         f"throughput at batch {sizes[-1]} ({fp32['runtime']}: {fp32['gflops']:.0f} GFLOP/s{of_peak}), "
+                         f"at {100 * low['accuracy']:.2f}% accuracy against fp32's {100 * fp32['accuracy']:.2f}%.")
         ref = next((r["accuracy"] for r in ok if r["runtime"] == "pytorch"), None)
         if ref is not None:
             accs = {r["runtime"]: r["accuracy"] for r in ok}
@@ -156,9 +158,15 @@ def _caption(result: dict, marker: str = "*") -> str:
     s = result["settings"]
     return (f"{model['name']} ({model['flops_per_example']:,} FLOP/image) on {env['cpu']}, {env['cores']} cores, "
             f"{env['threads']} threads{', GPU ' + env['gpu'] if env.get('gpu') else ''}; torch {env['torch']}, "
-            f"onnxruntime {env['onnxruntime']}; warm-up {s['warmup']} calls, min time {s['min_time']} s per row. "
+            f"{_versions(env)}; warm-up {s['warmup']} calls, min time {s['min_time']} s per row. "
             f"{peaks}. Latency is one call; images/s and GFLOP/s are total images over total timed time; "
             f"{marker} = lowest p50 for that device and batch size.")
+
+
+def _versions(env: dict) -> str:
+    skip = {"torch", "numpy", "python", "mnist_deploy"}
+    names = [k for k in env.get("packages", []) if k not in skip and env.get(k)]
+    return ", ".join(f"{k} {env[k]}" for k in names)
 
 
 def format_table(result: dict) -> str:

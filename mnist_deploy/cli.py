@@ -12,10 +12,15 @@ from pathlib import Path
 
 import click
 
+from .bench import DEVICE_CHOICES as BENCH_DEVICES
+from .bench import BenchConfig
+from .devices import DEVICE_CHOICES
 from .errors import MnistDeployError
+from .formats import DEFAULT_RUNTIME, FORMATS, FP32_PARITY, REDUCED_PARITY, exportable, option_types
 
 MODEL_NAMES = ("mlp", "cnn")  # mirrors models.MODELS; kept here so --help never imports torch
-FORMAT_NAMES = ("torchscript", "onnx", "pt2", "onnx-int8")  # mirrors formats.FORMATS (tests check both)
+FORMAT_NAMES = exportable()  # the registry's exportable formats
+BENCH_DEFAULTS = BenchConfig()
 
 
 class _Group(click.Group):
@@ -30,6 +35,29 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted; artifacts already written are unchanged", err=True)
             ctx.exit(130)
+        except OSError as exc:  # a full disk, a read-only folder: one line, not a traceback
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.secho(f"error: {where}{exc.strerror or exc}", fg="red", err=True)
+            ctx.exit(1)
+
+
+def _format_options(command):
+    """One --option per field of the registry's format option dataclasses: type, choices, default and
+    --help all come from the dataclass (a field shared by several formats, like opset, appears once)."""
+    for name, f in reversed(list(option_types().items())):
+        choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
+        if choices:
+            kind = click.Choice(list(choices))
+        elif isinstance(f.default, int):
+            kind = int
+        elif isinstance(f.default, float):
+            kind = float
+        else:
+            kind = str
+        command = click.option("--" + name.replace("_", "-"), name, type=kind, default=f.default, show_default=True,
+                               help=f.metadata.get("help", ""))(command)
+        del minimum  # checked by the library (InputError, exit 2), with the same message as from Python
+    return command
 
 
 def _positive(_ctx, param, value):
@@ -237,52 +265,44 @@ def evaluate_cmd(checkpoint, artifacts, data_dir, cache_dir, no_download, as_jso
 @cli.command("export")
 @click.option("--format", "formats", type=click.Choice([*FORMAT_NAMES, "all"]), multiple=True,
               default=("all",), show_default=True,
-              help="Format to export; repeat the option for several. torchscript is deprecated in "
-              "PyTorch 2.13 (kept for existing consumers; prefer pt2 or onnx).")
+              help="Format to export; repeat the option for several. all: every format that can run here "
+              "(the others are listed as skipped). "
+              + " ".join(f"{f.name}: {f.deprecated}." for f in FORMATS.values() if f.deprecated))
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The state_dict to export; the manifest.json next to it says which model to rebuild. "
               "Default: OUT/mnist_model_state_dict.pth.")
 @click.option("--out", "--artifacts", "out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("artifacts"), show_default=True,
               help="Folder the artifacts, manifest.json and parity.json are written to.")
-@click.option("--opset", type=int, default=18, show_default=True,
-              help="ONNX opset: 18 and up with the dynamo exporter, 7-20 with the legacy one.")
-@click.option("--atol", type=float, default=1e-4, show_default=True,
-              help="Parity: largest allowed |logit - PyTorch logit| (plus --rtol x |PyTorch logit|).")
-@click.option("--rtol", type=float, default=0.0, show_default=True, help="Parity: relative tolerance.")
-@click.option("--min-agreement", type=float, default=1.0, show_default=True,
-              help="Parity: smallest allowed fraction of images with the same predicted digit (fp32 formats).")
-@click.option("--int8-min-agreement", type=float, default=0.995, show_default=True,
-              help="onnx-int8 parity: smallest allowed top-1 agreement with the fp32 model.")
-@click.option("--int8-max-accuracy-drop", type=float, default=0.003, show_default=True,
-              help="onnx-int8 parity: largest allowed accuracy drop, as a fraction (0.003 = 0.3 points).")
-@click.option("--torchscript-method", type=click.Choice(["trace", "script"]), default="trace",
-              show_default=True, help="torch.jit.trace or torch.jit.script.")
-@click.option("--onnx-exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True,
-              help="dynamo: the torch.export-based exporter; legacy: the TorchScript-based one.")
-@click.option("--quantization", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
-              help="onnx-int8: static QDQ calibrated on training images, or dynamic (activation ranges computed at run time).")
-@click.option("--calibration-size", type=int, default=500, show_default=True, callback=_positive,
-              help="onnx-int8 static: number of training images to calibrate on.")
+@_format_options
+@click.option("--atol", type=float, default=None,
+              help=f"Parity: largest allowed |logit - PyTorch logit| (plus --rtol x |PyTorch logit|). "
+              f"Default: {FP32_PARITY.atol:g}.")
+@click.option("--rtol", type=float, default=None, help=f"Parity: relative tolerance. Default: {FP32_PARITY.rtol:g}.")
+@click.option("--min-agreement", type=float, default=None,
+              help="Parity: smallest allowed fraction of images with the same predicted digit (fp32 formats). "
+              f"Default: {FP32_PARITY.min_agreement:g}.")
+@click.option("--int8-min-agreement", type=float, default=None,
+              help="Reduced-precision formats (" + ", ".join(n for n, f in FORMATS.items() if f.parity.kind == "predictions")
+              + f"): smallest allowed top-1 agreement with the fp32 model. Default: {REDUCED_PARITY.min_agreement:g}.")
+@click.option("--int8-max-accuracy-drop", type=float, default=None,
+              help="Reduced-precision formats: largest allowed accuracy drop, as a fraction (0.003 = 0.3 points). "
+              f"Default: {REDUCED_PARITY.max_accuracy_drop:g}.")
 @click.option("--no-parity", is_flag=True, help="Skip the parity gate (experiments only; verify still checks).")
 @data_dir_option
 @cache_dir_option
 @no_download_option
 @click.option("--markdown", is_flag=True, help="Print the parity table as Markdown.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-def export_cmd(formats, checkpoint, out, opset, atol, rtol, min_agreement, int8_min_agreement,
-               int8_max_accuracy_drop, torchscript_method, onnx_exporter, quantization, calibration_size,
-               no_parity, data_dir, cache_dir, no_download, markdown, as_json) -> None:
+def export_cmd(formats, checkpoint, out, atol, rtol, min_agreement, int8_min_agreement, int8_max_accuracy_drop,
+               no_parity, data_dir, cache_dir, no_download, markdown, as_json, **options) -> None:
     """Export the trained model to deployable formats and prove each computes what PyTorch computes.
 
     Every artifact is run on all 10,000 test images at batch sizes 1 and 10,000 and compared with
     the PyTorch model: logits within --atol/--rtol and top-1 agreement for the fp32 formats,
-    agreement and accuracy drop for onnx-int8. A format that fails is recorded in manifest.json as
-    failed and its file removed; the exit code is then 1. Results also go to parity.json.
-
-    Formats: torchscript (mnist_model_torchscript.pt; TorchScript is deprecated in PyTorch 2.13,
-    its deprecation warnings are silenced here; prefer pt2), onnx (mnist_model.onnx, ONNX Runtime),
-    pt2 (mnist_model.pt2, torch.export), onnx-int8 (mnist_model_int8.onnx).
+    agreement and accuracy drop for reduced-precision ones (INT8, bf16). A format that fails is
+    recorded in manifest.json as failed and its files removed; the exit code is then 1. An I/O
+    error (a full disk) keeps the previous artifact. Results also go to parity.json.
     """
     from .export import export_artifacts
     from .parity import would_pass_hint
@@ -292,12 +312,10 @@ def export_cmd(formats, checkpoint, out, opset, atol, rtol, min_agreement, int8_
             click.echo(f"exporting {name} ...", err=True)
 
     report = export_artifacts(
-        artifacts=out, checkpoint=checkpoint, formats=list(formats), opset=opset, atol=atol, rtol=rtol,
+        artifacts=out, checkpoint=checkpoint, formats=list(formats), atol=atol, rtol=rtol,
         min_agreement=min_agreement, int8_min_agreement=int8_min_agreement,
-        int8_max_accuracy_drop=int8_max_accuracy_drop, torchscript_method=torchscript_method,
-        onnx_exporter=onnx_exporter, quantization=quantization, calibration_size=calibration_size,
-        parity=not no_parity, data_dir=data_dir, cache_dir=cache_dir, allow_download=not no_download,
-        progress=progress,
+        int8_max_accuracy_drop=int8_max_accuracy_drop, parity=not no_parity, data_dir=data_dir,
+        cache_dir=cache_dir, allow_download=not no_download, progress=progress, **options,
     )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -305,16 +323,24 @@ def export_cmd(formats, checkpoint, out, opset, atol, rtol, min_agreement, int8_
         click.echo(f"{report.model} from {report.source_state_dict_sha256[:12]}...: parity on 10,000 test "
                    "images at batch sizes 1 and 10,000 against PyTorch eager")
         click.echo(report.table(markdown=markdown))
-        if any(r.format == "onnx-int8" for r in report.results):
-            click.echo(f"onnx-int8 is judged on predictions, not logits: agreement >= {100 * int8_min_agreement:.2f}% "
-                       f"and accuracy drop <= {100 * int8_max_accuracy_drop:.2f} points")
+        reduced = [r.format for r in report.results if (r.parity or {}).get("criteria", {}).get("kind") == "predictions"]
+        if reduced:
+            c = next(r.parity["criteria"] for r in report.results if r.format == reduced[0])
+            click.echo(f"{', '.join(reduced)}: judged on predictions, not logits: agreement >= "
+                       f"{100 * c['min_agreement']:.2f}% and accuracy drop <= {100 * c['max_accuracy_drop']:.2f} points")
         for r in report.results:
-            if r.ok:
+            if r.status == "ok":
                 click.echo(f"{out / r.file}  {r.size_bytes:,} bytes  {r.export_seconds:.2f} s")
+            elif r.status == "skipped":
+                click.echo(f"{r.format}: skipped: {r.error}")
         if report.parity_path:
             click.echo(f"parity report: {report.parity_path}; manifest: {out / 'manifest.json'}")
     for r in report.failures:
-        hint = would_pass_hint(r.format, (r.parity or {}).get("would_pass_with"))
+        if r.status == "error":
+            click.secho(f"error: {r.format}: {r.error}", fg="red", err=True)
+            continue
+        hint = would_pass_hint((r.parity or {}).get("criteria", {}).get("kind", "logits"),
+                               (r.parity or {}).get("would_pass_with"))
         hint = f" ({hint})" if hint else ""
         click.secho(f"error: {r.format}: {r.error}{hint}; recorded as failed in the manifest, file removed",
                     fg="red", err=True)
@@ -357,17 +383,18 @@ def verify_cmd(artifacts, data_dir, cache_dir, no_download, as_json) -> None:
 @click.option("--artifacts", type=click.Path(file_okay=False, path_type=Path), default=Path("artifacts"),
               show_default=True, help="The artifacts folder (state_dict, exports, manifest.json).")
 @click.option("--runtimes", default="all", show_default=True, metavar="LIST",
-              help="Comma list of pytorch, torch.compile, torchscript, torch.export, onnxruntime, "
-              "onnxruntime-int8 (or the format names onnx, pt2, onnx-int8), or all.")
-@click.option("--batch-sizes", default="1,32,256,1024", show_default=True, metavar="LIST",
-              help="Comma list of positive batch sizes.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "all"]), default="all", show_default=True,
+              help="Comma list of " + ", ".join(dict.fromkeys(f.runtime for f in FORMATS.values()))
+              + " (or the format names " + ", ".join(n for n, f in FORMATS.items() if n != f.runtime) + "), or all.")
+@click.option("--batch-sizes", default=",".join(map(str, BENCH_DEFAULTS.batch_sizes)), show_default=True,
+              metavar="LIST", help="Comma list of positive batch sizes.")
+@click.option("--device", type=click.Choice(list(BENCH_DEVICES)), default=BENCH_DEFAULTS.device, show_default=True,
               help="all: CPU, plus CUDA when there is a GPU (skipped rows say why when there is not).")
 @click.option("--threads", type=int, default=None, callback=_positive,
               help="Intra-op threads for PyTorch and ONNX Runtime alike. Default: the usable cores (recorded).")
-@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True,
+@click.option("--warmup", type=click.IntRange(min=0), default=BENCH_DEFAULTS.warmup, show_default=True,
               help="Untimed calls before each row's timed calls.")
-@click.option("--min-time", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--min-time", type=click.FloatRange(min=0, min_open=True), default=BENCH_DEFAULTS.min_time,
+              show_default=True,
               metavar="SECONDS", help="Time each row at least this long (and at least 20 calls); more is tighter p99.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where bench.json/.csv/.md/.png go. Default: ARTIFACTS/bench.")
@@ -392,7 +419,10 @@ def bench_cmd(ctx, artifacts, runtimes, batch_sizes, device, threads, warmup, mi
                        threads=threads, warmup=warmup, min_time=min_time, data_dir=data_dir, cache_dir=cache_dir,
                        allow_download=not no_download, progress=progress)
     out = out or Path(artifacts) / "bench"
-    paths = write_outputs(result, out)
+    try:
+        paths = write_outputs(result, out)
+    except OSError as exc:  # a full disk: one line naming the folder, the measurements are lost
+        raise MnistDeployError(f"{out}: cannot write the bench results: {exc.strerror or exc}") from None
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -410,17 +440,17 @@ def bench_cmd(ctx, artifacts, runtimes, batch_sizes, device, threads, warmup, mi
         ctx.exit(1)
 
 
-PREDICT_RUNTIMES = (*FORMAT_NAMES, "pytorch")  # mirrors predict.runtime_names() (a test checks both)
+PREDICT_RUNTIMES = tuple(FORMATS)  # every runtime in the registry; pytorch runs the state_dict
 
 
 @cli.command("predict")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="IMAGE_OR_DIR...")
-@click.option("--runtime", type=click.Choice(PREDICT_RUNTIMES), default="onnx", show_default=True,
+@click.option("--runtime", type=click.Choice(PREDICT_RUNTIMES), default=DEFAULT_RUNTIME, show_default=True,
               help="An exported format (checked against the manifest's sha256), or pytorch (the state_dict).")
 @click.option("--artifacts", type=click.Path(file_okay=False, path_type=Path), default=Path("artifacts"),
               show_default=True)
 @click.option("--top-k", type=click.IntRange(1, 10), default=3, show_default=True, help="How many digits to list.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(list(DEVICE_CHOICES)), default="cpu", show_default=True)
 @click.option("--threads", type=int, default=None, callback=_positive, help="Runtime intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of records.")
 @click.pass_context
@@ -458,7 +488,7 @@ def predict_cmd(ctx, inputs, runtime, artifacts, top_k, device, threads, as_json
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on. The default is this machine only; 0.0.0.0 opens it to the network.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
-@click.option("--runtime", type=click.Choice(PREDICT_RUNTIMES), default="onnx", show_default=True,
+@click.option("--runtime", type=click.Choice(PREDICT_RUNTIMES), default=DEFAULT_RUNTIME, show_default=True,
               help="An exported format (checked against the manifest's sha256), or pytorch (the state_dict).")
 @click.option("--artifacts", type=click.Path(file_okay=False, path_type=Path), default=Path("artifacts"),
               show_default=True)

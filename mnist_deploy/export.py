@@ -1,12 +1,14 @@
-"""Export a trained state_dict to every deployable format and prove, on the real test set, that each
-artifact computes what the PyTorch model computes (the parity gate); re-check it later (verify).
+"""Export a trained state_dict to every deployable format in the registry and prove, on the real test
+set, that each artifact computes what the PyTorch model computes (the parity gate).
 
 For every format: the model described by the manifest next to the checkpoint is rebuilt, the
-exporter from :data:`formats.FORMATS` writes a temporary file in the output folder, that file is
-loaded back in its own runtime and run on all 10,000 test images at batch size 1 and at batch size
-10,000 (which also proves the dynamic batch axis). Only a file that passes is renamed into place
-and recorded in ``manifest.json`` with status ``ok``; a failing one is deleted and recorded as
-``failed`` with its parity numbers, so no consumer ever picks it up.
+format's exporter writes its files into a staging folder beside the output, those files are loaded
+back in their own runtime and run on all 10,000 test images at batch size 1 and at batch size
+10,000 (which also proves the dynamic batch axis). Only files that pass are moved into place and
+recorded in ``manifest.json`` (every file with its sha256) with status ``ok``; a format that fails
+parity (or whose exporter fails) is recorded as ``failed`` and its old files removed, so no consumer
+picks it up. An I/O failure (a full disk) is not a verdict on the format: the previous artifact and
+its manifest entry are kept, and the run reports the error.
 """
 
 from __future__ import annotations
@@ -16,10 +18,9 @@ import copy
 import datetime as _dt
 import json
 import os
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -32,176 +33,31 @@ from .artifacts import (
     load_manifest,
     manifest_path,
     save_manifest,
-    sha256_file,
-    verified_path,
 )
-from .errors import CheckpointError, ExportError, InputError, IntegrityError, MnistDeployError
+from .errors import CheckpointError, ExportError, MnistDeployError, RuntimeUnavailable
+from .export_source import (
+    DEFAULT_THRESHOLDS,
+    ExportConfig,
+    Source,
+    artifact_metadata,
+    load_eval_data,
+    load_source,
+    onnx_metadata,
+    reference_logits,
+)
+from .formats import FORMATS, ExportContext, Format, exportable, get_format, onnx_opset_range
 from .parity import PARITY_BATCH_SIZES, ExportReport, FormatResult, parity_check
+from .verify import VerifyItem, VerifyReport, verify_artifacts
 
 PARITY_NAME = "parity.json"
-CLASS_LABELS = [str(i) for i in range(10)]
-TORCHSCRIPT_METHODS = ("trace", "script")
-ONNX_EXPORTERS = ("dynamo", "legacy")
-QUANTIZATIONS = ("static", "dynamic")
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration.
-
-
-@dataclass
-class ExportConfig:
-    """Everything that decides an export run and its parity gate; saved with every artifact."""
-
-    formats: tuple[str, ...] = ()  # empty: every format in the registry
-    opset: int = 18
-    atol: float = 1e-4
-    rtol: float = 0.0
-    min_agreement: float = 1.0
-    int8_min_agreement: float = 0.995
-    int8_max_accuracy_drop: float = 0.003  # a fraction: 0.003 is 0.3 percentage points
-    torchscript_method: str = "trace"
-    onnx_exporter: str = "dynamo"
-    quantization: str = "static"
-    calibration_size: int = 500
-    parity: bool = True
-
-    def validate(self) -> None:
-        from .formats import get_format
-
-        for name in self.formats:
-            get_format(name)
-        for label, value in (("--atol", self.atol), ("--rtol", self.rtol)):
-            if not (np.isfinite(value) and value >= 0):
-                raise InputError(f"{label} must be a finite number >= 0, got {value}")
-        for label, value in (("--min-agreement", self.min_agreement),
-                             ("--int8-min-agreement", self.int8_min_agreement),
-                             ("--int8-max-accuracy-drop", self.int8_max_accuracy_drop)):
-            if not (0.0 <= value <= 1.0):
-                raise InputError(f"{label} is a fraction between 0 and 1, got {value}")
-        if self.torchscript_method not in TORCHSCRIPT_METHODS:
-            raise InputError(f"unknown TorchScript method '{self.torchscript_method}'; choose trace or script")
-        if self.onnx_exporter not in ONNX_EXPORTERS:
-            raise InputError(f"unknown ONNX exporter '{self.onnx_exporter}'; choose dynamo or legacy")
-        if self.quantization not in QUANTIZATIONS:
-            raise InputError(f"unknown quantization '{self.quantization}'; choose static or dynamic")
-        if self.calibration_size < 1:
-            raise InputError(f"--calibration-size must be at least 1, got {self.calibration_size}")
-        if any(n in ("onnx", "onnx-int8") for n in self.formats):
-            lo, hi = onnx_opset_range(self.onnx_exporter)
-            if not (lo <= self.opset <= hi):
-                other = "legacy" if self.onnx_exporter == "dynamo" else "dynamo"
-                olo, ohi = onnx_opset_range(other)
-                hint = f"; the {other} exporter writes {olo}-{ohi} (--onnx-exporter {other})" if olo <= self.opset <= ohi else ""
-                raise ExportError(
-                    f"--opset {self.opset}: the {self.onnx_exporter} ONNX exporter writes opsets {lo}-{hi}{hint}"
-                )
-
-    def criteria(self, parity_kind: str) -> dict:
-        if parity_kind == "predictions":
-            return {"kind": "predictions", "min_agreement": self.int8_min_agreement,
-                    "max_accuracy_drop": self.int8_max_accuracy_drop}
-        return {"kind": "logits", "atol": self.atol, "rtol": self.rtol, "min_agreement": self.min_agreement}
-
-    def options(self, name: str) -> dict:
-        """The options that shaped format ``name`` (what goes into its manifest entry)."""
-        if name == "torchscript":
-            return {"torchscript_method": self.torchscript_method}
-        if name == "onnx":
-            return {"opset": self.opset, "onnx_exporter": self.onnx_exporter}
-        if name == "onnx-int8":
-            out = {"opset": self.opset, "onnx_exporter": self.onnx_exporter, "quantization": self.quantization}
-            if self.quantization == "static":
-                out["calibration_size"] = self.calibration_size
-            return out
-        return {}
-
-
-def onnx_opset_range(exporter: str) -> tuple[int, int]:
-    """The ONNX opsets ``exporter`` writes as asked (anything else it silently rewrites or rejects).
-
-    The torch.export-based exporter builds opset 18+ natively (below that it tries a version
-    converter that can silently fall back to 18); the TorchScript-based one supports 7 to 20.
-    """
-    if exporter == "legacy":
-        return 7, 20
-    import onnx
-
-    return 18, int(onnx.defs.onnx_opset_version())
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared setup: the model, its reference logits, the data.
-
-
-@dataclass
-class _Source:
-    model: Any
-    manifest: dict
-    checkpoint: Path
-    sha256: str
-
-
-def _load_source(checkpoint: Path) -> _Source:
-    from .formats import model_from_state_dict
-
-    if not checkpoint.is_file():
-        raise CheckpointError(f"{checkpoint}: no such checkpoint file; run `mnist-deploy train` first")
-    manifest = load_manifest(checkpoint.parent)
-    name = manifest["model"]["name"]
-    model = model_from_state_dict(manifest, checkpoint, f"{checkpoint} (manifest says model '{name}')")
-    return _Source(model, manifest, checkpoint, sha256_file(checkpoint))
-
-
-def _test_data(manifest: dict, data_dir, cache_dir, allow_download: bool, calibration_size: int = 0):
-    from .data import load_splits
-
-    splits, _ = load_splits(data_dir, cache_dir=cache_dir, allow_download=allow_download)
-    shape = tuple(manifest["model"].get("input_shape") or (784,))
-    test = splits["test"]
-    images = test.images.numpy().reshape(len(test), *shape).astype(np.float32, copy=False)
-    labels = test.labels.numpy()
-    calibration = None
-    if calibration_size:
-        train = splits["train"].images.numpy()
-        idx = np.random.default_rng(0).choice(len(train), size=min(calibration_size, len(train)), replace=False)
-        calibration = np.ascontiguousarray(train[np.sort(idx)].reshape(-1, *shape), dtype=np.float32)
-    return np.ascontiguousarray(images), labels, calibration
-
-
-def _reference_logits(model, images: np.ndarray) -> np.ndarray:
-    from .formats import load_eager
-
-    return load_eager(model)(images)
-
-
-def onnx_metadata(manifest: dict, source_sha256: str) -> dict[str, str]:
-    """What an ONNX consumer needs to feed the model (written as the model's metadata_props)."""
-    pre = manifest.get("preprocessing", {})
-    model = manifest["model"]
-    return {
-        "model_name": str(model["name"]),
-        "model_hparams": json.dumps(model.get("hparams", {}), sort_keys=True),
-        "input_name": "input",
-        "output_name": "logits",
-        "input_shape": json.dumps(["batch", *model.get("input_shape", [784])]),
-        "input_layout": str(pre.get("layout", "")),
-        "preprocessing": "x = (pixel / 255 - mean) / std",
-        "preprocessing_scale": repr(float(pre.get("scale", 1 / 255))),
-        "preprocessing_mean": repr(float(pre.get("mean", 0.1307))),
-        "preprocessing_std": repr(float(pre.get("std", 0.3081))),
-        "class_labels": json.dumps(CLASS_LABELS),
-        "source_state_dict_sha256": source_sha256,
-        "toolkit": "mnist-deploy",
-        "toolkit_version": __version__,
-    }
+STAGING_PREFIX = ".export-"
 
 
 # ---------------------------------------------------------------------------------------------
 # Output folder and manifest bookkeeping.
 
 
-def _prepare_output(out: Path, source: _Source) -> dict:
+def _prepare_output(out: Path, source: Source) -> dict:
     """The manifest export will extend in ``out``; makes ``out`` self-contained when it is not the
     checkpoint's folder (copies the state_dict and the training manifest). Raises before writing
     anything when the checkpoint is not the state_dict ``out``'s manifest describes."""
@@ -225,7 +81,7 @@ def _prepare_output(out: Path, source: _Source) -> dict:
     return {**copy.deepcopy({k: v for k, v in source.manifest.items() if k != "artifacts"}), "artifacts": {}}
 
 
-def _commit_output(out: Path, manifest: dict, source: _Source) -> None:
+def _commit_output(out: Path, manifest: dict, source: Source) -> None:
     """Write the state_dict copy (when ``out`` is a new folder) and the manifest, atomically."""
     out.mkdir(parents=True, exist_ok=True)
     if "state_dict" not in manifest["artifacts"]:
@@ -236,12 +92,42 @@ def _commit_output(out: Path, manifest: dict, source: _Source) -> None:
     save_manifest(out, manifest)
 
 
-def _record(out: Path, manifest: dict, key: str, entry: dict) -> None:
-    manifest["artifacts"][key] = entry
-    save_manifest(out, manifest)
+def clean_stale_temps(out: Path) -> list[Path]:
+    """Remove what killed exports left behind: staging folders and temp files of processes that no
+    longer run (a live concurrent export's are kept). Returns what was removed."""
+    removed = []
+    if not out.is_dir():
+        return removed
+    for p in out.iterdir():
+        pid = _temp_pid(p.name)
+        if pid is None or pid == os.getpid() or _alive(pid):
+            continue
+        with contextlib.suppress(OSError):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            removed.append(p)
+    return removed
 
 
-def _write_parity(out: Path, report: ExportReport, config: ExportConfig) -> Path:
+def _temp_pid(name: str) -> int | None:
+    """The pid in ``.export-<format>-<pid>.tmp`` (ours) or ``.<file>.<pid>.tmp<suffix>`` (older versions)."""
+    if not name.startswith(".") or ".tmp" not in name:
+        return None
+    head = name[: name.rindex(".tmp")]
+    tail = head.rsplit("-" if name.startswith(STAGING_PREFIX) else ".", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_parity(out: Path, report: ExportReport) -> Path:
     path = out / PARITY_NAME
     previous: dict = {}
     if path.is_file():
@@ -251,8 +137,9 @@ def _write_parity(out: Path, report: ExportReport, config: ExportConfig) -> Path
                 previous = old.get("formats", {}) or {}
     formats = {**previous}
     for r in report.results:
-        formats[r.format] = {"file": r.file, "status": r.status, "size_bytes": r.size_bytes,
-                             "export_seconds": r.export_seconds, "error": r.error, "parity": r.parity}
+        if r.status in ("ok", "failed"):
+            formats[r.format] = {"file": r.file, "status": r.status, "size_bytes": r.size_bytes,
+                                 "export_seconds": r.export_seconds, "error": r.error, "parity": r.parity}
     doc = {
         "created": _now(),
         "toolkit_version": __version__,
@@ -265,11 +152,6 @@ def _write_parity(out: Path, report: ExportReport, config: ExportConfig) -> Path
         "formats": formats,
     }
     return atomic_write_json(path, doc)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
 
 
 def _now() -> str:
@@ -285,247 +167,198 @@ def _first_line(exc: BaseException) -> str:
 # The stage.
 
 
-def export_artifacts(*, artifacts="artifacts", checkpoint=None, formats=None, opset: int = 18,
-                     atol: float = 1e-4, rtol: float = 0.0, min_agreement: float = 1.0,
-                     int8_min_agreement: float = 0.995, int8_max_accuracy_drop: float = 0.003,
-                     torchscript_method: str = "trace", onnx_exporter: str = "dynamo",
-                     quantization: str = "static", calibration_size: int = 500, parity: bool = True,
-                     data_dir=None, cache_dir=None, allow_download: bool = True, progress=None) -> ExportReport:
-    """Export the state_dict to ``formats`` (default: all) in ``artifacts`` and gate each on parity.
+def export_artifacts(*, artifacts="artifacts", checkpoint=None, formats=None, atol: float | None = None,
+                     rtol: float | None = None, min_agreement: float | None = None,
+                     int8_min_agreement: float | None = None, int8_max_accuracy_drop: float | None = None,
+                     parity: bool = True, data_dir=None, cache_dir=None, allow_download: bool = True,
+                     progress=None, **options) -> ExportReport:
+    """Export the state_dict to ``formats`` (default: every exportable format) in ``artifacts`` and
+    gate each on parity.
 
     ``checkpoint`` defaults to ``artifacts/mnist_model_state_dict.pth``; the manifest next to it
-    says which model to rebuild. Bad input (checkpoint, manifest, format name, opset, thresholds)
-    raises before anything is written. A format that fails to export or fails parity does not stop
-    the others: it is recorded as ``failed`` and its file removed; check ``report.ok``.
-    ``progress(name)`` is called before each format (the CLI prints a line).
+    says which model to rebuild. ``options`` are format options by name (``opset=18``,
+    ``torchscript_method="trace"``, ...: the fields of the registry's option dataclasses, defaults
+    there). Thresholds left None are each format's own. Bad input raises before anything is
+    written. A format named explicitly that cannot run here raises; under "all" it is skipped.
+    A format that fails does not stop the others; check ``report.ok``. ``progress(name)`` is called
+    before each format (the CLI prints a line).
     """
-    from .formats import FORMATS, ExportContext, get_format
-
-    names = tuple(FORMATS) if not formats or "all" in formats else tuple(dict.fromkeys(formats))
-    config = ExportConfig(formats=names, opset=opset, atol=atol, rtol=rtol, min_agreement=min_agreement,
+    explicit = bool(formats) and "all" not in formats
+    names = tuple(dict.fromkeys(formats)) if explicit else exportable()
+    config = ExportConfig(formats=names, atol=atol, rtol=rtol, min_agreement=min_agreement,
                           int8_min_agreement=int8_min_agreement, int8_max_accuracy_drop=int8_max_accuracy_drop,
-                          torchscript_method=torchscript_method, onnx_exporter=onnx_exporter,
-                          quantization=quantization, calibration_size=calibration_size, parity=parity)
+                          options={k: v for k, v in options.items() if v is not None}, parity=parity)
     config.validate()
+    unavailable = {}
+    for name in names:
+        fmt = get_format(name)
+        if not fmt.exportable:
+            raise ExportError(f"'{name}' runs the state_dict itself; there is nothing to export")
+        reason = fmt.unavailable("cpu")
+        if reason and explicit:
+            raise RuntimeUnavailable(f"cannot export {name}: {reason}")
+        if reason:
+            unavailable[name] = reason
     out = Path(artifacts)
     checkpoint = Path(checkpoint) if checkpoint else out / STATE_DICT_NAME
-    source = _load_source(checkpoint)
+    source = load_source(checkpoint)
     manifest = _prepare_output(out, source)
-    needs_calibration = "onnx-int8" in names and quantization == "static"
-    images, labels, calibration = _test_data(source.manifest, data_dir, cache_dir, allow_download,
-                                             calibration_size if needs_calibration else 0)
-    reference = _reference_logits(source.model, images)
-    reference_accuracy = float((reference.argmax(1) == labels).mean())
+    data = load_eval_data(source.manifest, data_dir, cache_dir, allow_download)
+    reference = reference_logits(source.model, data.images)
+    reference_accuracy = float((reference.argmax(1) == data.labels).mean())
+    clean_stale_temps(out)
     _commit_output(out, manifest, source)  # every check on the input has passed: now we may write
 
     import torch
 
-    ctx = ExportContext(example=torch.from_numpy(images[:2].copy()), opset=opset,
-                        torchscript_method=torchscript_method, onnx_exporter=onnx_exporter,
-                        quantization=quantization, calibration=calibration,
-                        metadata=onnx_metadata(source.manifest, source.sha256), workdir=out)
+    ctx = ExportContext(example=torch.from_numpy(data.images[:2].copy()),
+                        metadata=artifact_metadata(source.manifest, source.sha256), calibration=data.calibration)
     report = ExportReport(out, source.sha256, source.manifest["model"]["name"], reference_accuracy)
     for name in names:
         fmt = get_format(name)
+        if name in unavailable:
+            report.results.append(FormatResult(name, fmt.files[0], "skipped", error=unavailable[name]))
+            continue
         if progress is not None:
             progress(name)
-        result = _export_one(fmt, source, ctx, config, out, manifest, images, labels, reference,
-                             reference_accuracy)
-        report.results.append(result)
+        report.results.append(_export_one(fmt, source, ctx, config, out, manifest, data, reference,
+                                          reference_accuracy))
     if parity:
-        report.parity_path = _write_parity(out, report, config)
+        try:
+            report.parity_path = _write_parity(out, report)
+        except OSError as exc:
+            raise ExportError(f"{out / PARITY_NAME}: cannot write the parity report: {exc.strerror or exc}") from None
     return report
 
 
-def _export_one(fmt, source: _Source, ctx, config: ExportConfig, out: Path, manifest: dict,
-                images: np.ndarray, labels: np.ndarray, reference: np.ndarray,
-                reference_accuracy: float) -> FormatResult:
-    final = out / fmt.filename
-    tmp = out / f".{fmt.filename}.{os.getpid()}.tmp{final.suffix}"
-    criteria = config.criteria(fmt.parity)
-    result = FormatResult(fmt.name, fmt.filename, "failed")
+def _export_one(fmt: Format, source: Source, ctx: ExportContext, config: ExportConfig, out: Path, manifest: dict,
+                data, reference: np.ndarray, reference_accuracy: float) -> FormatResult:
+    staging = out / f"{STAGING_PREFIX}{fmt.name}-{os.getpid()}.tmp"
+    criteria = config.criteria(fmt)
+    options = config.format_options(fmt)
+    result = FormatResult(fmt.name, fmt.files[0], "failed")
     base = {"format": fmt.name, "runtime": fmt.runtime, "source_state_dict_sha256": source.sha256,
-            "options": config.options(fmt.name), "toolkit_version": __version__, "created": _now()}
+            "options": _plain(options), "toolkit_version": __version__, "created": _now()}
     try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        ctx.workdir = staging
+        staged = [staging / f for f in fmt.files]
         t0 = time.perf_counter()
         try:
-            fmt.export(copy.deepcopy(source.model).eval(), tmp, ctx)
-        except MnistDeployError:
+            fmt.export(copy.deepcopy(source.model).eval(), staged[0], options, ctx)
+        except OSError:
             raise
         except Exception as exc:  # exporters raise many types; the first line says what failed
-            raise ExportError(f"{fmt.name} export failed: {_first_line(exc)}") from None
-        result.export_seconds = time.perf_counter() - t0
-        result.size_bytes = tmp.stat().st_size
-        if config.parity:
-            try:
-                predictor = fmt.load(tmp)
-            except MnistDeployError:
+            _raise_if_disk_full(staging)  # some runtimes report a full disk as their own error type
+            if isinstance(exc, MnistDeployError):
                 raise
-            except Exception as exc:  # torch.jit.load / torch.export.load raise RuntimeError and friends
-                raise ExportError(f"{fmt.name}: the exported file does not load in {fmt.runtime}: "
-                                  f"{_first_line(exc)}") from None
-            result.parity = parity_check(predictor, reference, images, labels, criteria, reference_accuracy)
+            raise ExportError(f"{fmt.name} export failed: {_first_line(exc)}") from None
+        missing = [p.name for p in staged if not p.is_file()]
+        if missing:
+            raise ExportError(f"{fmt.name}: the exporter did not write {', '.join(missing)}")
+        result.export_seconds = time.perf_counter() - t0
+        result.size_bytes = sum(p.stat().st_size for p in staged)
+        if config.parity:
+            from .formats import load_predictor
+
+            predictor = load_predictor(fmt.name, staged[0], manifest=source.manifest)
+            result.parity = parity_check(predictor, reference, data.images, data.labels, criteria, reference_accuracy)
+            result.parity["applied"] = dict(getattr(predictor, "details", {}) or {})
             del predictor
         else:
             result.parity = {"passed": None, "skipped": True, "criteria": criteria}
         if result.parity.get("passed") is False:
             result.error = "; ".join(result.parity["reasons"])
+        if result.error is None:
+            entry = _install(fmt, staged, out, manifest, base, result)
+            result.status, result.sha256 = "ok", entry["sha256"]
+            ctx.passed[fmt.name] = out / fmt.files[0]
+            return result
+    except OSError as exc:
+        # Not a verdict on the format: the previous artifact and its entry stay as they were.
+        where = f"{exc.filename}: " if exc.filename else ""
+        result.status = "error"
+        result.error = f"I/O error, previous artifact kept: {where}{exc.strerror or exc}"
+        return result
     except MnistDeployError as exc:
         result.error = str(exc)
-    except BaseException:
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    # Failed: the files never take the deployable names, and stale ones from an earlier export go too.
+    for name in fmt.files:
         with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    if result.error is None:
-        _fsync(tmp)
-        os.replace(tmp, final)
-        entry = artifact_entry(final, status="ok", **base, export_seconds=result.export_seconds,
-                               parity=result.parity)
-        result.status, result.sha256 = "ok", entry["sha256"]
-        _record(out, manifest, fmt.name, entry)
-        if fmt.name == "onnx":
-            ctx.onnx_fp32 = final  # INT8 quantizes the fp32 model that just passed, instead of re-exporting
-        return result
-    # Failed: the file never takes the deployable name, and a stale one from an earlier export goes too.
-    for p in (tmp, final):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-    _record(out, manifest, fmt.name, {"path": fmt.filename, "sha256": None, "size_bytes": None, "status": "failed",
-                                      **base, "export_seconds": result.export_seconds, "parity": result.parity,
-                                      "error": result.error})
+            (out / name).unlink()
+    with contextlib.suppress(OSError):
+        _record(out, manifest, fmt.name, {"path": fmt.files[0], "sha256": None, "size_bytes": None,
+                                          "status": "failed", **base, "export_seconds": result.export_seconds,
+                                          "parity": result.parity, "error": result.error})
     return result
 
 
-# ---------------------------------------------------------------------------------------------
-# Verify: re-check what the manifest vouches for.
-
-
-@dataclass
-class VerifyItem:
-    key: str
-    format: str
-    path: str | None
-    ok: bool
-    checks: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    parity: dict | None = None
-
-
-@dataclass
-class VerifyReport:
-    artifacts: Path
-    items: list[VerifyItem] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return all(i.ok for i in self.items)
-
-    @property
-    def problems(self) -> list[str]:
-        return [f"{i.key}: {p}" for i in self.items for p in i.problems]
-
-    def to_dict(self) -> dict:
-        return {"artifacts": str(self.artifacts), "ok": self.ok, "items": [asdict(i) for i in self.items]}
-
-
-def verify_artifacts(*, artifacts="artifacts", data_dir=None, cache_dir=None, allow_download: bool = True,
-                     progress=None) -> VerifyReport:
-    """Re-check every artifact in ``artifacts/manifest.json``.
-
-    Every entry: the file exists and its sha256 is the recorded one. Every exported format, in
-    addition: recorded as ok, made from the recorded state_dict, valid (ONNX checker), loads in its
-    runtime, and still passes the parity gate it was exported under, on all 10,000 test images at
-    batch sizes 1 and 10,000. Returns a report; ``report.ok`` is False when anything failed.
-    """
-    from .formats import FORMATS, model_from_state_dict
-
-    out = Path(artifacts)
-    manifest = load_manifest(out)
-    entries = manifest.get("artifacts", {})
-    report = VerifyReport(out)
-    for key, entry in entries.items():
-        if key in FORMATS:
-            continue
-        item = VerifyItem(key, str(entry.get("format", "")), entry.get("path"), True)
-        try:
-            verified_path(out, key, manifest)
-            item.checks.append("sha256")
-        except MnistDeployError as exc:
-            item.ok = False
-            item.problems.append(str(exc))
-        report.items.append(item)
-    formats = [k for k in entries if k in FORMATS]
-    if not formats:
-        return report
-
-    sd_item = next((i for i in report.items if i.key == "state_dict"), None)
-    if sd_item is None or not sd_item.ok:
-        for key in formats:
-            report.items.append(VerifyItem(key, key, entries[key].get("path"), False,
-                                           problems=["cannot check parity: the state_dict is missing or changed"]))
-        return report
-    sd_path = verified_path(out, "state_dict", manifest)
-    sd_sha = entries["state_dict"]["sha256"]
-    model = model_from_state_dict(manifest, sd_path)
-    images, labels, _ = _test_data(manifest, data_dir, cache_dir, allow_download)
-    reference = _reference_logits(model, images)
-    reference_accuracy = float((reference.argmax(1) == labels).mean())
-    for key in formats:
-        if progress is not None:
-            progress(key)
-        report.items.append(_verify_one(out, key, entries[key], manifest, sd_sha, images, labels, reference,
-                                        reference_accuracy))
-    return report
-
-
-def _verify_one(out: Path, key: str, entry: dict, manifest: dict, sd_sha: str, images, labels, reference,
-                reference_accuracy: float) -> VerifyItem:
-    from .formats import check_onnx, get_format
-
-    fmt = get_format(key)
-    item = VerifyItem(key, key, entry.get("path"), False)
-    if entry.get("status") != "ok":
-        item.problems.append(f"recorded as {entry.get('status')!r} at export: {entry.get('error') or 'no detail'}")
-        return item
+def _raise_if_disk_full(folder: Path, probe_bytes: int = 1 << 20) -> None:
+    """Raise the OSError a write of ``probe_bytes`` into ``folder`` meets (ENOSPC, EFBIG, EDQUOT), if any."""
+    probe = folder / ".space-probe"
     try:
-        path = verified_path(out, key, manifest)
-        item.checks.append("sha256")
-        if entry.get("source_state_dict_sha256") != sd_sha:
-            raise IntegrityError(f"{path}: exported from another state_dict than the one in the manifest")
-        if fmt.runtime.startswith("onnxruntime"):
-            check_onnx(path)
-            _check_onnx_metadata(path, sd_sha)
-            item.checks.append("onnx checker + metadata")
-        predictor = fmt.load(path)
-        item.checks.append(f"loads in {fmt.runtime}")
-        criteria = (entry.get("parity") or {}).get("criteria") or ExportConfig().criteria(fmt.parity)
-        item.parity = parity_check(predictor, reference, images, labels, criteria, reference_accuracy)
-        if item.parity["passed"]:
-            item.checks.append("parity")
+        with open(probe, "wb") as fh:
+            fh.write(b"\0" * probe_bytes)
+            fh.flush()
+            os.fsync(fh.fileno())
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+def _install(fmt: Format, staged: list[Path], out: Path, manifest: dict, base: dict, result: FormatResult) -> dict:
+    """Move the staged files into place and record them; on an I/O failure put the old files back."""
+    for p in staged:
+        with open(p, "rb+") as fh:
+            os.fsync(fh.fileno())
+    backup = staged[0].parent / "previous"
+    backup.mkdir()
+    finals = [out / p.name for p in staged]
+    kept = []
+    for final in finals:
+        if final.is_file():
+            os.link(final, backup / final.name)  # a second name for the old file: costs no space
+            kept.append(final)
+    try:
+        for p, final in zip(staged, finals, strict=True):
+            os.replace(p, final)
+        entry = artifact_entry(*finals, status="ok", **base, export_seconds=result.export_seconds,
+                               parity=result.parity)
+        _record(out, manifest, fmt.name, entry)
+    except BaseException:
+        for final in finals:
+            if final in kept:
+                os.replace(backup / final.name, final)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    final.unlink()
+        raise
+    return entry
+
+
+def _record(out: Path, manifest: dict, key: str, entry: dict) -> None:
+    previous = manifest["artifacts"].get(key)
+    manifest["artifacts"][key] = entry
+    try:
+        save_manifest(out, manifest)
+    except BaseException:
+        if previous is None:
+            manifest["artifacts"].pop(key, None)
         else:
-            item.problems.append("parity failed: " + "; ".join(item.parity["reasons"]))
-    except MnistDeployError as exc:
-        item.problems.append(str(exc))
-    item.ok = not item.problems
-    return item
+            manifest["artifacts"][key] = previous
+        raise
 
 
-def _check_onnx_metadata(path: Path, sd_sha: str) -> None:
-    import onnx
+def _plain(options) -> dict:
+    from dataclasses import asdict
 
-    proto = onnx.load(str(path), load_external_data=False)
-    props = {p.key: p.value for p in proto.metadata_props}
-    if props.get("source_state_dict_sha256") != sd_sha:
-        raise IntegrityError(f"{path}: its metadata names another source state_dict "
-                             f"({str(props.get('source_state_dict_sha256'))[:12]}...)")
+    return asdict(options)
 
 
 __all__ = [
-    "ExportConfig",
-    "VerifyItem",
-    "VerifyReport",
-    "export_artifacts",
-    "onnx_metadata",
-    "onnx_opset_range",
-    "verify_artifacts",
+    "DEFAULT_THRESHOLDS", "ExportConfig", "FORMATS", "VerifyItem", "VerifyReport", "clean_stale_temps",
+    "export_artifacts", "onnx_metadata", "onnx_opset_range", "verify_artifacts",
 ]

@@ -127,11 +127,14 @@ def _ceil_sig(x: float, digits: int = 3) -> float:
     return float(f"{math.ceil(x / step - 1e-9) * step:.{digits}g}")
 
 
-def would_pass_hint(format_name: str, would: dict | None) -> str:
-    """``would_pass_with`` as command-line options, e.g. ``--atol 1.34e-05 (or --rtol 0.0141)``."""
+def would_pass_hint(kind: str, would: dict | None) -> str:
+    """``would_pass_with`` as command-line options, e.g. ``--atol 1.34e-05 (or --rtol 0.0141)``.
+
+    ``kind`` is the parity kind the format is judged by: prediction-level thresholds are the
+    ``--int8-*`` options (they apply to every reduced-precision format)."""
     if not would:
         return ""
-    prefix = "int8-" if format_name == "onnx-int8" else ""
+    prefix = "int8-" if kind == "predictions" else ""
     parts = []
     if "atol" in would:
         alt = f" (or --rtol {would['rtol']:g})" if "rtol" in would else ""
@@ -211,7 +214,7 @@ class FormatResult:
 
     format: str
     file: str
-    status: str  # ok | failed
+    status: str  # ok | failed (parity or exporter) | error (I/O: the previous artifact was kept) | skipped
     size_bytes: int | None = None
     sha256: str | None = None
     export_seconds: float | None = None
@@ -220,7 +223,7 @@ class FormatResult:
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.status in ("ok", "skipped")
 
 
 @dataclass
@@ -270,6 +273,8 @@ class ExportReport:
 
 
 def _verdict(r: FormatResult) -> str:
+    if r.status == "skipped":
+        return "skipped"
     if r.parity and r.parity.get("skipped"):
         return "not checked"
     if r.ok:

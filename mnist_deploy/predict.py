@@ -25,9 +25,8 @@ import numpy as np
 from .artifacts import load_manifest, verified_path
 from .data import MEAN, STD, manifest_normalization, normalize_pixels
 from .errors import InputError, ManifestError, MnistDeployError
-from .formats import FORMATS, Predictor, load_eager, load_predictor, model_from_state_dict
+from .formats import DEFAULT_RUNTIME, FORMATS, LoadError, Predictor, get_format, load_predictor
 
-DEFAULT_RUNTIME = "onnx"
 EAGER_RUNTIME = "pytorch"
 # Refuse images whose header claims more pixels than this, before decoding them (decompression bombs,
 # and legal but slow ones: a 16-bit 4096x4096 PNG takes most of a second). A digit needs 28x28; a 12 MP
@@ -44,8 +43,8 @@ _CENTRE = 14.0
 
 
 def runtime_names() -> tuple[str, ...]:
-    """What ``--runtime`` accepts: every format in the registry, plus ``pytorch`` (eager, from the state_dict)."""
-    return (EAGER_RUNTIME, *FORMATS)
+    """What ``--runtime`` accepts: every format in the registry (``pytorch`` runs the state_dict)."""
+    return tuple(FORMATS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,9 +287,9 @@ def load_model(*, artifacts: str | os.PathLike = "artifacts", runtime: str = DEF
                device: str = "cpu", threads: int | None = None) -> LoadedModel:
     """Load the model in ``artifacts`` for ``runtime``, once, after checking its sha256 against the manifest.
 
-    ``runtime`` is a format name from the registry (``onnx``, ``torchscript``, ``pt2``, ``onnx-int8``)
-    or ``pytorch`` (the eager model rebuilt from the state_dict). ``threads`` sets the runtime's
-    intra-op threads (None: the runtime's default).
+    ``runtime`` is a format name from the registry (``onnx``, ``pt2``, ``openvino``, ..., or
+    ``pytorch``: the eager model rebuilt from the state_dict). ``threads`` sets the runtime's
+    intra-op threads (None: the runtime's default); torch's global thread count is left as it was.
     """
     folder = Path(artifacts)
     if runtime not in runtime_names():
@@ -305,27 +304,28 @@ def load_model(*, artifacts: str | os.PathLike = "artifacts", runtime: str = DEF
     if int(np.prod(input_shape)) != FIELD * FIELD:
         raise ManifestError(f"{folder / 'manifest.json'}: model input shape {input_shape} is not a 28x28 image")
     device = _resolve_device(device)
+    fmt = get_format(runtime)
+    key = fmt.key
+    entry = manifest["artifacts"].get(key)
+    if entry is None:
+        raise ManifestError(
+            f"{folder / 'manifest.json'}: no '{key}' artifact; run "
+            f"`mnist-deploy export --artifacts {folder} --format {runtime}` first, or use --runtime {EAGER_RUNTIME}"
+        )
+    if entry.get("status", "ok") != "ok":
+        reason = entry.get("error") or "see the export report"
+        raise ManifestError(f"{folder}: the '{runtime}' export is marked {entry.get('status')!r} ({reason})")
     t0 = time.perf_counter()
-    if runtime == EAGER_RUNTIME:
-        key = "state_dict"
-        path = verified_path(folder, key, manifest)
-        predictor = _load_eager(model_info, path, device, threads)
-    else:
-        key = runtime
-        entry = manifest["artifacts"].get(key)
-        if entry is None:
-            raise ManifestError(
-                f"{folder / 'manifest.json'}: no '{runtime}' artifact; run "
-                f"`mnist-deploy export --artifacts {folder} --format {runtime}` first, or use --runtime pytorch"
-            )
-        if entry.get("status", "ok") != "ok":
-            reason = entry.get("error") or "see the export report"
-            raise ManifestError(f"{folder}: the '{runtime}' export is marked {entry.get('status')!r} ({reason})")
-        path = verified_path(folder, key, manifest)
-        predictor = load_predictor(runtime, path, device, threads)
-    loaded = LoadedModel(predictor, runtime, dict(manifest["artifacts"][key]), manifest, input_shape, device,
-                         threads, time.perf_counter() - t0)
-    loaded.probabilities(np.zeros((1, FIELD * FIELD), dtype=np.float32))  # warm-up: first call allocates
+    path = verified_path(folder, key, manifest)
+    predictor = load_predictor(runtime, path, device, threads, manifest=manifest)
+    loaded = LoadedModel(predictor, runtime, dict(entry), manifest, input_shape, device, threads,
+                         time.perf_counter() - t0)
+    try:
+        loaded.probabilities(np.zeros((1, FIELD * FIELD), dtype=np.float32))  # warm-up: first call allocates
+    except MnistDeployError:
+        raise
+    except Exception as exc:  # a runtime that loads lazily fails here on a damaged file
+        raise LoadError(f"{path}: {predictor.runtime} loaded it but cannot run it ({_first_line(exc)})") from None
     return loaded
 
 
@@ -335,14 +335,6 @@ def _resolve_device(device: str) -> str:
     from .devices import resolve_device
 
     return str(resolve_device(device))
-
-
-def _load_eager(model_info: dict, path: Path, device: str, threads: int | None) -> Predictor:
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    return load_eager(model_from_state_dict({"model": model_info}, path), device)
 
 
 # ---------------------------------------------------------------------------------------------

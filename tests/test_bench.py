@@ -17,6 +17,7 @@ from mnist_deploy import bench, bench_report
 from mnist_deploy.artifacts import load_manifest, record_artifact
 from mnist_deploy.cli import cli
 from mnist_deploy.errors import InputError, IntegrityError, ManifestError
+from mnist_deploy.formats import FORMATS, exportable
 
 FAST = {"warmup": 1, "min_time": 0.005, "min_calls": 3, "peak_sizes": (256,), "threads": 1}
 FAST_CLI = ["--warmup", "1", "--min-time", "0.005", "--threads", "1", "--no-download", "-q"]
@@ -32,7 +33,7 @@ def exported(tmp_path_factory, trained_mlp, mnist_dir, cache_dir):
     shutil.copytree(trained_mlp, folder)
     report = export_artifacts(artifacts=folder, data_dir=mnist_dir, cache_dir=cache_dir, allow_download=False)
     manifest = load_manifest(folder)
-    assert all(manifest["artifacts"][f]["status"] == "ok" for f in ("torchscript", "onnx", "pt2", "onnx-int8")), report
+    assert all(manifest["artifacts"][f]["status"] == "ok" for f in exportable()), report
     return folder
 
 
@@ -57,7 +58,7 @@ def _ok(result, runtime, batch=None):
 
 
 def test_every_file_runtime_measured_and_outputs_written(exported, tmp_path, mnist_dir, cache_dir):
-    names = ("pytorch", "torchscript", "torch.export", "onnxruntime", "onnxruntime-int8")
+    names = ("pytorch", "torchscript", "torch.export", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16")
     messages = []
     result = bench.run_bench(artifacts=exported, runtimes=",".join(names), batch_sizes="8,1", device="all",
                              data_dir=mnist_dir, cache_dir=cache_dir, allow_download=False,
@@ -79,8 +80,8 @@ def test_every_file_runtime_measured_and_outputs_written(exported, tmp_path, mni
         assert r["cold_start_ms"] == pytest.approx(r["load_ms"] + r["first_call_ms"])
         key = "state_dict" if r["runtime"] == "pytorch" else r["format"]
         assert r["size_bytes"] == manifest["artifacts"][key]["size_bytes"]
-        if r["runtime"] == "onnxruntime-int8":
-            assert r["pct_peak"] is None  # an fp32 peak says nothing of INT8 arithmetic
+        if r["variant_of"]:  # INT8, bf16
+            assert r["pct_peak"] is None  # an fp32 peak says nothing of INT8 or bf16 arithmetic
             assert abs(r["accuracy"] - eager_acc) < 0.005
         else:
             assert r["pct_peak"] == pytest.approx(100 * r["gflops"] / result["peak"]["cpu"]["gflops"])
@@ -88,6 +89,12 @@ def test_every_file_runtime_measured_and_outputs_written(exported, tmp_path, mni
     assert result["model"]["flops_per_example"] == 2 * (784 * 128 + 128 * 64 + 64 * 10)
     peak = result["peak"]["cpu"]
     assert peak["n"] == 256 and peak["gflops"] == peak["candidates"][f"{peak['method']} 256"]["gflops"] > 0
+    assert len(peak["measurements_gflops"]) == 2 and peak["gflops"] == max(peak["measurements_gflops"])
+    assert any("before the rows" in m for m in messages) and any("after the rows" in m for m in messages)
+    ov = {r["runtime"]: r for r in cpu if r["runtime"].startswith("openvino")}
+    assert ov["openvino"]["precision"] == "f32" and ov["openvino-bf16"]["precision"] == "bf16"
+    assert {r["performance_mode"] for r in ov.values()} == {"LATENCY"}
+    assert ov["openvino-bf16"]["variant_of"] == "openvino"
     assert set(peak["candidates"]) == {"torch.mm (MKL) 256", "onnxruntime MatMul (MLAS) 256"}
     env = result["environment"]
     for key in ("cpu", "cores", "threads", "os", "python", "torch", "onnx", "onnxruntime",
@@ -194,7 +201,7 @@ def test_cuda_rows_are_skipped_without_a_gpu(exported, tmp_path, mnist_dir, cach
 def test_unexported_formats_skipped_under_all_but_an_error_when_named(trained_mlp):
     manifest = load_manifest(trained_mlp)
     skip = bench.check_artifacts(trained_mlp, manifest, bench.runtime_names(), explicit=False)
-    assert set(skip) == {"torchscript", "torch.export", "onnxruntime", "onnxruntime-int8"}
+    assert set(skip) == {FORMATS[name].runtime for name in exportable()}
     assert "never exported" in skip["onnxruntime"]
     with pytest.raises(ManifestError, match="'onnx' .*never exported"):
         bench.check_artifacts(trained_mlp, manifest, ("pytorch", "onnxruntime"), explicit=True)
@@ -245,7 +252,7 @@ def test_no_manifest(tmp_path):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--runtimes", "tensorrt"], "unknown runtime 'tensorrt'"),
-    (["--runtimes", "onnx,openvino"], "unknown runtime 'openvino'"),
+    (["--runtimes", "onnx,tensorrt"], "unknown runtime 'tensorrt'"),
     (["--batch-sizes", "0"], "batch size '0' is not a positive integer"),
     (["--batch-sizes", "1,-4"], "batch size '-4' is not a positive integer"),
     (["--batch-sizes", "1.5"], "batch size '1.5' is not a positive integer"),
@@ -318,6 +325,22 @@ def test_runtime_availability_checks():
 
 # ---------------------------------------------------------------------------------------------
 # The timing primitives.
+
+
+def test_peak_highest_kept_and_rows_over_100_percent_flagged():
+    slow = {"gflops": 50.0, "method": "torch.mm (MKL)", "n": 256}
+    fast = {"gflops": 80.0, "method": "torch.mm (MKL)", "n": 256}
+    best = bench.best_peak(slow, fast)
+    assert best["gflops"] == 80.0 and best["measurements_gflops"] == [50.0, 80.0]
+    assert bench.best_peak({"gflops": None, "error": "x"}, slow)["gflops"] == 50.0
+    rows = [dict.fromkeys(bench_report.RECORD_KEYS) for _ in range(3)]
+    for r, (fmt, gflops) in zip(rows, (("onnx", 90.0), ("pt2", 40.0), ("onnx-int8", 200.0)), strict=True):
+        r.update(format=fmt, runtime=fmt, device="cpu", batch_size=1, status="ok", reason="", gflops=gflops)
+    warnings = bench._apply_peaks(rows, {"cpu": best})
+    assert rows[0]["pct_peak"] == pytest.approx(112.5) and "measurement warning" in rows[0]["reason"]
+    assert rows[1]["pct_peak"] == pytest.approx(50.0) and rows[1]["reason"] == ""
+    assert rows[2]["pct_peak"] is None  # INT8 is not held to an fp32 roofline
+    assert len(warnings) == 1 and "112% of the measured matmul peak" in warnings[0]
 
 
 def test_time_calls_counts_and_syncs():

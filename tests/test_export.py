@@ -16,10 +16,10 @@ from click.testing import CliRunner
 from mnist_deploy.artifacts import load_manifest, save_manifest, sha256_file, verified_path
 from mnist_deploy.cli import cli
 from mnist_deploy.export import export_artifacts, onnx_opset_range, verify_artifacts
-from mnist_deploy.formats import FORMATS, METADATA_FILE, load_predictor
+from mnist_deploy.formats import FORMATS, METADATA_FILE, exportable, load_predictor
 
 pytestmark = pytest.mark.integration
-ALL = tuple(FORMATS)
+ALL = exportable()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,19 +105,26 @@ def test_mlp_every_format_passes_parity_and_is_recorded(mlp_exported):
     assert parity["source_state_dict_sha256"] == sd_sha and set(parity["formats"]) == set(ALL)
     for name in ALL:
         entry = manifest["artifacts"][name]
-        path = folder / FORMATS[name].filename
+        path = folder / FORMATS[name].files[0]
         assert entry["status"] == "ok" and entry["format"] == name and entry["path"] == path.name
-        assert entry["sha256"] == sha256_file(path) and entry["size_bytes"] == path.stat().st_size
+        files = [folder / f for f in FORMATS[name].files]
+        assert entry["sha256"] == sha256_file(path) and entry["size_bytes"] == sum(f.stat().st_size for f in files)
+        if len(files) > 1:  # every file of a multi-file artifact is recorded with its own sha256
+            assert [(f["path"], f["sha256"]) for f in entry["files"]] == [(f.name, sha256_file(f)) for f in files]
         assert entry["source_state_dict_sha256"] == sd_sha
         assert entry["parity"]["passed"] is True
         assert set(entry["parity"]["batch_sizes"]) == {"1", "10000"}
         assert all(run["images"] == 10_000 for run in entry["parity"]["batch_sizes"].values())
         assert parity["formats"][name]["parity"]["passed"] is True
-    for name in ("torchscript", "onnx", "pt2"):
+    for name in ALL:
         p = manifest["artifacts"][name]["parity"]
-        assert p["max_abs_diff"] < 1e-4 and p["agreement"] == 1.0
-    p = manifest["artifacts"]["onnx-int8"]["parity"]
-    assert p["agreement"] >= 0.995 and p["reference_accuracy"] - p["accuracy"] <= 0.003
+        if FORMATS[name].parity.kind == "logits":
+            assert p["criteria"]["atol"] == 1e-4 and p["max_abs_diff"] < 1e-4 and p["agreement"] == 1.0
+        else:
+            assert p["agreement"] >= 0.995 and p["reference_accuracy"] - p["accuracy"] <= 0.003
+    if "openvino" in ALL:  # the precision OpenVINO actually applied, read back from the compiled model
+        assert manifest["artifacts"]["openvino"]["parity"]["applied"]["precision"] == "f32"
+        assert manifest["artifacts"]["openvino-bf16"]["parity"]["applied"]["precision"] == "bf16"
     assert not list(folder.glob(".*tmp*")), "temporary files left behind"
     assert "PASS" in report.table() and report.table(markdown=True).startswith("| format |")
 
@@ -130,7 +137,7 @@ def test_round_trip_same_predictions_as_eager(mlp_exported, mnist_dir, cache_dir
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
     got = load_predictor(name, verified_path(folder, name))(x)
-    if FORMATS[name].parity == "logits":
+    if FORMATS[name].parity.kind == "logits":
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
         assert (got.argmax(1) == expected.argmax(1)).all()
     else:
@@ -147,11 +154,11 @@ def test_dynamic_batch_axis(mlp_exported, mnist_dir, cache_dir, name):
     for n in (1, 3, 257):
         out = predictor(x[:n])
         assert out.shape == (n, 10)
-        np.testing.assert_allclose(out, full[:n], atol=1e-4 if FORMATS[name].parity == "logits" else 1e-3)
+        np.testing.assert_allclose(out, full[:n], atol=1e-4 if FORMATS[name].parity.kind == "logits" else 1e-3)
     if name in ("onnx", "onnx-int8"):
         import onnxruntime as ort
 
-        session = ort.InferenceSession(str(folder / FORMATS[name].filename), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(folder / FORMATS[name].files[0]), providers=["CPUExecutionProvider"])
         (inp,), (out,) = session.get_inputs(), session.get_outputs()
         assert (inp.name, out.name) == ("input", "logits")
         assert isinstance(inp.shape[0], str) and isinstance(out.shape[0], str)  # symbolic batch dimension
@@ -164,7 +171,7 @@ def test_onnx_metadata_and_archive_metadata(mlp_exported):
     manifest = load_manifest(folder)
     sd_sha = manifest["artifacts"]["state_dict"]["sha256"]
     for name in ("onnx", "onnx-int8"):
-        proto = onnx.load(str(folder / FORMATS[name].filename))
+        proto = onnx.load(str(folder / FORMATS[name].files[0]))
         props = {p.key: p.value for p in proto.metadata_props}
         assert props["model_name"] == "mlp"
         assert float(props["preprocessing_mean"]) == pytest.approx(0.1307)
@@ -176,10 +183,10 @@ def test_onnx_metadata_and_archive_metadata(mlp_exported):
         assert next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 18
     assert props["quantization"] == "static"
     extra = {METADATA_FILE: ""}
-    torch.jit.load(str(folder / FORMATS["torchscript"].filename), _extra_files=extra)
+    torch.jit.load(str(folder / FORMATS["torchscript"].files[0]), _extra_files=extra)
     assert json.loads(extra[METADATA_FILE])["source_state_dict_sha256"] == sd_sha
     extra = {METADATA_FILE: ""}
-    torch.export.load(str(folder / FORMATS["pt2"].filename), extra_files=extra)
+    torch.export.load(str(folder / FORMATS["pt2"].files[0]), extra_files=extra)
     assert json.loads(extra[METADATA_FILE])["model_name"] == "mlp"
 
 
@@ -240,8 +247,8 @@ def test_no_parity_records_unchecked(trained_mlp, copy_artifacts, mnist_dir, cac
 def _broken_onnx_format():
     real = FORMATS["onnx"]
 
-    def export(model, path, ctx):
-        real.export(model, path, ctx)
+    def export(model, path, options, ctx):
+        real.export(model, path, options, ctx)
         _tamper_onnx(path)  # the exporter "miscompiles" one weight
 
     return dataclasses.replace(real, export=export)
@@ -288,7 +295,9 @@ def test_verify_passes_then_catches_a_tampered_onnx(mlp_exported, copy_artifacts
     folder = copy_artifacts(mlp_exported[0])
     result = _cli("verify", "--artifacts", str(folder), mnist_dir=mnist_dir, cache_dir=cache_dir)
     assert result.exit_code == 0, result.output
-    assert "all 8 artifacts verified (4 formats re-checked for parity)" in result.stdout
+    n_formats = len(ALL)
+    n_items = len(load_manifest(folder)["artifacts"])
+    assert f"all {n_items} artifacts verified ({n_formats} formats re-checked for parity)" in result.stdout
     _tamper_onnx(folder / "mnist_model.onnx")
     result = _cli("verify", "--artifacts", str(folder), mnist_dir=mnist_dir, cache_dir=cache_dir)
     assert result.exit_code == 1
@@ -389,7 +398,8 @@ def test_no_manifest(tmp_path, trained_mlp, mnist_dir, cache_dir):
 
 def test_unknown_format(trained_mlp, mnist_dir, cache_dir):
     result = _cli("export", "--out", str(trained_mlp), "--format", "tflite", mnist_dir=mnist_dir, cache_dir=cache_dir)
-    assert result.exit_code == 2 and "'tflite' is not one of 'torchscript', 'onnx', 'pt2', 'onnx-int8', 'all'" in result.stderr
+    names = ", ".join(f"'{n}'" for n in (*exportable(), "all"))
+    assert result.exit_code == 2 and f"'tflite' is not one of {names}" in result.stderr
     with pytest.raises(Exception, match="unknown format 'tflite'"):
         export_artifacts(artifacts=trained_mlp, formats=["tflite"])
 
@@ -406,7 +416,7 @@ def test_bad_options(trained_mlp, copy_artifacts, mnist_dir, cache_dir, args, me
     folder = copy_artifacts(trained_mlp)
     before = _snapshot(folder)
     result = _cli("export", "--out", str(folder), *args, mnist_dir=mnist_dir, cache_dir=cache_dir)
-    assert result.exit_code != 0
+    assert result.exit_code == 2  # a usage error, as the README promises
     assert message in _one_error_line(result)
     assert _snapshot(folder) == before
 
@@ -415,11 +425,12 @@ def test_dynamo_opset_fallback_is_refused(tmp_path):
     """Asked for an opset it cannot convert to, the dynamo exporter quietly writes 18; that is an error."""
     from mnist_deploy.errors import ExportError
     from mnist_deploy.formats import ExportContext
+    from mnist_deploy.formats.onnx_family import OnnxOptions
     from mnist_deploy.models import build_model
 
-    ctx = ExportContext(example=torch.zeros(2, 784), opset=13)
+    ctx = ExportContext(example=torch.zeros(2, 784))
     with pytest.raises(ExportError, match="cannot write opset 13 for this model"):
-        FORMATS["onnx"].export(build_model("mlp").eval(), tmp_path / "m.onnx", ctx)
+        FORMATS["onnx"].export(build_model("mlp").eval(), tmp_path / "m.onnx", OnnxOptions(opset=13), ctx)
 
 
 def test_opset_range_is_what_the_exporters_write():

@@ -42,7 +42,7 @@ def test_judge_reports_disagreements_and_thresholds_that_would_pass():
     assert reasons[0].startswith("batch size 1 and 100:")
     assert would["min_agreement"] == pytest.approx(0.98)
     assert would["atol"] >= 5.0
-    assert "--atol 5" in would_pass_hint("onnx", would) and "--min-agreement 0.98" in would_pass_hint("onnx", would)
+    assert "--atol 5" in would_pass_hint("logits", would) and "--min-agreement 0.98" in would_pass_hint("logits", would)
     # Re-judged with the suggested thresholds, it passes.
     loose = {"kind": "logits", "atol": would["atol"], "rtol": 0.0, "min_agreement": would["min_agreement"]}
     runs2 = {k: compare_logits(ref, cand, labels, atol=would["atol"]) for k in runs}
@@ -60,7 +60,7 @@ def test_judge_int8_uses_agreement_and_accuracy_drop():
     passed, reasons, would = judge(runs, crit, 1.0)
     assert not passed and len(reasons) == 1 and "0.40 points below" in reasons[0]
     assert would == {"max_accuracy_drop": 0.004}
-    assert would_pass_hint("onnx-int8", would) == "would pass with --int8-max-accuracy-drop 0.004"
+    assert would_pass_hint("predictions", would) == "would pass with --int8-max-accuracy-drop 0.004"
     assert judge(runs, {**crit, "max_accuracy_drop": 0.004}, 1.0)[0]
 
 

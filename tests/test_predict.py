@@ -340,3 +340,14 @@ def test_cli_predict_bad_options_and_artifacts(tmp_path, served):
     (tmp_path / "empty").mkdir()
     res = CliRunner().invoke(cli, ["predict", str(tmp_path / "empty"), "--artifacts", str(served)])
     assert res.exit_code == 2 and "no image files found" in res.stderr
+
+
+def test_load_model_threads_leave_torch_global_count_as_found(served):
+    import torch
+
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    loaded = load_model(artifacts=served, runtime="pytorch", threads=wanted)
+    assert torch.get_num_threads() == before
+    loaded.probabilities(np.zeros((4, 784), dtype=np.float32))
+    assert torch.get_num_threads() == before

@@ -1,0 +1,107 @@
+"""OpenVINO runtimes: the model as OpenVINO IR (an ``.xml`` graph plus a ``.bin`` of weights), run with
+OpenVINO Runtime on CPU, at f32 (held to the fp32 parity gate) or bf16 (judged on predictions).
+
+OpenVINO picks its inference precision itself (bf16 on CPUs that have it) unless told: each format pins
+it, and each predictor reads back the precision and performance mode the compiled model actually uses.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import RuntimeUnavailable
+from .base import REDUCED_PARITY, ExportContext, Format, Predictor, quiet
+
+OPENVINO = ("openvino",)
+PERFORMANCE_MODE = "LATENCY"  # one synchronous request per call, like every other runtime here
+
+
+class OpenVINOPredictor(Predictor):
+    """A model compiled by OpenVINO Runtime with a pinned inference precision, one infer request."""
+
+    def __init__(self, path: Path, runtime: str, precision: str, device: str = "cpu",
+                 threads: int | None = None) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": PERFORMANCE_MODE}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = core.compile_model(core.read_model(str(path)), device.upper(), config)
+        self.request = self.compiled.create_infer_request()
+        self.runtime = runtime
+        self.device = device
+        self.details = {
+            "precision": _text(self.compiled.get_property("INFERENCE_PRECISION_HINT")),
+            "performance_mode": _text(self.compiled.get_property("PERFORMANCE_HINT")),
+            "threads": int(self.compiled.get_property("INFERENCE_NUM_THREADS")),
+            "streams": int(self.compiled.get_property("NUM_STREAMS")),
+        }
+
+    def prepare(self, x: np.ndarray):
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def run(self, prepared):
+        self.request.infer({0: prepared}, share_inputs=True)
+        return self.request
+
+    def finish(self, out) -> np.ndarray:
+        return np.array(out.get_output_tensor(0).data, dtype=np.float32)
+
+
+def _text(value) -> str:
+    """OpenVINO returns enums and Type objects; ``f32`` / ``LATENCY`` is what we record."""
+    if hasattr(value, "to_string"):
+        return value.to_string()  # an ov.Type: f32, bf16
+    text = str(value)
+    return text.rsplit(".", 1)[-1] if "." in text else text
+
+
+def _export_ir(model, path: Path, options, ctx: ExportContext) -> None:
+    import openvino as ov
+
+    with quiet():
+        ov_model = ov.convert_model(model, example_input=ctx.example)
+        shape = list(ov_model.input(0).get_partial_shape())
+        ov_model.reshape({0: ov.PartialShape([-1, *shape[1:]])})  # any batch size
+        if ctx.metadata:
+            ov_model.set_rt_info(json.dumps(ctx.metadata, sort_keys=True), ["mnist_deploy"])
+        # Keep the weights f32: save_model halves them to fp16 unless told not to.
+        ov.save_model(ov_model, str(path), compress_to_fp16=False)
+
+
+def _loader(runtime: str, precision: str):
+    def load(path: Path, *, device: str, threads: int | None, manifest: dict) -> Predictor:
+        if device != "cpu":
+            raise RuntimeUnavailable(f"{runtime} runs on cpu here, not {device}")
+        return OpenVINOPredictor(path, runtime, precision, device, threads)
+
+    return load
+
+
+def _cpu_has(precision: str):
+    def available(device: str) -> str | None:
+        import openvino as ov
+
+        caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if precision.upper() not in [str(c).upper() for c in caps]:
+            return f"this CPU has no {precision} support in OpenVINO (capabilities: {', '.join(caps)})"
+        return None
+
+    return available
+
+
+OPENVINO_F32 = Format(
+    "openvino", "openvino", "OpenVINO IR (.xml + .bin), run with OpenVINO Runtime at f32 (pinned)",
+    files=("mnist_model_openvino.xml", "mnist_model_openvino.bin"), load=_loader("openvino", "f32"),
+    export=_export_ir, devices=("cpu",), packages=OPENVINO, available=_cpu_has("fp32"),
+)
+OPENVINO_BF16 = Format(
+    "openvino-bf16", "openvino-bf16", "OpenVINO IR run at bf16 inference precision (judged on predictions)",
+    files=("mnist_model_openvino_bf16.xml", "mnist_model_openvino_bf16.bin"), load=_loader("openvino-bf16", "bf16"),
+    export=_export_ir, parity=REDUCED_PARITY, devices=("cpu",), packages=OPENVINO, available=_cpu_has("bf16"),
+    roofline=False, variant_of="openvino",
+)
