@@ -16,7 +16,15 @@ from .bench import DEVICE_CHOICES as BENCH_DEVICES
 from .bench import BenchConfig
 from .devices import DEVICE_CHOICES
 from .errors import MnistDeployError
-from .formats import DEFAULT_RUNTIME, FORMATS, FP32_PARITY, REDUCED_PARITY, exportable, option_types
+from .formats import (
+    DEFAULT_RUNTIME,
+    FORMATS,
+    FP32_PARITY,
+    REDUCED_PARITY,
+    exportable,
+    option_types,
+    written_as,
+)
 
 MODEL_NAMES = ("mlp", "cnn")  # mirrors models.MODELS; kept here so --help never imports torch
 FORMAT_NAMES = exportable()  # the registry's exportable formats
@@ -529,7 +537,7 @@ def serve_cmd(host, port, runtime, artifacts, device, threads, max_body, max_con
                max_connections=max_connections, request_timeout=request_timeout)
 
 
-PACKAGE_FORMATS = ("onnx", "onnx-int8")  # mirrors package.ONNX_FORMATS (the registry's .onnx formats)
+PACKAGE_FORMATS = written_as(".onnx")  # the registry's formats written as .onnx files
 
 
 @cli.command("package")

@@ -26,12 +26,12 @@ from pathlib import Path
 
 from .artifacts import atomic_write_text, load_manifest, manifest_path, sha256_file, verified_path
 from .errors import ExportError, InputError, IntegrityError, ManifestError
-from .formats import FORMATS
+from .formats import written_as
 
 __all__ = ["PackageConfig", "PackageResult", "TensorSpec", "onnx_tensor_specs", "package_artifacts"]
 
 # The registry's formats that Triton's onnxruntime backend runs: those written as .onnx files.
-ONNX_FORMATS = tuple(name for name, f in FORMATS.items() if f.filename.endswith(".onnx"))
+ONNX_FORMATS = written_as(".onnx")
 INSTANCE_KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU", "auto": "KIND_AUTO"}
 STORAGE_URI_PLACEHOLDER = "s3://YOUR-BUCKET/PATH/TO/model_repository"
 # A Kubernetes object name (RFC 1123 label); also a valid Triton model (directory) name.

@@ -26,7 +26,7 @@ from .data import MEAN, STD, load_splits
 from .devices import resolve_device
 from .errors import InputError
 from .faults import fault_point
-from .formats import model_from_state_dict
+from .formats import model_from_state_dict, packages
 from .metrics import classification_metrics
 from .models import MODELS, build_model, get_spec, model_hparams
 from .optim import FusedAdam, OneCycle
@@ -228,7 +228,7 @@ def library_versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version(), "mnist_deploy": __version__}
-    for pkg in ("torch", "numpy", "onnx", "onnxruntime", "onnxscript"):
+    for pkg in ("torch", *packages()):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -33,6 +33,7 @@ from .base import (
     resolve,
     unregister,
     validate_options,
+    written_as,
 )
 from .onnx_family import DEFAULT_OPSET, ONNX, ONNX_INT8, OrtPredictor, check_onnx, onnx_opset_range
 from .openvino_family import OPENVINO_BF16, OPENVINO_F32, OpenVINOPredictor
@@ -54,5 +55,5 @@ __all__ = [
     "ExportContext", "Format", "LoadError", "NoOptions", "OpenVINOPredictor", "OrtPredictor", "ParitySpec",
     "Predictor", "TorchPredictor", "build_options", "check_onnx", "exportable", "get_format", "load_eager",
     "load_predictor", "model_from_state_dict", "onnx_opset_range", "option", "option_types", "packages",
-    "register", "registered", "resolve", "unregister", "validate_options",
+    "register", "registered", "resolve", "unregister", "validate_options", "written_as",
 ]

@@ -249,6 +249,11 @@ def exportable() -> tuple[str, ...]:
     return tuple(n for n, f in FORMATS.items() if f.exportable)
 
 
+def written_as(suffix: str) -> tuple[str, ...]:
+    """The formats whose main file ends with ``suffix`` (``.onnx``: what ONNX consumers such as Triton run)."""
+    return tuple(n for n, f in FORMATS.items() if f.files and f.files[0].endswith(suffix))
+
+
 def packages() -> tuple[str, ...]:
     """Every package a registered format depends on, for version records."""
     out = ["numpy"]
