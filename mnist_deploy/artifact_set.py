@@ -30,6 +30,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .artifacts import fsync_dir, pid_alive
 from .errors import MnistDeployError
 from .faults import fault_point
 
@@ -91,7 +92,7 @@ def finish_pending_commit(out: str | os.PathLike, *, manifest_name: str = "manif
             names.append(manifest_name)  # the manifest goes last: while it is in the journal, the commit is pending
         for name in names:
             os.replace(journal / name, out / name)
-        _fsync_dir(out)
+        fsync_dir(out)
         shutil.rmtree(journal, ignore_errors=True)
     return True
 
@@ -127,17 +128,17 @@ def _commit_by_exchange(staging: Path, out: Path, manifest_name: str) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it 0700
-        _fsync_dir(staging)
+        fsync_dir(staging)
         fault_point("train:before-commit")
         os.rename(staging, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         fault_point("train:after-commit")
         return
     new_names = [p.name for p in staging.iterdir()]
     try:
         _link_tree(out, staging)
         os.chmod(staging, out.stat().st_mode & 0o7777)  # the folder keeps its mode
-        _fsync_dir(staging)
+        fsync_dir(staging)
         fault_point("train:before-commit")
         _exchange(staging, out)
     except OSError as exc:
@@ -153,7 +154,7 @@ def _commit_by_exchange(staging: Path, out: Path, manifest_name: str) -> None:
         finally:
             shutil.rmtree(inner, ignore_errors=True)
         return
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     fault_point("train:after-commit")
 
 
@@ -161,13 +162,13 @@ def _commit_in_place(staging: Path, out: Path, manifest_name: str) -> None:
     journal = out / JOURNAL
     with _commit_lock(out):
         os.replace(staging, journal)  # the commit point
-        _fsync_dir(out)
+        fsync_dir(out)
         fault_point("train:journaled")
         names = sorted(p.name for p in journal.iterdir() if p.name != manifest_name) + [manifest_name]
         for name in names:
             os.replace(journal / name, out / name)
             fault_point("train:renamed-one")
-        _fsync_dir(out)
+        fsync_dir(out)
         os.rmdir(journal)
 
 
@@ -197,18 +198,8 @@ def _remove_stale_staging(out: Path) -> None:
         prefix = f".{out.name}{_STAGING_TAG}"
         for p in folder.glob(f"{prefix}*"):
             pid = p.name[len(prefix):].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _renameat2():
@@ -232,16 +223,9 @@ def _fsync_files(folder: Path) -> None:
         if p.is_file() and not p.is_symlink():
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _write_error(out: Path, exc: OSError) -> ArtifactWriteError:

@@ -32,6 +32,7 @@ from .artifacts import (
     atomic_write_json,
     load_manifest,
     manifest_path,
+    pid_alive,
     save_manifest,
 )
 from .errors import CheckpointError, ExportError, MnistDeployError, RuntimeUnavailable
@@ -100,7 +101,7 @@ def clean_stale_temps(out: Path) -> list[Path]:
         return removed
     for p in out.iterdir():
         pid = _temp_pid(p.name)
-        if pid is None or pid == os.getpid() or _alive(pid):
+        if pid is None or pid == os.getpid() or pid_alive(pid):
             continue
         with contextlib.suppress(OSError):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
@@ -115,16 +116,6 @@ def _temp_pid(name: str) -> int | None:
     head = name[: name.rindex(".tmp")]
     tail = head.rsplit("-" if name.startswith(STAGING_PREFIX) else ".", 1)[-1]
     return int(tail) if tail.isdigit() else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _write_parity(out: Path, report: ExportReport) -> Path:
