@@ -240,13 +240,17 @@ def normalize_pixels(pixels: np.ndarray, *, mean: float = MEAN, std: float = STD
     The one normalisation: training (the cached tensors), ``predict`` and ``serve`` all call it, so
     a pixel value becomes the same float32 bits everywhere. Computed in float32, in this order.
     """
-    x = np.asarray(pixels, dtype=np.float32).reshape(-1, 28 * 28)
+    return _scale(np.asarray(pixels, dtype=np.float32).reshape(-1, 28 * 28), mean, std)
+
+
+def _scale(x: np.ndarray, mean: float, std: float) -> np.ndarray:
     return (x / np.float32(255.0) - np.float32(mean)) / np.float32(std)
 
 
 def normalize(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, 28, 28) -> float32 (N, 784) with the training mean and std (:func:`normalize_pixels`)."""
-    return normalize_pixels(images)
+    """uint8 (N, H, W) -> float32 (N, H*W) with the training mean and std, as :func:`normalize_pixels`."""
+    x = np.asarray(images, dtype=np.float32)
+    return _scale(x.reshape(len(x), -1), MEAN, STD)
 
 
 def manifest_normalization(manifest: dict) -> dict[str, float]:
