@@ -499,6 +499,62 @@ def serve_cmd(host, port, runtime, artifacts, device, threads, max_body, max_con
                max_connections=max_connections, request_timeout=request_timeout)
 
 
+PACKAGE_FORMATS = ("onnx", "onnx-int8")  # mirrors package.ONNX_FORMATS (the registry's .onnx formats)
+
+
+@cli.command("package")
+@click.option("--artifacts", type=click.Path(file_okay=False, path_type=Path), default=Path("artifacts"),
+              show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("package"), show_default=True,
+              help="Folder to write model_repository/ and inferenceservice.yaml into.")
+@click.option("--format", "fmt", type=click.Choice(PACKAGE_FORMATS), default="onnx", show_default=True,
+              help="Which ONNX export to package (it must have passed its parity gate).")
+@click.option("--name", default=None, help="Model name on Triton and KServe. Default: the manifest's model name.")
+@click.option("--model-version", type=int, default=1, show_default=True, callback=_positive,
+              help="Triton version folder.")
+@click.option("--max-batch-size", type=int, default=256, show_default=True, callback=_positive)
+@click.option("--max-queue-delay-us", type=click.IntRange(0), default=0, show_default=True,
+              help="Dynamic batching: longest a request waits for others to join its batch.")
+@click.option("--preferred-batch-size", "preferred", type=int, multiple=True,
+              help="Dynamic batching: a preferred batch size (repeatable).")
+@click.option("--instances", type=int, default=1, show_default=True, callback=_positive,
+              help="Model instances (instance_group count).")
+@click.option("--instance-kind", type=click.Choice(["cpu", "gpu", "auto"]), default="cpu", show_default=True)
+@click.option("--storage-uri", default=None,
+              help="KServe storageUri of the uploaded model_repository folder. Default: a placeholder to fill in.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing model folder of the same name.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+def package_cmd(artifacts, out, fmt, name, model_version, max_batch_size, max_queue_delay_us, preferred, instances,
+                instance_kind, storage_uri, overwrite, as_json) -> None:
+    """Package the ONNX export for a cluster: a Triton model repository and a KServe InferenceService.
+
+    Writes OUT/model_repository/NAME/config.pbtxt (platform onnxruntime_onnx, dynamic batching),
+    OUT/model_repository/NAME/VERSION/model.onnx (the export, checked against the manifest's sha256)
+    and OUT/inferenceservice.yaml (KServe v1beta1, modelFormat onnx, protocol v2). Run the repository
+    with `tritonserver --model-repository OUT/model_repository`, or upload it and apply the YAML.
+    """
+    import time
+
+    from .package import STORAGE_URI_PLACEHOLDER, PackageConfig, package_artifacts
+
+    t0 = time.perf_counter()
+    cfg = PackageConfig(name=name, format=fmt, version=model_version, max_batch_size=max_batch_size,
+                        max_queue_delay_us=max_queue_delay_us, preferred_batch_sizes=tuple(preferred),
+                        instances=instances, instance_kind=instance_kind,
+                        storage_uri=storage_uri or STORAGE_URI_PLACEHOLDER, overwrite=overwrite)
+    result = package_artifacts(artifacts=artifacts, out=out, config=cfg)
+    seconds = time.perf_counter() - t0
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    click.echo(f"{result.model_path}  {result.size_bytes:,} bytes  sha256 {result.sha256[:12]}...  {seconds:.2f} s")
+    click.echo(f"{result.config_path}  platform onnxruntime_onnx, max_batch_size {max_batch_size}, "
+               f"inputs {', '.join(f'{s.name} {s.datatype} {list(s.dims)}' for s in result.inputs)}")
+    click.echo(f"{result.inference_service_path}  KServe InferenceService '{result.name}'")
+    if storage_uri is None:
+        click.echo("fill in storageUri in the InferenceService once the repository is uploaded", err=True)
+
+
 def main() -> None:
     cli(prog_name="mnist-deploy")
 

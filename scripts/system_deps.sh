@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # System packages the browser and load tests use: Debian's Chromium (driven by Playwright through
-# executable_path, never a downloaded browser) and Apache Bench (ab) as the load generator.
+# executable_path, never a downloaded browser), Apache Bench (ab) for the load test and wrk (keep-alive,
+# Lua-scripted POSTs) for benchmarks/bench_serve.py.
 set -euo pipefail
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v ab >/dev/null 2>&1 || need+=(apache2-utils)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
   echo "note: ${need[*]} not installed and cannot apt-get here; the browser/load tests will be skipped" >&2
