@@ -135,6 +135,9 @@ def _stderr_console():
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--subset", type=int, default=None, callback=_positive,
               help="Train on the first N training images only (quick runs).")
+@click.option("--reuse-port/--shared-socket", default=True, show_default=True,
+              help="With several workers: a listening socket per worker (SO_REUSEPORT, connections spread evenly "
+                   "by the kernel) or one socket they all accept from.")
 @click.option("--threads", type=int, default=None, callback=_positive,
               help="PyTorch intra-op threads (per process with --nproc-per-node; default 1 there).")
 @click.option("--plots", is_flag=True, help="Also draw training_curves.png and confusion_matrix.png (about 1 s).")
@@ -363,6 +366,9 @@ def verify_cmd(artifacts, data_dir, cache_dir, no_download, as_json) -> None:
               help="Comma list of positive batch sizes.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "all"]), default="all", show_default=True,
               help="all: CPU, plus CUDA when there is a GPU (skipped rows say why when there is not).")
+@click.option("--reuse-port/--shared-socket", default=True, show_default=True,
+              help="With several workers: a listening socket per worker (SO_REUSEPORT, connections spread evenly "
+                   "by the kernel) or one socket they all accept from.")
 @click.option("--threads", type=int, default=None, callback=_positive,
               help="Intra-op threads for PyTorch and ONNX Runtime alike. Default: the usable cores (recorded).")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True,
@@ -421,6 +427,9 @@ PREDICT_RUNTIMES = (*FORMAT_NAMES, "pytorch")  # mirrors predict.runtime_names()
               show_default=True)
 @click.option("--top-k", type=click.IntRange(1, 10), default=3, show_default=True, help="How many digits to list.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@click.option("--reuse-port/--shared-socket", default=True, show_default=True,
+              help="With several workers: a listening socket per worker (SO_REUSEPORT, connections spread evenly "
+                   "by the kernel) or one socket they all accept from.")
 @click.option("--threads", type=int, default=None, callback=_positive, help="Runtime intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of records.")
 @click.pass_context
@@ -465,6 +474,9 @@ def predict_cmd(ctx, inputs, runtime, artifacts, top_k, device, threads, as_json
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
 @click.option("--workers", type=click.IntRange(1, 256), default=None,
               help="Server processes on the one port, each with its own model (default: the usable cores).")
+@click.option("--reuse-port/--shared-socket", default=True, show_default=True,
+              help="With several workers: a listening socket per worker (SO_REUSEPORT, connections spread evenly "
+                   "by the kernel) or one socket they all accept from.")
 @click.option("--threads", type=int, default=None, callback=_positive,
               help="Runtime intra-op threads per worker (default: the usable cores // --workers, at least 1).")
 @click.option("--max-batch-size", type=click.IntRange(0, 4096), default=0, show_default=True,
@@ -483,7 +495,7 @@ def predict_cmd(ctx, inputs, runtime, artifacts, top_k, device, threads, as_json
 @click.option("--access-log", is_flag=True, help="Log every request (costs throughput).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
-def serve_cmd(host, port, runtime, artifacts, device, workers, threads, max_batch_size, max_queue_delay_us,
+def serve_cmd(host, port, runtime, artifacts, device, workers, reuse_port, threads, max_batch_size, max_queue_delay_us,
               preferred_batch_sizes, max_body, max_connections, request_timeout, access_log, log_level) -> None:
     """Serve the model over HTTP until Ctrl-C: a drawing page at /, POST /predict, /docs, /metrics.
 
@@ -527,7 +539,7 @@ def serve_cmd(host, port, runtime, artifacts, device, workers, threads, max_batc
     app_kwargs = {"artifacts": artifacts, "runtime": runtime, "device": device, "threads": threads,
                   "max_body_bytes": max_body, **batching}
     try:
-        run_workers(workers=workers, host=host, port=port, app_kwargs=app_kwargs,
+        run_workers(workers=workers, host=host, port=port, app_kwargs=app_kwargs, reuse_port=reuse_port,
                     announce=lambda line: click.echo(line, err=True), **server)
     except (OSError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -52,11 +52,13 @@ def threads_per_worker(workers: int, threads: int | None = None) -> int:
     return threads if threads is not None else max(1, usable_cores() // max(1, workers))
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """A listening TCP socket on ``host:port`` (IPv6 when the host is an IPv6 address)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(2048)
     sock.set_inheritable(True)
@@ -82,16 +84,23 @@ def _worker_main(sock: socket.socket, app_kwargs: dict[str, Any], server_kwargs:
 
 def run_workers(*, workers: int, host: str, port: int, app_kwargs: dict[str, Any], log_level: str = "info",
                 access_log: bool = False, max_connections: int | None = None, request_timeout: float = 10.0,
-                stop_timeout: float = 30.0, announce=print) -> None:
+                stop_timeout: float = 30.0, reuse_port: bool = True, announce=print) -> None:
     """Serve with ``workers`` processes on one port until SIGINT or SIGTERM (see the module docstring).
 
     ``app_kwargs`` go to :func:`.app.create_app` in each worker (no model object: each loads its own).
+    ``reuse_port``: each worker gets its own listening socket on the port (SO_REUSEPORT; the kernel
+    spreads new connections evenly over them) rather than all sharing one (whoever accepts first).
     """
     from prometheus_client import multiprocess
 
     server_kwargs = {"log_level": log_level, "access_log": access_log, "max_connections": max_connections,
                      "request_timeout": request_timeout}
-    sock = bind_socket(host, port)
+    sock = bind_socket(host, port, reuse_port=reuse_port)
+    socks = [sock]
+    if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+        socks += [bind_socket(host, sock.getsockname()[1], reuse_port=True) for _ in range(workers - 1)]
+    else:
+        socks *= workers
     metrics_dir = tempfile.mkdtemp(prefix="mnist-deploy-metrics-")
     previous = os.environ.get(MULTIPROC_ENV)
     os.environ[MULTIPROC_ENV] = metrics_dir
@@ -102,8 +111,8 @@ def run_workers(*, workers: int, host: str, port: int, app_kwargs: dict[str, Any
 
     started: dict[int, float] = {}
 
-    def start() -> multiprocessing.Process:
-        p = ctx.Process(target=_worker_main, args=(sock, app_kwargs, server_kwargs), name="mnist-deploy-worker")
+    def start(i: int) -> multiprocessing.Process:
+        p = ctx.Process(target=_worker_main, args=(socks[i], app_kwargs, server_kwargs), name="mnist-deploy-worker")
         p.start()
         started[p.pid] = time.monotonic()
         return p
@@ -111,7 +120,7 @@ def run_workers(*, workers: int, host: str, port: int, app_kwargs: dict[str, Any
     try:
         bound = sock.getsockname()
         announce(f"listening on http://{host}:{bound[1]} with {workers} worker processes (parent pid {os.getpid()})")
-        procs = [start() for _ in range(workers)]
+        procs = [start(i) for i in range(workers)]
         while not stop.wait(0.5):
             for i, p in enumerate(procs):
                 if p.exitcode is not None and not stop.is_set():
@@ -120,7 +129,7 @@ def run_workers(*, workers: int, host: str, port: int, app_kwargs: dict[str, Any
                                            "starting; see its log above")
                     _LOG.warning("worker %d exited with code %s; starting another", p.pid, p.exitcode)
                     multiprocess.mark_process_dead(p.pid, metrics_dir)
-                    procs[i] = start()
+                    procs[i] = start(i)  # the same socket: its queued connections are not lost
     finally:
         for p in procs:
             if p.exitcode is None and p.pid is not None:
@@ -135,7 +144,8 @@ def run_workers(*, workers: int, host: str, port: int, app_kwargs: dict[str, Any
                 multiprocess.mark_process_dead(p.pid, metrics_dir)
         for s, h in handlers.items():
             signal.signal(s, h)
-        sock.close()
+        for s_ in set(socks):
+            s_.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
         if previous is None:
             os.environ.pop(MULTIPROC_ENV, None)
