@@ -92,7 +92,7 @@ def test_two_workers_answer_sum_metrics_and_stop_cleanly(served, mnist_dir, tmp_
 @pytest.mark.parametrize("args, message", [
     (["--preferred-batch-sizes", "8,x"], "expected comma-separated integers"),
     (["--max-batch-size", "16", "--preferred-batch-sizes", "8,32"], "preferred sizes must lie in 1..--max-batch-size"),
-    (["--preferred-batch-sizes", "4"], "preferred sizes must lie in 1..--max-batch-size"),
+    (["--max-batch-size", "0", "--preferred-batch-sizes", "4"], "preferred sizes must lie in 1..--max-batch-size"),
     (["--workers", "0"], "--workers"),
 ])
 def test_serve_refuses_bad_worker_and_batching_options(args, message, tmp_path):
