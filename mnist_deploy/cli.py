@@ -501,8 +501,20 @@ def predict_cmd(ctx, inputs, runtime, artifacts, top_k, device, threads, as_json
 @click.option("--artifacts", type=click.Path(file_okay=False, path_type=Path), default=Path("artifacts"),
               show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
-@click.option("--threads", type=int, default=1, show_default=True, callback=_positive,
-              help="Runtime intra-op threads per request (1 is fastest for single images under concurrent load).")
+@click.option("--workers", type=click.IntRange(1, 256), default=None,
+              help="Server processes on the one port, each with its own model (default: the usable cores).")
+@click.option("--reuse-port/--shared-socket", default=True, show_default=True,
+              help="With several workers: a listening socket per worker (SO_REUSEPORT, connections spread evenly "
+                   "by the kernel) or one socket they all accept from.")
+@click.option("--threads", type=int, default=None, callback=_positive,
+              help="Runtime intra-op threads per worker (default: the usable cores // --workers, at least 1).")
+@click.option("--max-batch-size", type=click.IntRange(0, 4096), default=64, show_default=True,
+              help="Dynamic batching of JSON /predict and v2 infer: most rows per model call (0 or 1: off). "
+                   "On by default: +20-40% req/s under concurrent load, measured (README, Serving).")
+@click.option("--max-queue-delay-us", type=click.IntRange(0, 1_000_000), default=0, show_default=True,
+              help="Dynamic batching: longest a request waits for others to join its batch, in microseconds.")
+@click.option("--preferred-batch-sizes", default="", metavar="N,N,...",
+              help="Dynamic batching: batch sizes to cut at when the delay runs out (comma-separated).")
 @click.option("--max-body", type=click.IntRange(1024, 64 << 20), default=1 << 20, show_default=True,
               help="Largest request body in bytes; larger ones are answered 413 without being read.")
 @click.option("--max-connections", type=click.IntRange(1, None), default=None,
@@ -513,8 +525,8 @@ def predict_cmd(ctx, inputs, runtime, artifacts, top_k, device, threads, as_json
 @click.option("--access-log", is_flag=True, help="Log every request (costs throughput).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
-def serve_cmd(host, port, runtime, artifacts, device, threads, max_body, max_connections, request_timeout,
-              access_log, log_level) -> None:
+def serve_cmd(host, port, runtime, artifacts, device, workers, reuse_port, threads, max_batch_size, max_queue_delay_us,
+              preferred_batch_sizes, max_body, max_connections, request_timeout, access_log, log_level) -> None:
     """Serve the model over HTTP until Ctrl-C: a drawing page at /, POST /predict, /docs, /metrics.
 
     The artifact is loaded once, after its sha256 is checked against the manifest. Endpoints:
@@ -523,18 +535,44 @@ def serve_cmd(host, port, runtime, artifacts, device, threads, max_body, max_con
     """
     from .predict import load_model
     from .serve import create_app, is_loopback, run_server
+    from .serve.workers import run_workers, threads_per_worker, usable_cores
 
+    workers = workers or usable_cores()
+    threads = threads_per_worker(workers, threads)
+    try:
+        preferred = tuple(int(p) for p in preferred_batch_sizes.replace(" ", "").split(",") if p)
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {preferred_batch_sizes!r}",
+                                 param_hint="--preferred-batch-sizes") from None
+    if preferred and (max_batch_size <= 1 or not all(1 <= p <= max_batch_size for p in preferred)):
+        raise click.BadParameter(f"preferred sizes must lie in 1..--max-batch-size ({max_batch_size}), got "
+                                 f"{list(preferred)}", param_hint="--preferred-batch-sizes")
+    # Loaded here once even with several workers: a bad artifact is one clear error before anything starts.
     model = load_model(artifacts=artifacts, runtime=runtime, device=device, threads=threads)
-    app = create_app(model=model, max_body_bytes=max_body)
+    batching = {"max_batch_size": max_batch_size, "max_queue_delay_us": max_queue_delay_us,
+                "preferred_batch_sizes": preferred}
     sha = str(model.entry.get("sha256") or "")[:12]
     where = f"page http://{host}:{port}/  API docs http://{host}:{port}/docs" if port else "port chosen below"
+    how = f"{workers} worker{'s' if workers > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}, " + (
+        f"batching up to {max_batch_size} within {max_queue_delay_us} us" if max_batch_size > 1 else "no batching")
     click.echo(f"serving {model.manifest['model']['name']} from {artifacts} with {runtime} ({model.predictor.runtime}"
-               f", {model.device}, sha256 {sha}...); {where}", err=True)
+               f", {model.device}, sha256 {sha}...; {how}); {where}", err=True)
     if not is_loopback(host):
         click.secho(f"warning: listening on {host}: other machines can reach this server (no authentication)",
                     fg="yellow", err=True)
-    run_server(app, host=host, port=port, log_level=log_level, access_log=access_log,
-               max_connections=max_connections, request_timeout=request_timeout)
+    server = {"log_level": log_level, "access_log": access_log, "max_connections": max_connections,
+              "request_timeout": request_timeout}
+    if workers == 1:
+        run_server(create_app(model=model, max_body_bytes=max_body, **batching), host=host, port=port, **server)
+        return
+    del model
+    app_kwargs = {"artifacts": artifacts, "runtime": runtime, "device": device, "threads": threads,
+                  "max_body_bytes": max_body, **batching}
+    try:
+        run_workers(workers=workers, host=host, port=port, app_kwargs=app_kwargs, reuse_port=reuse_port,
+                    announce=lambda line: click.echo(line, err=True), **server)
+    except (OSError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 PACKAGE_FORMATS = written_as(".onnx")  # the registry's formats written as .onnx files

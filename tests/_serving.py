@@ -70,6 +70,8 @@ def serve_process(artifacts: Path, *args: str, log_path: Path | None = None,
     The server's output stays in ``log_path`` (``proc.log_path``; default ``serve-PORT.log`` beside the
     artifacts), and a server that exits or never gets healthy fails the test with that output.
     """
+    if "--workers" not in args:  # the server defaults to every core; these tests are about one process
+        args = ("--workers", "1", *args)
     port = _load_test.free_port()
     log_path = log_path or Path(artifacts).parent / f"serve-{port}.log"
     try:

@@ -10,12 +10,15 @@ No request names a file or URL to load: the model is fixed when the app is made.
 The modules, bottom up:
 
 * :mod:`.parsing` -- JSON bodies and uploads into Python values, with typed errors;
-* :mod:`.metrics` -- request and inference counters and histograms, labels from fixed sets;
-* :mod:`.service` -- the model, limits and metrics behind one object that knows nothing of HTTP;
+* :mod:`.metrics` -- prometheus_client counters and histograms (summed across worker processes),
+  labels from fixed sets;
+* :mod:`.service` -- the model, limits, metrics and the optional dynamic batcher
+  (:mod:`mnist_deploy.batching`) behind one object that knows nothing of HTTP;
 * :mod:`.routes` -- the route handlers, at module level, and the error-to-status table;
 * :mod:`.guard` -- plain ASGI around the app: body limit, metrics, the JSON fast path;
 * :mod:`.connections` -- below ASGI: bounded connections and request deadlines (slowloris);
-* :mod:`.app` -- :func:`create_app` and :func:`run_server`.
+* :mod:`.app` -- :func:`create_app` and :func:`run_server` (one process);
+* :mod:`.workers` -- :func:`run_workers`: N spawned uvicorn processes on one port, the metrics folder.
 
 The JSON path is kept lean on purpose, and measured (2 CPUs, MLP, ONNX Runtime, 1 thread): the body
 is parsed with ``json.loads`` + numpy rather than pydantic models; the model call (13 us p50) runs
@@ -33,5 +36,7 @@ from __future__ import annotations
 from .app import MAX_BODY_BYTES, REQUEST_TIMEOUT, create_app, is_loopback, run_server
 from .metrics import Metrics
 from .routes import MAX_BATCH
+from .workers import run_workers
 
-__all__ = ["MAX_BATCH", "MAX_BODY_BYTES", "REQUEST_TIMEOUT", "Metrics", "create_app", "is_loopback", "run_server"]
+__all__ = ["MAX_BATCH", "MAX_BODY_BYTES", "REQUEST_TIMEOUT", "Metrics", "create_app", "is_loopback", "run_server",
+           "run_workers"]

@@ -35,8 +35,12 @@ def _routes(*routers) -> tuple[str, ...]:
 
 def create_app(*, model: LoadedModel | None = None, artifacts="artifacts", runtime: str = "onnx",
                device: str = "cpu", threads: int | None = 1, max_body_bytes: int = MAX_BODY_BYTES,
-               max_image_pixels: int = MAX_IMAGE_PIXELS, max_batch: int = MAX_BATCH, fast_path: bool = True):
+               max_image_pixels: int = MAX_IMAGE_PIXELS, max_batch: int = MAX_BATCH, fast_path: bool = True,
+               max_batch_size: int = 0, max_queue_delay_us: int = 0, preferred_batch_sizes: tuple[int, ...] = ()):
     """The ASGI app. Serves ``model`` if given, else loads ``artifacts`` for ``runtime`` at startup.
+
+    ``max_batch_size`` > 1 turns dynamic batching on for JSON ``/predict`` and v2 infer (see
+    :class:`~mnist_deploy.batching.DynamicBatcher`); 0 or 1 leaves every request its own model call.
 
     ``/health`` answers 503 until the model is loaded. The returned object is the FastAPI app
     wrapped in :class:`.guard.Guard` (body limit, metrics, the JSON fast path unless ``fast_path``
@@ -49,7 +53,13 @@ def create_app(*, model: LoadedModel | None = None, artifacts="artifacts", runti
         if service.model is None:
             service.model = await anyio.to_thread.run_sync(
                 lambda: load_model(artifacts=artifacts, runtime=runtime, device=device, threads=threads))
-        yield
+        if max_batch_size > 1:
+            service.start_batching(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
+                                   preferred_batch_sizes=tuple(preferred_batch_sizes))
+        try:
+            yield
+        finally:
+            await service.stop_batching()
 
     app = FastAPI(
         title="mnist-deploy", version=__version__, lifespan=lifespan,

@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from ..errors import InputError
 from .parsing import BadRequest, NotFound, UnsupportedMedia, dumps, json_field, media_type, uploads
-from .service import NotReady, Service
+from .service import BatcherClosed, NotReady, Service
 
 IMAGE_DECODERS = 2  # image uploads decoded at once
 STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
@@ -26,7 +26,8 @@ PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 's
             "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 # Most specific first: the first type an error is an instance of gives its status.
 STATUS: tuple[tuple[type[BaseException], int], ...] = (
-    (BadRequest, 400), (NotFound, 404), (UnsupportedMedia, 415), (NotReady, 503), (InputError, 422),
+    (BadRequest, 400), (NotFound, 404), (UnsupportedMedia, 415), (NotReady, 503), (BatcherClosed, 503),
+    (InputError, 422),
 )
 
 
@@ -47,6 +48,14 @@ def predict_json(service: Service, body: bytes) -> tuple[int, bytes]:
     try:
         return 200, dumps(service.predict_pixels(json_field(body)))
     except (InputError, NotReady) as exc:
+        return status_of(exc), dumps({"detail": str(exc)})
+
+
+async def predict_json_batched(service: Service, body: bytes) -> tuple[int, bytes]:
+    """:func:`predict_json` with the model call in the next dynamic batch (batching on)."""
+    try:
+        return 200, dumps(await service.predict_pixels_batched(json_field(body)))
+    except (InputError, NotReady, BatcherClosed) as exc:
         return status_of(exc), dumps({"detail": str(exc)})
 
 
@@ -115,7 +124,9 @@ async def predict(request: Request):
     service.ready()
     media = media_type(request.headers.get("content-type", ""))
     if media == "application/json":
-        code, body = predict_json(service, await request.body())
+        body = await request.body()
+        code, body = (predict_json(service, body) if service.batcher is None
+                      else await predict_json_batched(service, body))
         return Response(body, status_code=code, media_type="application/json")
     files = await uploads(request, media, 1)
     if len(files) != 1:

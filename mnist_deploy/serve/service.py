@@ -8,11 +8,13 @@ errors), which the HTTP layer maps to status codes.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 import numpy as np
 
+from ..batching import BatcherClosed, DynamicBatcher
 from ..data import manifest_normalization, normalize_pixels
 from ..errors import InputError
 from ..predict import LoadedModel, check_image_header, pixels_to_array, preprocess_image
@@ -21,6 +23,15 @@ from .metrics import Metrics
 
 class NotReady(Exception):
     """The model is not loaded yet."""
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Logits -> float64 probability rows, computed as :meth:`LoadedModel.probabilities` does."""
+    z = z.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
 
 
 class Service:
@@ -33,6 +44,27 @@ class Service:
         self.max_body_bytes = max_body_bytes
         self.max_image_pixels = max_image_pixels
         self.max_batch = max_batch
+        self.batcher: DynamicBatcher | None = None
+
+    def start_batching(self, *, max_batch_size: int, max_queue_delay_us: int,
+                       preferred_batch_sizes: tuple[int, ...] = ()) -> None:
+        """Route model calls of JSON /predict and v2 infer through a :class:`DynamicBatcher` (the
+        model must be loaded). Requests are validated before they are queued, so a bad one never
+        reaches a batch; one model call runs at a time, inline on the event loop."""
+        m = self.ready()
+        self.batcher = DynamicBatcher(lambda x: self.logits(m, x), max_batch_size=max_batch_size,
+                                      max_queue_delay_us=max_queue_delay_us,
+                                      preferred_batch_sizes=preferred_batch_sizes, on_batch=self.metrics.batched)
+
+    async def stop_batching(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.close(drain=True)
+
+    async def batched_logits(self, m: LoadedModel, x: np.ndarray) -> np.ndarray:
+        """Logits of ``x`` through the batcher when batching is on, else one direct call."""
+        if self.batcher is None:
+            return self.logits(m, x)
+        return await self.batcher.infer(x)
 
     def ready(self) -> LoadedModel:
         if self.model is None:
@@ -64,6 +96,17 @@ class Service:
         t0 = time.perf_counter()
         m = self.ready()
         probs = self.run(m, self.normalize(m, pixels_to_array(values)))
+        out = result(probs[0])
+        out["runtime"] = m.runtime
+        out["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        return out
+
+    async def predict_pixels_batched(self, values: Any) -> dict:
+        """:meth:`predict_pixels` with the model call in the next dynamic batch."""
+        t0 = time.perf_counter()
+        m = self.ready()
+        x = self.normalize(m, pixels_to_array(values))  # validated here: a bad request never joins a batch
+        probs = softmax(await self.batched_logits(m, x))
         out = result(probs[0])
         out["runtime"] = m.runtime
         out["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
@@ -110,7 +153,7 @@ class Service:
         m = self.model
         if m is None:
             return None
-        return {"status": "ok", "runtime": m.runtime, "model": m.manifest["model"]["name"]}
+        return {"status": "ok", "runtime": m.runtime, "model": m.manifest["model"]["name"], "pid": os.getpid()}
 
     def model_info(self) -> dict:
         """The format, file, sha256, metrics and parity of the served artifact, from the manifest."""
@@ -145,4 +188,4 @@ def result(probs: np.ndarray) -> dict:
             "probabilities": [round(p, 6) for p in probs.tolist()]}
 
 
-__all__ = ["NotReady", "Service", "result"]
+__all__ = ["BatcherClosed", "NotReady", "Service", "result", "softmax"]

@@ -27,7 +27,7 @@ from starlette.responses import Response
 from ..errors import InputError
 from ..predict import LoadedModel
 from .parsing import BadRequest, dumps, has_bool, loads
-from .service import NotReady, Service
+from .service import BatcherClosed, NotReady, Service
 
 router = APIRouter(prefix="/v2")
 PIXELS, INPUT = "pixels", "input"
@@ -114,8 +114,9 @@ def _tensor(spec: Any, service: Service, m: LoadedModel) -> np.ndarray:
     return service.normalize(m, x)
 
 
-def infer(service: Service, m: LoadedModel, body: bytes) -> dict:
-    """An inference request body -> the response dict (the spec's $inference_response)."""
+def parse_infer(service: Service, m: LoadedModel, body: bytes) -> tuple[dict, list, np.ndarray]:
+    """An inference request body -> (request, wanted outputs, the model's input batch), all validated
+    before any model call (a bad request never joins a dynamic batch)."""
     req = loads(body)
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or len(req["inputs"]) != 1:
         raise InputError('expected {"inputs": [one tensor: "input" (FP32) or "pixels" (UINT8)]}')
@@ -124,8 +125,11 @@ def infer(service: Service, m: LoadedModel, body: bytes) -> dict:
     wanted = req.get("outputs") or [{"name": "logits"}]
     if not isinstance(wanted, list) or not all(isinstance(o, dict) and o.get("name") in OUTPUTS for o in wanted):
         raise InputError(f"outputs must be a list of {{\"name\": ...}} with names from {list(OUTPUTS)}")
-    x = _tensor(req["inputs"][0], service, m)
-    logits = service.logits(m, x)
+    return req, wanted, _tensor(req["inputs"][0], service, m)
+
+
+def answer(m: LoadedModel, req: dict, wanted: list, logits: np.ndarray) -> dict:
+    """The response dict (the spec's $inference_response) for the request's logits."""
     out = []
     for o in wanted:
         if o["name"] == "logits":
@@ -133,12 +137,24 @@ def infer(service: Service, m: LoadedModel, body: bytes) -> dict:
         else:
             z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
             y = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-        out.append({"name": o["name"], "datatype": "FP32", "shape": [int(x.shape[0]), 10],
+        out.append({"name": o["name"], "datatype": "FP32", "shape": [int(logits.shape[0]), 10],
                     "data": y.astype(np.float32).ravel().tolist()})
-    answer = {"model_name": model_name(m), "model_version": model_version(m), "outputs": out}
+    reply = {"model_name": model_name(m), "model_version": model_version(m), "outputs": out}
     if "id" in req:
-        answer["id"] = req["id"]
-    return answer
+        reply["id"] = req["id"]
+    return reply
+
+
+def infer(service: Service, m: LoadedModel, body: bytes) -> dict:
+    """An inference request body -> the response dict, with one direct model call."""
+    req, wanted, x = parse_infer(service, m, body)
+    return answer(m, req, wanted, service.logits(m, x))
+
+
+async def infer_batched(service: Service, m: LoadedModel, body: bytes) -> dict:
+    """:func:`infer` with the model call in the next dynamic batch when batching is on."""
+    req, wanted, x = parse_infer(service, m, body)
+    return answer(m, req, wanted, await service.batched_logits(m, x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,9 +202,11 @@ async def _infer(request: Request, name: str, version: str | None = None):
     service = _service(request)
     try:
         m = _model(service, name, version)
-        return _reply(infer(service, m, await request.body()))
+        return _reply(await infer_batched(service, m, await request.body()))
     except V2Error as exc:
         return _reply({"error": str(exc)}, exc.status)
+    except BatcherClosed as exc:
+        return _reply({"error": str(exc)}, 503)
     except (BadRequest, InputError) as exc:
         return _reply({"error": str(exc)}, 400)
 
@@ -201,4 +219,4 @@ for _suffix in ("", "/versions/{version}"):
     router.add_api_route("/models/{name}" + _suffix + "/infer", _infer, methods=["POST"], tags=["v2"],
                          summary="v2: inference")
 
-__all__ = ["infer", "metadata", "router"]
+__all__ = ["answer", "infer", "infer_batched", "metadata", "parse_infer", "router"]

@@ -1,0 +1,156 @@
+"""Several server processes on one port: a small supervisor over spawned uvicorn workers.
+
+The parent binds the listening socket once (so ``--port 0`` gives every worker the same port) and
+starts ``workers`` processes with multiprocessing's *spawn* context, each handed the socket. Each
+worker builds its own app, loads its own copy of the model with its own share of the runtime's
+threads, and runs uvicorn (uvloop, httptools, the guarded protocol of :mod:`.connections`) on the
+shared socket; the kernel hands each new connection to whichever worker accepts it first.
+
+Why not ``uvicorn.run(workers=N)``: it needs the app as an import string and a picklable config,
+while our protocol class is made per run; a supervisor of our own is ~100 lines and also owns the
+metrics folder. Spawn rather than fork: the parent has loaded ONNX Runtime / torch (to check the
+artifact before starting anything), and forking a process with runtime threads is unsafe.
+
+Metrics: before the first worker starts, the parent makes a private temporary folder and sets
+``PROMETHEUS_MULTIPROC_DIR`` to it (the workers inherit it), so /metrics sums every worker; a worker
+that exits is marked dead (:func:`prometheus_client.multiprocess.mark_process_dead`) and replaced;
+the folder is removed when the parent exits.
+
+SIGINT or SIGTERM to the parent stops the workers gracefully (SIGTERM each: uvicorn finishes the
+requests in flight and runs the lifespan shutdown) and waits for them, then kills any left after
+``stop_timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from typing import Any
+
+from .metrics import MULTIPROC_ENV
+
+_LOG = logging.getLogger("uvicorn.error")
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def threads_per_worker(workers: int, threads: int | None = None) -> int:
+    """``threads`` if given, else the usable cores shared out: max(1, cores // workers)."""
+    return threads if threads is not None else max(1, usable_cores() // max(1, workers))
+
+
+def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (IPv6 when the host is an IPv6 address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _worker_main(sock: socket.socket, app_kwargs: dict[str, Any], server_kwargs: dict[str, Any]) -> None:
+    """One worker process: its own app and model, uvicorn on the shared socket."""
+    import uvicorn
+
+    from .app import KEEP_ALIVE_TIMEOUT, create_app
+    from .connections import default_max_connections, guarded_protocol, log_accept_errors_once
+
+    log_accept_errors_once()
+    app = create_app(**app_kwargs)
+    protocol = guarded_protocol(max_connections=server_kwargs["max_connections"] or default_max_connections(),
+                                request_timeout=server_kwargs["request_timeout"])
+    config = uvicorn.Config(app, log_level=server_kwargs["log_level"], access_log=server_kwargs["access_log"],
+                            server_header=False, timeout_keep_alive=KEEP_ALIVE_TIMEOUT, lifespan="on",
+                            http=protocol, loop="uvloop")
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def run_workers(*, workers: int, host: str, port: int, app_kwargs: dict[str, Any], log_level: str = "info",
+                access_log: bool = False, max_connections: int | None = None, request_timeout: float = 10.0,
+                stop_timeout: float = 30.0, reuse_port: bool = True, announce=print) -> None:
+    """Serve with ``workers`` processes on one port until SIGINT or SIGTERM (see the module docstring).
+
+    ``app_kwargs`` go to :func:`.app.create_app` in each worker (no model object: each loads its own).
+    ``reuse_port``: each worker gets its own listening socket on the port (SO_REUSEPORT; the kernel
+    spreads new connections evenly over them) rather than all sharing one (whoever accepts first).
+    """
+    from prometheus_client import multiprocess
+
+    server_kwargs = {"log_level": log_level, "access_log": access_log, "max_connections": max_connections,
+                     "request_timeout": request_timeout}
+    sock = bind_socket(host, port, reuse_port=reuse_port)
+    socks = [sock]
+    if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+        socks += [bind_socket(host, sock.getsockname()[1], reuse_port=True) for _ in range(workers - 1)]
+    else:
+        socks *= workers
+    metrics_dir = tempfile.mkdtemp(prefix="mnist-deploy-metrics-")
+    previous = os.environ.get(MULTIPROC_ENV)
+    os.environ[MULTIPROC_ENV] = metrics_dir
+    ctx = multiprocessing.get_context("spawn")
+    stop = threading.Event()
+    handlers = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    procs: list = []
+
+    started: dict[int, float] = {}
+
+    def start(i: int) -> multiprocessing.Process:
+        p = ctx.Process(target=_worker_main, args=(socks[i], app_kwargs, server_kwargs), name="mnist-deploy-worker")
+        p.start()
+        started[p.pid] = time.monotonic()
+        return p
+
+    try:
+        bound = sock.getsockname()
+        announce(f"listening on http://{host}:{bound[1]} with {workers} worker processes (parent pid {os.getpid()})")
+        procs = [start(i) for i in range(workers)]
+        while not stop.wait(0.5):
+            for i, p in enumerate(procs):
+                if p.exitcode is not None and not stop.is_set():
+                    if time.monotonic() - started[p.pid] < 10:  # dies at start: restarting would loop
+                        raise RuntimeError(f"worker {p.pid} exited with code {p.exitcode} within 10 s of "
+                                           "starting; see its log above")
+                    _LOG.warning("worker %d exited with code %s; starting another", p.pid, p.exitcode)
+                    multiprocess.mark_process_dead(p.pid, metrics_dir)
+                    procs[i] = start(i)  # the same socket: its queued connections are not lost
+    finally:
+        for p in procs:
+            if p.exitcode is None and p.pid is not None:
+                os.kill(p.pid, signal.SIGTERM)
+        for p in procs:
+            p.join(stop_timeout)
+            if p.exitcode is None:
+                _LOG.warning("worker %d did not stop within %gs; killing it", p.pid, stop_timeout)
+                p.kill()
+                p.join()
+            if p.pid is not None:
+                multiprocess.mark_process_dead(p.pid, metrics_dir)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        for s_ in set(socks):
+            s_.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        if previous is None:
+            os.environ.pop(MULTIPROC_ENV, None)
+        else:
+            os.environ[MULTIPROC_ENV] = previous
+
+
+__all__ = ["bind_socket", "run_workers", "threads_per_worker", "usable_cores"]

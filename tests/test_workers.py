@@ -1,0 +1,102 @@
+"""`mnist-deploy serve --workers 2`: two real server processes on one port, metrics summed across them,
+and a clean stop on SIGINT and SIGTERM (workers gone, the metrics folder removed)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from _serving import mnist_test_digits, onnx_artifacts, serve_process
+from click.testing import CliRunner
+
+from mnist_deploy.cli import cli
+from mnist_deploy.serve.workers import threads_per_worker, usable_cores
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def served(trained_mlp, tmp_path_factory, mnist_dir, cache_dir):
+    return onnx_artifacts(trained_mlp, tmp_path_factory.mktemp("workers"), mnist_dir, cache_dir)
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    """The value of one sample, whatever order the labels are written in (0 when absent)."""
+    for line in text.splitlines():
+        m = re.match(rf"^{name}(?:\{{(.*)\}})? (\S+)$", line)
+        if m and dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or "")) == labels:
+            return float(m.group(2))
+    return 0.0
+
+
+def _fresh(url: str, method: str = "GET", **kw) -> httpx.Response:
+    """One request on a new connection (so the kernel may hand it to either worker)."""
+    with httpx.Client(timeout=20) as c:
+        return c.request(method, url, **kw)
+
+
+def test_threads_per_worker_shares_the_cores():
+    cores = usable_cores()
+    assert threads_per_worker(1) == cores
+    assert threads_per_worker(cores * 2) == 1
+    assert threads_per_worker(2, threads=3) == 3
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_two_workers_answer_sum_metrics_and_stop_cleanly(served, mnist_dir, tmp_path, monkeypatch, sig):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))  # the server's private metrics folder goes here
+    images, labels = mnist_test_digits(mnist_dir, 32)
+    with serve_process(served, "--workers", "2", "--log-level", "warning") as (url, proc):
+        assert len(list(tmp.glob("mnist-deploy-metrics-*"))) == 1
+        before = _fresh(url + "/metrics").text
+        pids: list[int] = []
+        with ThreadPoolExecutor(8) as pool:  # concurrent fresh connections: both workers accept some
+            for _ in range(10):
+                answers = list(pool.map(lambda _: _fresh(url + "/health"), range(40)))
+                assert all(r.status_code == 200 for r in answers)
+                pids += [r.json()["pid"] for r in answers]
+                if len(set(pids)) == 2:
+                    break
+            assert len(set(pids)) == 2, f"one worker answered all {len(pids)} requests: {set(pids)}"
+            assert proc.pid not in pids
+            predicted = list(pool.map(lambda a: _fresh(url + "/predict", "POST", json={"pixels": a.ravel().tolist()}),
+                                      images))
+        assert all(r.status_code == 200 for r in predicted)
+        assert sum(r.json()["digit"] == y for r, y in zip(predicted, labels, strict=True)) >= 28
+        # Whichever worker answers /metrics, it reports both workers' requests.
+        for _ in range(4):
+            after = _fresh(url + "/metrics").text
+            key = {"method": "GET", "route": "/health", "status": "200"}
+            assert (_metric(after, "mnist_deploy_http_requests_total", **key)
+                    - _metric(before, "mnist_deploy_http_requests_total", **key)) == len(pids)
+            assert _metric(after, "mnist_deploy_http_requests_total", method="POST", route="/predict",
+                           status="200") == len(images)
+            assert _metric(after, "mnist_deploy_predictions_total", runtime="onnx") == len(images)
+            assert _metric(after, "mnist_deploy_model_ready") == 1
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == 0
+        log = proc.log_path.read_text()
+        assert "Traceback" not in log, log
+        for pid in set(pids):  # the workers were reaped by the parent
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    assert not list(tmp.glob("mnist-deploy-metrics-*"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preferred-batch-sizes", "8,x"], "expected comma-separated integers"),
+    (["--max-batch-size", "16", "--preferred-batch-sizes", "8,32"], "preferred sizes must lie in 1..--max-batch-size"),
+    (["--max-batch-size", "0", "--preferred-batch-sizes", "4"], "preferred sizes must lie in 1..--max-batch-size"),
+    (["--workers", "0"], "--workers"),
+])
+def test_serve_refuses_bad_worker_and_batching_options(args, message, tmp_path):
+    result = CliRunner().invoke(cli, ["serve", "--artifacts", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
