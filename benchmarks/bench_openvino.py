@@ -39,7 +39,8 @@ def benchmark_app(xml: str, threads: int, seconds: float) -> dict:
     count = int(re.search(r"Count:\s+(\d+) iterations", text).group(1))
     duration_ms = float(re.search(r"Duration:\s+([\d.]+) ms", text).group(1))
     fps = float(re.search(r"Throughput:\s+([\d.]+) FPS", text).group(1))
-    median = float(re.search(r"Median:\s+([\d.]+) ms", text).group(1))
+    value, unit = re.search(r"Median:\s+([\d.]+) (ms|us)", text).groups()  # us when fast
+    median = float(value) / (1000.0 if unit == "us" else 1.0)
     return {"images_per_s": BATCH * count / (duration_ms / 1e3), "iterations": count, "fps_line": fps,
             "median_ms": median, "command": " ".join(cmd)}
 
