@@ -54,6 +54,15 @@ def trained_cnn(tmp_path_factory, mnist_dir, cache_dir) -> Path:
     return _train(tmp_path_factory.mktemp("cnn-artifacts"), mnist_dir, cache_dir, model="cnn")
 
 
+@pytest.fixture(scope="session")
+def served(trained_mlp, tmp_path_factory, mnist_dir, cache_dir) -> Path:
+    """The trained MLP with an ONNX export, made once per session by the real exporter (read-only;
+    copy it before changing anything). The predict, serve, v2, batching, workers and fuzz tests use it."""
+    from _serving import onnx_artifacts
+
+    return onnx_artifacts(trained_mlp, tmp_path_factory.mktemp("served"), mnist_dir, cache_dir)
+
+
 @pytest.fixture
 def copy_artifacts(tmp_path):
     """``copy_artifacts(src)`` -> a private copy of an artifacts folder under this test's tmp_path."""

@@ -8,16 +8,11 @@ generation), and sent over loopback. Every answer must be below 500; every 4xx m
 from __future__ import annotations
 
 import pytest
-from _serving import onnx_artifacts, serve_process
+from _serving import serve_process
 
 pytestmark = pytest.mark.integration
 
 EXAMPLES_PER_MODE = 120
-
-
-@pytest.fixture(scope="module")
-def served(trained_mlp, tmp_path_factory, mnist_dir, cache_dir):
-    return onnx_artifacts(trained_mlp, tmp_path_factory.mktemp("fuzz"), mnist_dir, cache_dir)
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])

@@ -10,7 +10,7 @@ import zlib
 
 import numpy as np
 import pytest
-from _serving import mnist_test_digits, onnx_artifacts, png_bytes
+from _serving import mnist_test_digits, png_bytes
 from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
@@ -27,12 +27,6 @@ from mnist_deploy.predict import (
     runtime_names,
     top_k,
 )
-
-
-@pytest.fixture(scope="module")
-def served(trained_mlp, tmp_path_factory, mnist_dir, cache_dir):
-    """The trained MLP with an ONNX export (read-only; copy before changing)."""
-    return onnx_artifacts(trained_mlp, tmp_path_factory.mktemp("predict"), mnist_dir, cache_dir)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import zlib
 import httpx
 import numpy as np
 import pytest
-from _serving import mnist_test_digits, onnx_artifacts, png_bytes, serve_process
+from _serving import mnist_test_digits, png_bytes, serve_process
 from click.testing import CliRunner
 from PIL import Image
 from starlette.testclient import TestClient
@@ -26,11 +26,6 @@ from mnist_deploy.predict import load_model
 from mnist_deploy.serve import MAX_BODY_BYTES, create_app, is_loopback
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def served(trained_mlp, tmp_path_factory, mnist_dir, cache_dir):
-    return onnx_artifacts(trained_mlp, tmp_path_factory.mktemp("serve"), mnist_dir, cache_dir)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import re
 import httpx
 import numpy as np
 import pytest
-from _serving import mnist_test_digits, onnx_artifacts, serve_process
+from _serving import mnist_test_digits, serve_process
 from starlette.testclient import TestClient
 
 from mnist_deploy.data import manifest_normalization, normalize_pixels
@@ -20,11 +20,6 @@ from mnist_deploy.serve import create_app
 pytestmark = pytest.mark.integration
 BURST = 64
 BAD = 31  # the index of the bad request in the burst
-
-
-@pytest.fixture(scope="module")
-def served(trained_mlp, tmp_path_factory, mnist_dir, cache_dir):
-    return onnx_artifacts(trained_mlp, tmp_path_factory.mktemp("batching"), mnist_dir, cache_dir)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import time
 import anyio
 import numpy as np
 import pytest
-from _serving import mnist_test_digits, onnx_artifacts, png_bytes
+from _serving import mnist_test_digits, png_bytes
 from click.testing import CliRunner
 from PIL import Image
 from starlette.testclient import TestClient
@@ -25,11 +25,6 @@ from mnist_deploy.predict import MAX_IMAGE_PIXELS, load_model
 from mnist_deploy.serve import create_app
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def served(trained_mlp, tmp_path_factory, mnist_dir, cache_dir):
-    return onnx_artifacts(trained_mlp, tmp_path_factory.mktemp("hardening"), mnist_dir, cache_dir)
 
 
 @pytest.fixture(scope="module")

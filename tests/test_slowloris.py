@@ -13,18 +13,13 @@ import time
 
 import httpx
 import pytest
-from _serving import onnx_artifacts, serve_process
+from _serving import serve_process
 
 pytestmark = pytest.mark.integration
 
 LIMIT = 24
 TIMEOUT_S = 2.0
 HALF_HEADERS = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
-
-
-@pytest.fixture(scope="module")
-def served(trained_mlp, tmp_path_factory, mnist_dir, cache_dir):
-    return onnx_artifacts(trained_mlp, tmp_path_factory.mktemp("slowloris"), mnist_dir, cache_dir)
 
 
 def _open(url: str, payload: bytes) -> socket.socket:

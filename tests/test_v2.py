@@ -6,17 +6,12 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-from _serving import mnist_test_digits, onnx_artifacts, serve_process
+from _serving import mnist_test_digits, serve_process
 
 from mnist_deploy.data import normalize_pixels
 from mnist_deploy.predict import load_model
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def served(trained_mlp, tmp_path_factory, mnist_dir, cache_dir):
-    return onnx_artifacts(trained_mlp, tmp_path_factory.mktemp("v2"), mnist_dir, cache_dir)
 
 
 @pytest.fixture(scope="module")

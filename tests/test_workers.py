@@ -10,18 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from _serving import mnist_test_digits, onnx_artifacts, serve_process
+from _serving import mnist_test_digits, serve_process
 from click.testing import CliRunner
 
 from mnist_deploy.cli import cli
 from mnist_deploy.serve.workers import threads_per_worker, usable_cores
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def served(trained_mlp, tmp_path_factory, mnist_dir, cache_dir):
-    return onnx_artifacts(trained_mlp, tmp_path_factory.mktemp("workers"), mnist_dir, cache_dir)
 
 
 def _metric(text: str, name: str, **labels) -> float:
