@@ -7,6 +7,7 @@ from importlib import resources
 import anyio
 from fastapi import FastAPI
 
+from ..formats import DEFAULT_RUNTIME
 from ..predict import MAX_IMAGE_PIXELS, LoadedModel, load_model
 from .connections import default_max_connections, guarded_protocol, log_accept_errors_once
 from .guard import Guard
@@ -33,7 +34,7 @@ def _routes(*routers) -> tuple[str, ...]:
     return tuple(paths)
 
 
-def create_app(*, model: LoadedModel | None = None, artifacts="artifacts", runtime: str = "onnx",
+def create_app(*, model: LoadedModel | None = None, artifacts="artifacts", runtime: str = DEFAULT_RUNTIME,
                device: str = "cpu", threads: int | None = 1, max_body_bytes: int = MAX_BODY_BYTES,
                max_image_pixels: int = MAX_IMAGE_PIXELS, max_batch: int = MAX_BATCH, fast_path: bool = True,
                max_batch_size: int = 0, max_queue_delay_us: int = 0, preferred_batch_sizes: tuple[int, ...] = ()):
