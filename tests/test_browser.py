@@ -70,7 +70,9 @@ def _open(browser, url, **context_args):
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.goto(url + "/")
-    page.wait_for_function("document.getElementById('model').textContent.includes('runtime onnx')")
+    # Locator waits, not wait_for_function: a string predicate that has to poll is eval'd in the page,
+    # which the page's CSP (script-src 'self', no unsafe-eval) refuses, so it failed whenever /model was slow.
+    page.locator("#model", has_text="runtime onnx").wait_for()
     return context, page, requests, errors
 
 
@@ -111,11 +113,11 @@ def _settled_digit(page, expected: str | None = None) -> str:
     """The digit shown once the answer for the finished drawing has arrived."""
     if expected is not None:
         try:
-            page.wait_for_function(f"document.getElementById('digit').dataset.digit === '{expected}'", timeout=15_000)
+            page.locator(f"#digit[data-digit='{expected}']").wait_for(state="attached", timeout=15_000)
         except Exception:  # noqa: BLE001 - report what the page shows instead of a bare timeout
             pass
     else:
-        page.wait_for_function("document.getElementById('digit').dataset.digit !== ''", timeout=15_000)
+        page.locator("#digit:not([data-digit=''])[data-digit]").wait_for(state="attached", timeout=15_000)
     page.wait_for_timeout(300)  # let a last in-flight answer land
     return page.locator("#digit").get_attribute("data-digit")
 
