@@ -64,6 +64,27 @@ def served(trained_mlp, tmp_path_factory, mnist_dir, cache_dir) -> Path:
 
 
 @pytest.fixture
+def mirror(tmp_path, monkeypatch):
+    """A real HTTP server on loopback serving a folder as the MNIST download mirror; yields the folder."""
+    import functools
+    import http.server
+    import threading
+
+    from mnist_deploy import data
+
+    root = tmp_path / "mirror"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(data, "MIRROR", f"http://127.0.0.1:{server.server_address[1]}/")
+    yield root
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
 def copy_artifacts(tmp_path):
     """``copy_artifacts(src)`` -> a private copy of an artifacts folder under this test's tmp_path."""
 

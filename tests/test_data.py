@@ -161,26 +161,6 @@ def test_preview_png(mnist_dir, tmp_path):
     assert "test  " in res.output and "10000 images" in res.output
 
 
-@pytest.fixture
-def mirror(tmp_path, monkeypatch):
-    """A real HTTP server on loopback serving a folder as the download mirror."""
-    import functools
-    import http.server
-    import threading
-
-    root = tmp_path / "mirror"
-    root.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setattr(data, "MIRROR", f"http://127.0.0.1:{server.server_address[1]}/")
-    yield root
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.mark.integration
 def test_download_fetches_verifies_and_keeps_torchvision_layout(mnist_dir, tmp_path, mirror):
     for key in data.FILES:

@@ -4,11 +4,8 @@ fault point with a good previous set in place, then `mnist-deploy verify` (issue
 from __future__ import annotations
 
 import errno
-import functools
-import http.server
 import os
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
@@ -55,21 +52,6 @@ def test_atomic_write_on_a_full_disk_keeps_the_previous_file(full_disk):
     assert err.value.errno == errno.ENOSPC
     assert (full_disk / "old.json").read_text() == '{"previous": true}\n'
     assert _leftovers(full_disk) == []
-
-
-@pytest.fixture
-def mirror(tmp_path, monkeypatch):
-    """A real HTTP server on loopback serving a folder as the download mirror."""
-    root = tmp_path / "mirror"
-    root.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(data, "MIRROR", f"http://127.0.0.1:{server.server_address[1]}/")
-    yield root
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.mark.integration
