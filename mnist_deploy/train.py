@@ -29,7 +29,8 @@ from .faults import fault_point
 from .formats import model_from_state_dict, packages
 from .metrics import classification_metrics
 from .models import MODELS, build_model, get_spec, model_hparams
-from .optim import FusedAdam, OneCycle
+from .optim import OneCycle
+from .train_step import STEPS, make_step
 
 SCHEDULES = ("onecycle", "constant")
 
@@ -49,6 +50,7 @@ class TrainConfig:
     subset: int | None = None  # train on the first N training images (quick runs, tests)
     threads: int | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
+    step: str = "auto"  # auto: the fused MLP step where it applies (one process, mlp), else autograd
 
     def validate(self) -> None:
         if self.model not in MODELS:
@@ -61,6 +63,8 @@ class TrainConfig:
             raise InputError(f"--lr must be a positive number, got {self.lr}")
         if self.schedule not in SCHEDULES:
             raise InputError(f"unknown schedule '{self.schedule}'; choose one of {', '.join(SCHEDULES)}")
+        if self.step not in STEPS:
+            raise InputError(f"unknown step '{self.step}'; choose one of {', '.join(STEPS)}")
         if self.subset is not None and self.subset < 1:
             raise InputError(f"--subset must be at least 1, got {self.subset}")
 
@@ -82,6 +86,29 @@ class _Silent:
 
     def end_epoch(self, record: dict) -> None:
         pass
+
+
+class _Tally:
+    """The epoch's running loss and accuracy, from the logits the steps wrote (rows seen so far)."""
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.seen = 0
+
+    def add(self, logits, labels, upto: int) -> None:
+        import torch
+
+        z, y = logits[self.seen : upto], labels[self.seen : upto]
+        with torch.no_grad():
+            self.loss_sum += torch.nn.functional.cross_entropy(z, y, reduction="sum").double()
+            self.correct += (z.argmax(1) == y).sum()
+        self.seen = upto
+
+    def means(self) -> tuple[float, float]:
+        return self.loss_sum.item() / self.seen, self.correct.item() / self.seen
 
 
 def predict_logits(model, images, device, batch: int = 2000):
@@ -150,47 +177,37 @@ def _train(config: TrainConfig, rank: distributed.Rank, device, *, data_dir, cac
     train_x, train_y = train_x.to(device), train_y.to(device)
     per_rank = math.ceil(n / rank.world_size)  # DistributedSampler pads every rank to this many
     steps = math.ceil(per_rank / batch)
-    opt = FusedAdam(model.parameters(), lr=config.lr)
+    net = distributed.wrap(model, rank, device) if rank.distributed else model
+    stepper = make_step(config.step, net, model, config.lr, device, rank.world_size)
+    opt = stepper.opt
     sched = None
     if config.schedule == "onecycle":
         sched = OneCycle(opt, max_lr=config.lr * config.peak_lr_factor, total_steps=steps * config.epochs,
                          pct_start=0.15)
-    net = distributed.wrap(model, rank, device) if rank.distributed else model
-    loss_fn = torch.nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(config.seed)
     history = []
     test_pred = None
     t0 = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
-        net.train()
         reporter.start_epoch(epoch, config.epochs, steps)
         if rank.distributed:
-            perm = distributed.shard(n, epoch=epoch - 1, seed=config.seed, rank=rank).to(device)
+            order = distributed.shard(n, epoch=epoch - 1, seed=config.seed, rank=rank).to(device)
         else:
-            perm = torch.randperm(n, generator=gen).to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        seen = 0
+            order = torch.randperm(n, generator=gen).to(device)
+        stepper.begin_epoch(train_x, train_y, order)
+        rows = order.shape[0]
+        tally = _Tally(device)
         for step in range(steps):
-            idx = perm[step * batch : (step + 1) * batch]
-            xb, yb = train_x[idx], train_y[idx]
-            logits = net(xb)
-            loss = loss_fn(logits, yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            a, e = step * batch, min((step + 1) * batch, rows)
+            stepper.step(a, e)
             if sched is not None:
                 sched.step()
             if step == 0:
                 fault_point(f"train:rank{rank.rank}:step")
-            with torch.no_grad():
-                loss_sum += loss.detach() * yb.shape[0]
-                correct += (logits.argmax(1) == yb).sum()
-            seen += yb.shape[0]
             if (step + 1) % 50 == 0 or step + 1 == steps:
-                # .item() syncs with the device, so only every 50 steps.
-                reporter.update(step + 1, loss_sum.item() / seen, correct.item() / seen)
-        totals = [loss_sum.item(), float(correct.item()), float(seen)]
+                tally.add(stepper.data.logits, stepper.data.y, e)  # .item() syncs, so only every 50 steps
+                reporter.update(step + 1, *tally.means())
+        totals = [tally.loss_sum.item(), float(tally.correct.item()), float(tally.seen)]
         if rank.distributed:
             totals = distributed.all_sum(totals, device)
         record = {"epoch": epoch, "train_loss": totals[0] / totals[2], "train_accuracy": totals[1] / totals[2],
@@ -200,8 +217,10 @@ def _train(config: TrainConfig, rank: distributed.Rank, device, *, data_dir, cac
             record.update(test_loss=test_loss, test_accuracy=float((test_pred == test_y).mean()))
             reporter.end_epoch(record)
         history.append(record)
+    stepper.finish()
+    step_name = stepper.name
     train_seconds = time.perf_counter() - t0
-    del net, logits, loss  # the DDP wrapper (and outputs that hold it) must go before the process group
+    del net, stepper  # the DDP wrapper (and anything that holds it) must go before the process group
 
     ok, error = True, None
     metrics = None
@@ -212,7 +231,7 @@ def _train(config: TrainConfig, rank: distributed.Rank, device, *, data_dir, cac
                 _, test_pred = _evaluate_split(model, splits["test"], torch.device("cpu"))
             metrics = classification_metrics(test_y, test_pred)
             metrics.update(train_seconds=train_seconds, history=history, model=config.model, device=str(device),
-                           world_size=rank.world_size, backend=rank.backend)
+                           world_size=rank.world_size, backend=rank.backend, step=step_name)
             _write_training_artifacts(Path(out), model, config, hparams, metrics, source_md5, n, rank, plots)
         except Exception as exc:  # noqa: BLE001 - told to the other ranks, then raised
             ok, error = False, exc

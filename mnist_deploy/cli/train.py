@@ -88,6 +88,9 @@ class _RichReporter:
               help="Train on the first N training images only (quick runs).")
 @click.option("--threads", type=int, default=None, callback=positive,
               help="PyTorch intra-op threads (per process with --nproc-per-node; default 1 there).")
+@click.option("--step", type=click.Choice(["auto", "fused", "autograd"]), default="auto", show_default=True,
+              help="fused: the MLP's hand-fused forward, backward and Adam (one process); autograd: "
+                   "the generic step; auto: fused where it applies.")
 @click.option("--plots", is_flag=True, help="Also draw training_curves.png and confusion_matrix.png (about 1 s).")
 @click.option("--nproc-per-node", type=int, default=None, callback=positive,
               help="Launch N training processes with torchrun (torch.distributed, DDP; gloo on CPU, NCCL on CUDA).")
@@ -102,7 +105,7 @@ class _RichReporter:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("artifacts"),
               show_default=True, help="Output folder for the state_dict, metrics, manifest and plots.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def train_cmd(model, epochs, batch_size, lr, schedule, seed, device, subset, threads, plots, nproc_per_node,
+def train_cmd(model, epochs, batch_size, lr, schedule, seed, device, subset, threads, step, plots, nproc_per_node,
               nnodes, node_rank, rdzv_endpoint, data_dir, cache_dir, no_download, out, quiet) -> None:
     """Train a model with Adam + CrossEntropyLoss, evaluate on the 10,000 test images, write artifacts.
 
@@ -113,7 +116,7 @@ def train_cmd(model, epochs, batch_size, lr, schedule, seed, device, subset, thr
     from ..train import TrainConfig, train
 
     config = TrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
-                         seed=seed, device=device, subset=subset, threads=threads)
+                         seed=seed, device=device, subset=subset, threads=threads, step=step)
     if not nproc_per_node and (nnodes > 1 or node_rank or rdzv_endpoint):
         raise click.UsageError("--nnodes, --node-rank and --rdzv-endpoint go with --nproc-per-node")
     if nproc_per_node:
@@ -121,6 +124,10 @@ def train_cmd(model, epochs, batch_size, lr, schedule, seed, device, subset, thr
 
         config.validate()
         per_rank_batch(config.batch_size, nproc_per_node * nnodes)  # refuse before starting any process
+        if config.step == "fused" and nproc_per_node * nnodes > 1:
+            from ..train_step import fused_supported
+
+            raise click.UsageError(fused_supported(None, nproc_per_node * nnodes) or "")
         args = _train_args(config, plots=plots, data_dir=data_dir, cache_dir=cache_dir, no_download=no_download,
                            out=out, quiet=quiet)
         launch_train(args, nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
@@ -144,7 +151,7 @@ def _train_args(config, *, plots, data_dir, cache_dir, no_download, out, quiet) 
     """The worker command line that reproduces ``config`` (what --nproc-per-node hands to torchrun)."""
     args = ["--model", config.model, "--epochs", str(config.epochs), "--batch-size", str(config.batch_size),
             "--lr", repr(config.lr), "--schedule", config.schedule, "--seed", str(config.seed),
-            "--device", config.device, "--out", str(out)]
+            "--device", config.device, "--step", config.step, "--out", str(out)]
     for flag, value in (("--subset", config.subset), ("--threads", config.threads), ("--data-dir", data_dir),
                         ("--cache-dir", cache_dir)):
         if value is not None:
