@@ -15,7 +15,7 @@ import struct
 import urllib.error
 import urllib.request
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from .errors import DataError
 
 MEAN = 0.1307
 STD = 0.3081
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: source files' stat stamps beside their MD5s
 DATA_ENV = "MNIST_DEPLOY_DATA"
 CACHE_ENV = "MNIST_DEPLOY_CACHE"
 # The HTTPS mirror torchvision downloads from.
@@ -213,6 +213,17 @@ class RawMnist:
     arrays: dict[str, np.ndarray]
     md5: dict[str, str]
     paths: dict[str, Path]
+    stamps: dict[str, list] = field(default_factory=dict)  # each file's stat, taken before it was read
+
+
+def _stamp(path: Path) -> list | None:
+    """What changes whenever a file's content can have: its identity, size, mtime and ctime (a write,
+    a rename onto it, or resetting its mtime all move ctime, which user space cannot set back)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def load_raw(data_dir: str | os.PathLike | None = None, *, allow_download: bool = True) -> RawMnist:
@@ -228,10 +239,11 @@ def load_raw(data_dir: str | os.PathLike | None = None, *, allow_download: bool 
             )
         download(root, missing)
         paths = {k: find_file(root, k) for k in FILES}
-    arrays, md5 = {}, {}
+    arrays, md5, stamps = {}, {}, {}
     for key, path in paths.items():
+        stamps[key] = _stamp(path)
         arrays[key], md5[key] = load_verified(path, key)
-    return RawMnist(root, arrays, md5, paths)
+    return RawMnist(root, arrays, md5, paths, stamps)
 
 
 def normalize_pixels(pixels: np.ndarray, *, mean: float = MEAN, std: float = STD) -> np.ndarray:
@@ -292,54 +304,77 @@ def load_splits(
     cache_dir: str | os.PathLike | None = None,
     allow_download: bool = True,
 ) -> tuple[dict[str, Split], dict[str, str]]:
-    """Return the preprocessed train and test splits, using the cache when its source MD5s match.
+    """Return the preprocessed train and test splits and the source files' MD5s, from the cache when
+    it was built from these very files.
 
-    The MD5s of the source files are always recomputed (a second or so), so a changed source
-    invalidates the cache and a tampered source fails loudly.
+    A cache entry records the MD5 each source file had when it was verified and the file's stat stamp
+    (:func:`_stamp`) taken before that read. When every source file's stamp is unchanged the cache is
+    used as it is (memory-mapped); otherwise the files are read and verified again (MD5 and IDX header,
+    about 0.3 s), so a changed source rebuilds the cache and a tampered one fails loudly.
     """
+    cache = resolve_cache_dir(cache_dir)
+    root = resolve_data_dir(data_dir)
+    paths = {k: find_file(root, k) for k in FILES}
+    if all(paths.values()):
+        stamps = {k: _stamp(p) for k, p in paths.items()}
+        hit = {split: _read_cache(_cache_file(cache, split), stamps={"images": stamps[i], "labels": stamps[lbl]})
+               for split, (i, lbl) in SPLITS.items()}
+        if all(hit.values()):
+            md5 = {}
+            for split, (img_key, lbl_key) in SPLITS.items():
+                md5[img_key], md5[lbl_key] = hit[split][1]["images"], hit[split][1]["labels"]
+            return {split: found[0] for split, found in hit.items()}, md5
+    return _verify_and_cache(data_dir, cache, allow_download)
+
+
+def _verify_and_cache(data_dir, cache: Path, allow_download: bool) -> tuple[dict[str, Split], dict[str, str]]:
     import torch
 
     raw = load_raw(data_dir, allow_download=allow_download)
-    cache = resolve_cache_dir(cache_dir)
     splits: dict[str, Split] = {}
     for split, (img_key, lbl_key) in SPLITS.items():
         key = {"images": raw.md5[img_key], "labels": raw.md5[lbl_key]}
         path = _cache_file(cache, split)
-        cached = _read_cache(path, key)
-        if cached is None:
+        found = _read_cache(path, md5=key)
+        if found is None:
             images = torch.from_numpy(normalize(raw.arrays[img_key]))
             labels = torch.from_numpy(raw.arrays[lbl_key].astype(np.int64))
-            cached = Split(images, labels)
-            payload = {"format": CACHE_FORMAT, "source_md5": key, "mean": MEAN, "std": STD,
-                       "images": images, "labels": labels}
-            try:
-                from .artifacts import atomic_torch_save
+            found = (Split(images, labels), key)
+        payload = {"format": CACHE_FORMAT, "source_md5": key, "mean": MEAN, "std": STD,
+                   "source_stamp": {"images": raw.stamps.get(img_key), "labels": raw.stamps.get(lbl_key)},
+                   "images": found[0].images, "labels": found[0].labels}
+        try:
+            from .artifacts import atomic_torch_save
 
-                atomic_torch_save(payload, path)
-            except OSError:
-                pass  # a read-only cache folder only costs the preprocessing next time
-        splits[split] = cached
+            atomic_torch_save(payload, path)  # (re)stamped, so the next run skips the verification
+        except OSError:
+            pass  # a read-only cache folder only costs the preprocessing next time
+        splits[split] = found[0]
     return splits, raw.md5
 
 
-def _read_cache(path: Path, key: dict) -> Split | None:
+def _read_cache(path: Path, *, md5: dict | None = None, stamps: dict | None = None) -> tuple[Split, dict] | None:
+    """The cached split and its sources' MD5s, if the entry matches ``md5`` or ``stamps`` (and the
+    normalisation); None for anything else, which is then rebuilt."""
     import torch
 
-    if not path.is_file():
+    if not path.is_file() or (stamps is not None and None in stamps.values()):
         return None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - any unreadable cache is rebuilt
         return None
     if (
         not isinstance(obj, dict)
         or obj.get("format") != CACHE_FORMAT
-        or obj.get("source_md5") != key
+        or (md5 is not None and obj.get("source_md5") != md5)
+        or (stamps is not None and obj.get("source_stamp") != stamps)
         or obj.get("mean") != MEAN
         or obj.get("std") != STD
+        or not isinstance(obj.get("source_md5"), dict)
     ):
         return None
-    return Split(obj["images"], obj["labels"])
+    return Split(obj["images"], obj["labels"]), obj["source_md5"]
 
 
 def summary(data_dir: str | os.PathLike | None = None, *, allow_download: bool = True) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 
 import numpy as np
@@ -143,6 +144,7 @@ def test_cache_is_used_and_rebuilt_when_stale(mnist_dir, tmp_path):
     assert obj["source_md5"]["images"] == md5["test-images"]
     # A cache keyed by other source files is stale: it must be rebuilt, not trusted.
     obj["source_md5"]["images"] = "0" * 32
+    obj["source_stamp"]["images"] = ["/elsewhere/t10k-images-idx3-ubyte", 0, 0, 0, 0, 0]
     obj["images"] = torch.zeros_like(obj["images"])
     torch.save(obj, cache)
     again, _ = data.load_splits(mnist_dir, cache_dir=tmp_path, allow_download=False)
@@ -150,6 +152,43 @@ def test_cache_is_used_and_rebuilt_when_stale(mnist_dir, tmp_path):
     assert torch.load(cache, weights_only=True)["source_md5"]["images"] == md5["test-images"]
     img0 = data.load_raw(mnist_dir, allow_download=False).arrays["test-images"][0]
     np.testing.assert_allclose(splits["test"].images[0].numpy(), data.normalize(img0[None])[0])
+
+
+@pytest.mark.integration
+def test_cache_skips_verification_only_for_unchanged_sources(mnist_dir, tmp_path, monkeypatch):
+    import shutil
+
+    src = tmp_path / "mnist"
+    shutil.copytree(mnist_dir, src, ignore=shutil.ignore_patterns("README*"))
+    cache = tmp_path / "cache"
+    first, md5 = data.load_splits(src, cache_dir=cache, allow_download=False)
+    calls = []
+    real_load_raw = data.load_raw
+    monkeypatch.setattr(data, "load_raw", lambda *a, **k: calls.append(1) or real_load_raw(*a, **k))
+    again, md5_again = data.load_splits(src, cache_dir=cache, allow_download=False)
+    assert calls == [] and md5_again == md5  # unchanged files: the stamped cache, no re-read
+    assert torch_equal(again["train"].images, first["train"].images)
+    # Touching a file (even back to its old mtime) moves its ctime: verified again, then re-stamped.
+    labels = next(src.glob("t10k-labels*"))
+    st = labels.stat()
+    os.utime(labels, ns=(st.st_atime_ns, st.st_mtime_ns))
+    data.load_splits(src, cache_dir=cache, allow_download=False)
+    assert calls == [1]
+    data.load_splits(src, cache_dir=cache, allow_download=False)
+    assert calls == [1]
+    # A tampered source fails loudly although the cache is warm.
+    raw = bytearray(gzip.decompress(labels.read_bytes()) if labels.suffix == ".gz" else labels.read_bytes())
+    raw[-1] = (raw[-1] + 1) % 10
+    labels.write_bytes(gzip.compress(bytes(raw)) if labels.suffix == ".gz" else bytes(raw))
+    os.utime(labels, ns=(st.st_atime_ns, st.st_mtime_ns))  # even with its old mtime
+    with pytest.raises(data.DataError, match="MD5"):
+        data.load_splits(src, cache_dir=cache, allow_download=False)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
 
 
 @pytest.mark.integration
