@@ -427,3 +427,16 @@ def test_jpeg_upload(client, digits, model):
     Image.fromarray(255 - a).resize((112, 112)).save(buf, "JPEG", quality=90)
     r = client.post("/predict", files={"file": ("d.jpg", buf.getvalue(), "image/jpeg")})
     assert r.status_code == 200 and r.json()["digit"] == int(model.probabilities(normalize(a[None])).argmax())
+
+
+def test_startup_objects_are_frozen_out_of_the_collectors_reach(model):
+    import gc
+
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    try:
+        with TestClient(create_app(model=model)) as c:
+            assert c.get("/health").status_code == 200
+            assert gc.get_freeze_count() > 10_000  # torch, the runtime, FastAPI, the model
+    finally:
+        gc.unfreeze()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -82,6 +83,36 @@ def test_two_workers_answer_sum_metrics_and_stop_cleanly(served, mnist_dir, tmp_
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
     assert not list(tmp.glob("mnist-deploy-metrics-*"))
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's exit waits for init to reap it)."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc (Linux)")
+def test_workers_stop_when_the_parent_is_killed(served, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    with serve_process(served, "--workers", "2", "--log-level", "warning") as (url, proc):
+        pids: set[int] = set()
+        with ThreadPoolExecutor(8) as pool:
+            for _ in range(10):
+                pids |= {r.json()["pid"] for r in pool.map(lambda _: _fresh(url + "/health"), range(40))}
+                if len(pids) == 2:
+                    break
+        assert len(pids) == 2 and proc.pid not in pids
+        proc.kill()  # SIGKILL: no handler runs in the parent
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while any(_running(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in pids if _running(p)], "workers outlived their killed parent"
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/health", timeout=2)
 
 
 @pytest.mark.parametrize("args, message", [

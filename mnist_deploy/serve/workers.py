@@ -18,7 +18,8 @@ the folder is removed when the parent exits.
 
 SIGINT or SIGTERM to the parent stops the workers gracefully (SIGTERM each: uvicorn finishes the
 requests in flight and runs the lifespan shutdown) and waits for them, then kills any left after
-``stop_timeout`` seconds.
+``stop_timeout`` seconds. A parent that dies without a say (SIGKILL, the OOM killer) takes its workers
+with it: each asked Linux for SIGTERM on its parent's death. Only the metrics folder is left then.
 """
 
 from __future__ import annotations
@@ -65,8 +66,30 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.soc
     return sock
 
 
-def _worker_main(sock: socket.socket, app_kwargs: dict[str, Any], server_kwargs: dict[str, Any]) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to send this process SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), so a
+    supervisor killed with SIGKILL (or the OOM killer) does not leave its workers serving on the port.
+    SIGTERM lets uvicorn finish the requests in flight. Elsewhere this is a no-op."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+        _LOG.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d); this worker outlives a killed parent",
+                     ctypes.get_errno())
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker_main(sock: socket.socket, app_kwargs: dict[str, Any], server_kwargs: dict[str, Any],
+                 parent_pid: int | None = None) -> None:
     """One worker process: its own app and model, uvicorn on the shared socket."""
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     import uvicorn
 
     from .app import KEEP_ALIVE_TIMEOUT, create_app
@@ -112,7 +135,7 @@ def run_workers(*, workers: int, host: str, port: int, app_kwargs: dict[str, Any
     started: dict[int, float] = {}
 
     def start(i: int) -> multiprocessing.Process:
-        p = ctx.Process(target=_worker_main, args=(socks[i], app_kwargs, server_kwargs), name="mnist-deploy-worker")
+        p = ctx.Process(target=_worker_main, args=(socks[i], app_kwargs, server_kwargs, os.getpid()), name="mnist-deploy-worker")
         p.start()
         started[p.pid] = time.monotonic()
         return p
