@@ -142,8 +142,9 @@ BAD_JSON = [
     ("wrong count", json.dumps({"pixels": [0] * 783}), 422, "784 values"),
     ("out of range", json.dumps({"pixels": [0] * 783 + [300]}), 422, "0..255"),
     ("negative", json.dumps({"pixels": [-5] + [0] * 783}), 422, "0..255"),
-    ("NaN", '{"pixels": [NaN' + ", 0" * 783 + "]}", 422, "finite"),
-    ("Infinity", '{"pixels": [Infinity' + ", 0" * 783 + "]}", 422, "finite"),
+    # NaN and Infinity are not JSON (RFC 8259), so the parser refuses them before any pixel check.
+    ("NaN", '{"pixels": [NaN' + ", 0" * 783 + "]}", 400, "not valid JSON"),
+    ("Infinity", '{"pixels": [Infinity' + ", 0" * 783 + "]}", 400, "not valid JSON"),
     ("strings", json.dumps({"pixels": ["a"] * 784}), 422, "numbers"),
     ("null", json.dumps({"pixels": None}), 422, "numbers"),
     ("not json", "{pixels: 1", 400, "not valid JSON"),

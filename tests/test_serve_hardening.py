@@ -68,7 +68,7 @@ def test_huge_json_integer_is_400_not_500(any_client, route):
     r = any_client.post(route, content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     assert r.headers["content-type"].startswith("application/json")
-    assert "not usable JSON" in r.json()["detail"]
+    assert "not valid JSON" in r.json()["detail"]
 
 
 # -- 2. an image Pillow opens but cannot convert -----------------------------------------------
