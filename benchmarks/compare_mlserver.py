@@ -378,8 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(table(rows))
+    for probe, reason in ALLOWED.items():
+        print(f"\nallowed: {probe}: {reason}", end="")
     differing = [r.probe for r in rows if not r.same_class and r.probe not in ALLOWED]
-    print(f"\n{len(rows)} probes; status class differs (not allowed): {differing or 'none'}")
+    print(f"\n\n{len(rows)} probes; status class differs (not allowed): {differing or 'none'}")
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
     return 0

@@ -38,14 +38,21 @@ def _compare_module():
 cmp = _compare_module()
 
 
-@pytest.fixture(scope="module")
-def rows(served, mnist_dir):
+@pytest.fixture(scope="session")  # session scope: pytest sets up wider scopes first, so this precedes `served`
+def mlserver_venv() -> Path:
+    """MLServer's venv; skips without it, or fails where CI demands it (MNIST_DEPLOY_REQUIRE_SYSTEM_TOOLS=1:
+    scripts/test.sh makes it), as conftest's ``require_system_tool`` does for system tools."""
     if not (VENV / "bin" / "mlserver").exists():
         msg = f"MLServer is not installed in {VENV} (bash scripts/mlserver_env.sh creates it)"
-        if os.environ.get("MNIST_DEPLOY_REQUIRE_SYSTEM_TOOLS"):  # CI installs it: there, missing is a failure
+        if os.environ.get("MNIST_DEPLOY_REQUIRE_SYSTEM_TOOLS"):
             pytest.fail(msg)
         pytest.skip(msg)
-    return cmp.compare(artifacts=served, data_dir=mnist_dir, venv=VENV)
+    return VENV
+
+
+@pytest.fixture(scope="module")
+def rows(mlserver_venv, served, mnist_dir):  # the venv first: no training when it is missing
+    return cmp.compare(artifacts=served, data_dir=mnist_dir, venv=mlserver_venv)
 
 
 def test_valid_probes_give_the_same_logits(rows):
