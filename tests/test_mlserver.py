@@ -61,6 +61,9 @@ def test_valid_probes_give_the_same_logits(rows):
     bad = [(r.probe, r.ours.status, r.mlserver.status, r.max_abs_diff) for r in valid
            if r.ours.status != 200 or r.mlserver.status != 200 or r.max_abs_diff is None or r.max_abs_diff > 1e-4]
     assert not bad, f"valid probes where the servers disagree (probe, ours, MLServer, max |diff|): {bad}"
+    names = [(r.probe, [o["name"] for o in r.ours.body["outputs"]], [o["name"] for o in r.mlserver.body["outputs"]])
+             for r in valid]
+    assert all(a == b for _, a, b in names), f"different outputs returned: {names}"
     batch64 = next(r for r in rows if r.probe == "infer pixels batch 64")
     assert [o["shape"] for o in batch64.ours.body["outputs"]] == [[64, 10]]
 
