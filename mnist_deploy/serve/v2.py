@@ -13,11 +13,14 @@ flat or nested. Errors are 400 ``{"error": "..."}``, an unknown model or version
 Readiness false is 400 (the spec: "a 4xx status code indicates false"); inference or metadata before
 the model is loaded is 503. Where the spec is silent: with no ``outputs`` only ``logits`` is returned; the model version is the
 manifest's ``model.version`` or ``"1"`` (a Triton repository's first version); the binary tensor
-extension is not supported (``extensions`` is empty), so clients send JSON data.
+extension is not supported (``extensions`` is empty), so clients send JSON data. An infer body may be
+compressed (``Content-Encoding: gzip`` or ``deflate``, as tritonclient's ``request_compression_algorithm``
+sends it and Triton and MLServer take it), held to the same size limit once decompressed.
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import numpy as np
@@ -39,6 +42,23 @@ class V2Error(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+def _decoded(body: bytes, encoding: str, limit: int) -> bytes:
+    """An infer body with its ``Content-Encoding`` undone; the decompressed size is capped like a plain body's."""
+    encoding = encoding.strip().lower()
+    if encoding not in ("gzip", "deflate"):  # others are read as they are, as MLServer does
+        return body
+    d = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)  # HTTP "deflate" is the zlib format
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error:
+        raise V2Error(400, f"request body is not valid {encoding} data") from None
+    if len(out) > limit:
+        raise V2Error(413, f"request body is over the limit of {limit:,} bytes once decompressed")
+    if not d.eof:
+        raise V2Error(400, f"request body is truncated {encoding} data")
+    return out
 
 
 def _reply(obj: Any, status: int = 200) -> Response:
@@ -202,7 +222,8 @@ async def _infer(request: Request, name: str, version: str | None = None):
     service = _service(request)
     try:
         m = _model(service, name, version)
-        return _reply(await infer_batched(service, m, await request.body()))
+        body = _decoded(await request.body(), request.headers.get("content-encoding", ""), service.max_body_bytes)
+        return _reply(await infer_batched(service, m, body))
     except V2Error as exc:
         return _reply({"error": str(exc)}, exc.status)
     except BatcherClosed as exc:
