@@ -1,6 +1,8 @@
 """One process x 2 threads against 2 processes x 1 thread (torchrun, gloo, DDP) for `mnist-deploy train`.
 
-(1 process x 1 thread is run too, to separate the effect of the threads from that of the processes.)
+(1 process x 1 thread is run too, to separate the effect of the threads from that of the processes,
+and 1 process x 1 thread with `--step autograd`, the step DDP runs, to separate the step from both:
+one process trains the MLP with the fused step by default, and torchrun ranks cannot.)
 
 Same model, epochs, seed and global batch (64; 32 per rank with 2 processes). Whole-process wall
 time, the training loop's time (metrics.json's train_seconds) and test accuracy, alternating runs,
@@ -47,6 +49,7 @@ def main() -> None:
         setups = {
             "1 process x 2 threads": base + ["--threads", "2"],
             "1 process x 1 thread": base + ["--threads", "1"],
+            "1 process x 1 thread, autograd": base + ["--threads", "1", "--step", "autograd"],
             "2 processes x 1 thread": base + ["--nproc-per-node", "2", "--threads", "1"],
         }
         out = Path(tmp) / "out"
@@ -58,11 +61,11 @@ def main() -> None:
                 rows[name].append(_run(cmd + ["--out", str(out)], env, out))
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {args.model}, {args.epochs} epochs, "
           f"global batch 64, {args.repeats} alternating runs, medians")
-    print(f"{'':26}{'whole process (s)':>18}{'training loop (s)':>18}{'accuracy (%)':>14}")
+    print(f"{'':32}{'whole process (s)':>18}{'training loop (s)':>18}{'accuracy (%)':>14}")
     for name, rs in rows.items():
         wall, loop = statistics.median(r["wall"] for r in rs), statistics.median(r["loop"] for r in rs)
         acc = statistics.median(r["accuracy"] for r in rs)
-        print(f"{name:<26}{wall:>18.2f}{loop:>18.2f}{100 * acc:>14.2f}")
+        print(f"{name:<32}{wall:>18.2f}{loop:>18.2f}{100 * acc:>14.2f}")
 
 
 if __name__ == "__main__":
