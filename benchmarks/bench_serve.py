@@ -2,7 +2,7 @@
 
     python benchmarks/bench_serve.py --artifacts artifacts [--connections 1 16 64 256] [--seconds 3]
                                      [--workers N] [--max-batch-size 64] [--max-queue-delay-us 0]
-                                     [--wrk-threads 1] [--json results.json]
+                                     [--wrk-threads 1] [--asyncio] [--json results.json]
 
 For each server configuration -- 1 worker without batching (the baseline: today's server), 1 worker
 with dynamic batching, N workers without, N workers with (N: the usable cores) -- starts the real
@@ -82,10 +82,12 @@ def serve_options(python: str = sys.executable) -> set[str]:
     return set(re.findall(r"(--[a-z][a-z0-9-]*)", out))
 
 
-def plan(*, workers: int, max_batch_size: int, max_queue_delay_us: int, options: set[str]) -> list[ServerConfig]:
+def plan(*, workers: int, max_batch_size: int, max_queue_delay_us: int, options: set[str],
+         asyncio_loop: bool = False) -> list[ServerConfig]:
     """The four configurations, with the options the server takes. Batching off is an explicit
     ``--max-batch-size 1`` where the option exists (a server may batch by default); one worker is an
-    explicit ``--workers 1`` where it exists (a server may default to every core)."""
+    explicit ``--workers 1`` where it exists (a server may default to every core). ``asyncio_loop``
+    adds the two batching configurations again on asyncio's own event loop (``--loop asyncio``)."""
     one = ["--workers", "1"] if "--workers" in options else []
     off = ["--max-batch-size", "1"] if "--max-batch-size" in options else []
     on = ["--max-batch-size", str(max_batch_size), "--max-queue-delay-us", str(max_queue_delay_us)]
@@ -97,6 +99,11 @@ def plan(*, workers: int, max_batch_size: int, max_queue_delay_us: int, options:
         ServerConfig(f"{workers} workers, no batching", many + off, ("--workers",)),
         ServerConfig(f"{workers} workers, batching", many + on, ("--workers", *batching)),
     ]
+    if asyncio_loop:
+        aio = ["--loop", "asyncio"]
+        configs += [ServerConfig("1 worker, batching, asyncio loop", one + on + aio, (*batching, "--loop")),
+                    ServerConfig(f"{workers} workers, batching, asyncio loop", many + on + aio,
+                                 ("--workers", *batching, "--loop"))]
     for c in configs:
         missing = [o for o in c.needs if o not in options]
         if missing:
@@ -224,13 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-queue-delay-us", type=int, default=0)
     ap.add_argument("--wrk-threads", type=int, default=1, help="wrk -t (the load generator shares the CPUs)")
     ap.add_argument("--runtime", default="onnx")
+    ap.add_argument("--asyncio", action="store_true",
+                    help="also run the batching configurations on asyncio's event loop (serve --loop asyncio)")
     ap.add_argument("--only", nargs="+", default=None, help="run only these configuration labels (baseline first)")
     ap.add_argument("--data-dir", default=os.environ.get("MNIST_DEPLOY_DATA"))
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
 
     configs = plan(workers=args.workers, max_batch_size=args.max_batch_size,
-                   max_queue_delay_us=args.max_queue_delay_us, options=serve_options())
+                   max_queue_delay_us=args.max_queue_delay_us, options=serve_options(), asyncio_loop=args.asyncio)
     if args.only:
         configs = [c for c in configs if c.label in args.only]
     t0 = time.perf_counter()

@@ -38,6 +38,15 @@ def test_plan_passes_options_the_server_has_and_skips_what_it_lacks():
     assert "--workers" in today["4 workers, no batching"].skipped
 
 
+def test_plan_adds_the_asyncio_loop_rows_on_request():
+    labels = [c.label for c in bs.plan(workers=2, max_batch_size=64, max_queue_delay_us=0, options=ALL | {"--loop"},
+                                       asyncio_loop=True)]
+    assert labels[4:] == ["1 worker, batching, asyncio loop", "2 workers, batching, asyncio loop"]
+    old = {c.label: c for c in bs.plan(workers=2, max_batch_size=64, max_queue_delay_us=0, options=ALL,
+                                       asyncio_loop=True)}
+    assert "--loop" in old["2 workers, batching, asyncio loop"].skipped
+
+
 def _cell(config, connections, rps, p99, errors=0):
     return bs.Cell(config=config, connections=connections, requests_per_second=rps, p50_ms=p99 / 2, p99_ms=p99,
                    max_ms=p99, requests=int(rps), errors=errors, non_2xx=0, seconds=1.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,7 +16,7 @@ from _serving import mnist_test_digits, serve_process
 from click.testing import CliRunner
 
 from mnist_deploy.cli import cli
-from mnist_deploy.serve.workers import threads_per_worker, usable_cores
+from mnist_deploy.serve.workers import bind_socket, threads_per_worker, usable_cores
 
 pytestmark = pytest.mark.integration
 
@@ -83,6 +84,26 @@ def test_two_workers_answer_sum_metrics_and_stop_cleanly(served, mnist_dir, tmp_
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
     assert not list(tmp.glob("mnist-deploy-metrics-*"))
+
+
+def test_listening_sockets_say_they_are_tcp():
+    # asyncio turns TCP_NODELAY on only for sockets whose proto is IPPROTO_TCP; with proto 0 every
+    # response on an accepted connection waited ~40 ms for a delayed ACK under --loop asyncio.
+    with bind_socket("127.0.0.1", 0) as sock:
+        assert sock.proto == socket.IPPROTO_TCP
+        client = socket.create_connection(sock.getsockname())
+        conn, _ = sock.accept()
+        with client, conn:
+            assert conn.proto == socket.IPPROTO_TCP
+
+
+def test_two_workers_on_asyncios_loop_answer(served, mnist_dir):
+    images, labels = mnist_test_digits(mnist_dir, 8)
+    with serve_process(served, "--workers", "2", "--loop", "asyncio", "--log-level", "warning") as (url, _):
+        with httpx.Client(timeout=20) as c:
+            answers = [c.post(url + "/predict", json={"pixels": a.ravel().tolist()}) for a in images]
+    assert all(r.status_code == 200 for r in answers)
+    assert sum(r.json()["digit"] == y for r, y in zip(answers, labels, strict=True)) >= 7
 
 
 def _running(pid: int) -> bool:

@@ -88,11 +88,14 @@ def predict_cmd(ctx, inputs, runtime, artifacts, top_k, device, threads, as_json
                    "allows, at most 4096).")
 @click.option("--request-timeout", type=click.FloatRange(0.1, 3600), default=10.0, show_default=True,
               help="Seconds for a request (headers and body) to arrive whole; slower ones are answered 408.")
+@click.option("--loop", type=click.Choice(["uvloop", "asyncio"]), default="uvloop", show_default=True,
+              help="Event loop. uvloop serves more requests per core; asyncio's own is fairer when one process is "
+                   "saturated (uvloop's p99 grows to hundreds of ms there; measured, README, Serving).")
 @click.option("--access-log", is_flag=True, help="Log every request (costs throughput).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 def serve_cmd(host, port, runtime, artifacts, device, workers, reuse_port, threads, max_batch_size, max_queue_delay_us,
-              preferred_batch_sizes, max_body, max_connections, request_timeout, access_log, log_level) -> None:
+              preferred_batch_sizes, max_body, max_connections, request_timeout, loop, access_log, log_level) -> None:
     """Serve the model over HTTP until Ctrl-C: a drawing page at /, POST /predict, /docs, /metrics.
 
     The artifact is loaded once, after its sha256 is checked against the manifest. Endpoints:
@@ -127,7 +130,7 @@ def serve_cmd(host, port, runtime, artifacts, device, workers, reuse_port, threa
         click.secho(f"warning: listening on {host}: other machines can reach this server (no authentication)",
                     fg="yellow", err=True)
     server = {"log_level": log_level, "access_log": access_log, "max_connections": max_connections,
-              "request_timeout": request_timeout}
+              "request_timeout": request_timeout, "loop": loop}
     if workers == 1:
         run_server(create_app(model=model, max_body_bytes=max_body, **batching), host=host, port=port, **server)
         return

@@ -101,10 +101,13 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+LOOPS = ("uvloop", "asyncio")
+
+
 def run_server(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
                access_log: bool = False, max_connections: int | None = None,
-               request_timeout: float = REQUEST_TIMEOUT) -> None:
-    """Serve ``app`` with uvicorn (uvloop, httptools) until interrupted.
+               request_timeout: float = REQUEST_TIMEOUT, loop: str = "uvloop") -> None:
+    """Serve ``app`` with uvicorn (httptools, and ``loop``: uvloop or asyncio's own) until interrupted.
 
     At most ``max_connections`` open connections (default: what the file-descriptor limit allows);
     a request must arrive whole within ``request_timeout`` seconds (see :mod:`.connections`).
@@ -115,7 +118,7 @@ def run_server(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str
     protocol = guarded_protocol(max_connections=max_connections or default_max_connections(),
                                 request_timeout=request_timeout)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log, server_header=False,
-                timeout_keep_alive=KEEP_ALIVE_TIMEOUT, lifespan="on", http=protocol, loop="uvloop")
+                timeout_keep_alive=KEEP_ALIVE_TIMEOUT, lifespan="on", http=protocol, loop=loop)
 
 
 def is_loopback(host: str) -> bool:
