@@ -11,7 +11,9 @@ normalised here with the manifest's mean and std. Outputs: ``logits`` FP32 ``[-1
 ``probabilities`` FP32 ``[-1, 10]`` when asked for in ``outputs``. Tensor ``data`` is row-major,
 flat or nested. Errors are 400 ``{"error": "..."}``, an unknown model or version 404.
 Readiness false is 400 (the spec: "a 4xx status code indicates false"); inference or metadata before
-the model is loaded is 503. Where the spec is silent: with no ``outputs`` only ``logits`` is returned; the model version is the
+the model is loaded is 503. With no ``outputs`` only ``logits`` is returned: the spec says "all outputs produced by the
+model", and the exported model produces ``logits``; ``probabilities`` is computed here on request
+(MLServer does the same, docs/mlserver.md). Where the spec is silent: the model version is the
 manifest's ``model.version`` or ``"1"`` (a Triton repository's first version); the binary tensor
 extension is not supported (``extensions`` is empty), so clients send JSON data. An infer body may be
 compressed (``Content-Encoding: gzip`` or ``deflate``, as tritonclient's ``request_compression_algorithm``
