@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist"
+
+
+def pytest_configure(config):
+    # A runner started in the background without job control (`bash .ci/run &` from a script) starts
+    # with SIGINT ignored, and a child inherits an ignored signal through exec, so the tests that stop
+    # `train` with SIGINT (Ctrl-C) would see it ignored. A handled signal is reset to the default in a
+    # child, so handling it here gives every child process the usual Ctrl-C.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
