@@ -13,4 +13,6 @@ PINS=(mlserver==1.7.1 onnxruntime==1.32.0 numpy==2.4.6)
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${PINS[@]}"
+# Every dependency pinned too (scripts/mlserver-constraints.txt), so a new upstream release cannot
+# change what CI compares against.
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c scripts/mlserver-constraints.txt "${PINS[@]}"
