@@ -102,3 +102,49 @@ def test_batching_off_by_default_and_on_in_process(served, mnist_dir, oracle):
         assert r.status_code == 200
         np.testing.assert_allclose(r.json()["probabilities"], _softmax(oracle(images[0])), atol=2e-6)
         assert _samples(c.get("/metrics").text, "mnist_deploy_batch_size")["count"] == 1
+
+
+def _png(a: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(a.astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_uploads_and_predict_batch_join_the_batches(served, mnist_dir):
+    images, _ = mnist_test_digits(mnist_dir, 24)
+    pngs = [_png(a) for a in images[:8]]
+    lists = [images[8 + 2 * i : 10 + 2 * i] for i in range(8)]  # eight /predict/batch requests of 2 rows
+    with TestClient(create_app(model=load_model(artifacts=served, runtime="onnx"))) as c:  # unbatched answers
+        want_up = [c.post("/predict", files={"file": ("d.png", b, "image/png")}).json() for b in pngs]
+        want_rows = [c.post("/predict/batch", json={"pixels": [a.ravel().tolist() for a in rows]}).json()
+                     for rows in lists]
+
+    async def burst(url):
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=16)) as c:
+            up = [c.post(url + "/predict", files={"file": ("d.png", b, "image/png")}) for b in pngs]
+            rows = [c.post(url + "/predict/batch", json={"pixels": [a.ravel().tolist() for a in r]}) for r in lists]
+            return await asyncio.gather(*up, *rows)
+
+    args = ("--workers", "1", "--max-batch-size", "64", "--max-queue-delay-us", "20000", "--log-level", "warning")
+    with serve_process(served, *args) as (url, _proc):
+        for rounds in range(5):  # the burst must overlap in time; on a loaded machine try a few times
+            answers = asyncio.run(burst(url))
+            assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
+            for r, want in zip(answers[:8], want_up, strict=True):
+                assert r.json()["digit"] == want["digit"]
+                np.testing.assert_allclose(r.json()["probabilities"], want["probabilities"], atol=2e-6)
+            for r, want in zip(answers[8:], want_rows, strict=True):
+                assert r.json()["count"] == 2
+                for got, exp in zip(r.json()["predictions"], want["predictions"], strict=True):
+                    np.testing.assert_allclose(got["probabilities"], exp["probabilities"], atol=2e-6)
+            metrics = httpx.get(url + "/metrics").text
+            sizes = _samples(metrics, "mnist_deploy_batch_size")
+            queued = _samples(metrics, "mnist_deploy_batch_queue_seconds")
+            assert queued["count"] == (rounds + 1) * 16  # every upload and every list went through the batcher
+            if sizes["count"] < queued["count"]:
+                break
+        assert sizes["count"] < queued["count"]  # fewer model calls than requests

@@ -75,7 +75,7 @@ def predict_cmd(ctx, inputs, runtime, artifacts, top_k, device, threads, as_json
 @click.option("--threads", type=int, default=None, callback=positive,
               help="Runtime intra-op threads per worker (default: the usable cores // --workers, at least 1).")
 @click.option("--max-batch-size", type=click.IntRange(0, 4096), default=64, show_default=True,
-              help="Dynamic batching of JSON /predict and v2 infer: most rows per model call (0 or 1: off). "
+              help="Dynamic batching of /predict, /predict/batch and v2 infer: most rows per model call (0 or 1: off). "
                    "On by default: +20-40% req/s under concurrent load, measured (README, Serving).")
 @click.option("--max-queue-delay-us", type=click.IntRange(0, 1_000_000), default=0, show_default=True,
               help="Dynamic batching: longest a request waits for others to join its batch, in microseconds.")

@@ -6,6 +6,7 @@ service's error types to status codes, the one place that does. Errors are ``{"d
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import anyio
@@ -107,9 +108,14 @@ def _service(request: Request) -> Service:
     return request.app.state.service
 
 
-async def _decode_images(request: Request, service: Service, files: list[tuple[str, bytes]]) -> dict:
+async def _predict_images(request: Request, service: Service, files: list[tuple[str, bytes]]) -> dict:
+    """Decode in a worker thread (at most IMAGE_DECODERS at once), then predict on the loop, in the
+    next dynamic batch when batching is on."""
+    m = service.ready()
+    t0 = time.perf_counter()
     service.check_images(files)  # over-limit or unreadable headers: answered now, not after the queue
-    return await anyio.to_thread.run_sync(service.predict_images, files, limiter=request.app.state.decoders)
+    x = await anyio.to_thread.run_sync(service.decode_images, m, files, limiter=request.app.state.decoders)
+    return await service.predict_rows(m, x, t0)
 
 
 @router.post("/predict", summary="Predict one digit", openapi_extra={"requestBody": PREDICT_BODY},
@@ -131,7 +137,7 @@ async def predict(request: Request):
     files = await uploads(request, media, 1)
     if len(files) != 1:
         raise InputError(f"send one image to /predict (got {len(files)}); use /predict/batch for more")
-    out = await _decode_images(request, service, files)
+    out = await _predict_images(request, service, files)
     return json_response({**out.pop("predictions")[0], **out})
 
 
@@ -146,11 +152,11 @@ async def predict_batch(request: Request):
     service.ready()
     media = media_type(request.headers.get("content-type", ""))
     if media == "application/json":
-        return json_response(service.predict_pixel_batch(json_field(await request.body())))
+        return json_response(await service.predict_pixel_batch(json_field(await request.body())))
     files = await uploads(request, media, service.max_batch + 1)
     if len(files) > service.max_batch:
         raise InputError(f"at most {service.max_batch} images per batch, got more")
-    out = await _decode_images(request, service, files)
+    out = await _predict_images(request, service, files)
     for rec, (name, _) in zip(out["predictions"], files, strict=True):
         rec["file"] = name
     out["count"] = len(files)

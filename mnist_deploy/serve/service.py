@@ -48,7 +48,7 @@ class Service:
 
     def start_batching(self, *, max_batch_size: int, max_queue_delay_us: int,
                        preferred_batch_sizes: tuple[int, ...] = ()) -> None:
-        """Route model calls of JSON /predict and v2 infer through a :class:`DynamicBatcher` (the
+        """Route model calls of /predict, /predict/batch and v2 infer through a :class:`DynamicBatcher` (the
         model must be loaded). Requests are validated before they are queued, so a bad one never
         reaches a batch; one model call runs at a time, inline on the event loop."""
         m = self.ready()
@@ -112,13 +112,21 @@ class Service:
         out["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         return out
 
-    def predict_pixel_batch(self, rows: Any) -> dict:
+    async def predict_pixel_batch(self, rows: Any) -> dict:
+        """A JSON list of images -> their predictions (through the dynamic batcher when it is on)."""
         m = self.ready()
         t0 = time.perf_counter()
         if isinstance(rows, list) and len(rows) > self.max_batch:
             raise InputError(f"at most {self.max_batch} images per batch, got {len(rows)}")
-        probs = self.run(m, self.normalize(m, pixels_to_array(rows, batch=True)))
-        return {"predictions": [result(p) for p in probs], "count": len(probs), "runtime": m.runtime,
+        out = await self.predict_rows(m, self.normalize(m, pixels_to_array(rows, batch=True)), t0)
+        out["count"] = len(out["predictions"])
+        return out
+
+    async def predict_rows(self, m: LoadedModel, x: np.ndarray, t0: float) -> dict:
+        """Predictions for validated, normalised rows: one model call, or the rows' place in the next
+        dynamic batch (a request larger than the batch cap runs alone, never split)."""
+        probs = softmax(await self.batched_logits(m, x)) if self.batcher is not None else self.run(m, x)
+        return {"predictions": [result(p) for p in probs], "runtime": m.runtime,
                 "latency_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
     # -- uploaded images -----------------------------------------------------------------------
@@ -131,20 +139,16 @@ class Service:
             except InputError as exc:
                 raise type(exc)(f"image {i} ({exc})" if len(files) > 1 else str(exc)) from None
 
-    def predict_images(self, files: list[tuple[str, bytes]]) -> dict:
-        """Uploaded images (name, bytes) -> predictions; run it in a worker thread (decoding is slow)."""
-        m = self.ready()
-        t0 = time.perf_counter()
+    def decode_images(self, model: LoadedModel, files: list[tuple[str, bytes]]) -> np.ndarray:
+        """Uploaded images (name, bytes) -> normalised rows; run it in a worker thread (decoding is slow)."""
         rows = []
         for i, (name, blob) in enumerate(files):
             try:
                 rows.append(preprocess_image(blob, max_pixels=self.max_image_pixels, name=name,
-                                             **manifest_normalization(m.manifest)))
+                                             **manifest_normalization(model.manifest)))
             except InputError as exc:
                 raise InputError(f"image {i} ({exc})" if len(files) > 1 else str(exc)) from None
-        probs = self.run(m, np.concatenate(rows))
-        return {"predictions": [result(p) for p in probs], "runtime": m.runtime,
-                "latency_ms": round((time.perf_counter() - t0) * 1000, 3)}
+        return np.concatenate(rows)
 
     # -- what is served ------------------------------------------------------------------------
 
