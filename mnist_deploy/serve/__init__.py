@@ -21,7 +21,7 @@ The modules, bottom up:
 * :mod:`.workers` -- :func:`run_workers`: N spawned uvicorn processes on one port, the metrics folder.
 
 The JSON path is kept lean on purpose, and measured (2 CPUs, MLP, ONNX Runtime, 1 thread): the body
-is parsed with ``json.loads`` + numpy rather than pydantic models; the model call (13 us p50) runs
+is parsed with ``orjson`` + numpy rather than pydantic models; the model call (13 us p50) runs
 inline in the event loop, where a thread-pool hop costs 95 us p50 and 3.4 ms p99; and JSON
 ``POST /predict`` is answered by the guard itself. Image uploads are decoded in worker threads, at
 most two at a time, after their headers are checked, so a large image never blocks the JSON traffic
