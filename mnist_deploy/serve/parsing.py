@@ -38,8 +38,8 @@ def dumps(obj: Any) -> bytes:
 def loads(body: bytes) -> Any:
     """Parse a JSON body; every way it can fail is a :class:`BadRequest` naming the problem.
 
-    orjson: strict RFC 8259 (no NaN or Infinity literals, integers within 64 bits, at most 1,024
-    levels of nesting, UTF-8 only), and about 6x faster than ``json`` on a 784-value body.
+    orjson: strict RFC 8259 (no NaN or Infinity literals, no number too large for a double, at most
+    1,024 levels of nesting, UTF-8 only), and about 6x faster than ``json`` on a 784-value body.
     """
     if not body:
         raise BadRequest("empty body; send a JSON object")
