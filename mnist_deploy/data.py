@@ -334,14 +334,18 @@ def _verify_and_cache(data_dir, cache: Path, allow_download: bool) -> tuple[dict
     splits: dict[str, Split] = {}
     for split, (img_key, lbl_key) in SPLITS.items():
         key = {"images": raw.md5[img_key], "labels": raw.md5[lbl_key]}
+        stamp = {"images": raw.stamps.get(img_key), "labels": raw.stamps.get(lbl_key)}
         path = _cache_file(cache, split)
         found = _read_cache(path, md5=key)
+        if found is not None and found[2] == stamp:  # this split's files did not change: nothing to write
+            splits[split] = found[0]
+            continue
         if found is None:
             images = torch.from_numpy(normalize(raw.arrays[img_key]))
             labels = torch.from_numpy(raw.arrays[lbl_key].astype(np.int64))
-            found = (Split(images, labels), key)
+            found = (Split(images, labels), key, None)
         payload = {"format": CACHE_FORMAT, "source_md5": key, "mean": MEAN, "std": STD,
-                   "source_stamp": {"images": raw.stamps.get(img_key), "labels": raw.stamps.get(lbl_key)},
+                   "source_stamp": stamp,
                    "images": found[0].images, "labels": found[0].labels}
         try:
             from .artifacts import atomic_torch_save
@@ -353,9 +357,10 @@ def _verify_and_cache(data_dir, cache: Path, allow_download: bool) -> tuple[dict
     return splits, raw.md5
 
 
-def _read_cache(path: Path, *, md5: dict | None = None, stamps: dict | None = None) -> tuple[Split, dict] | None:
-    """The cached split and its sources' MD5s, if the entry matches ``md5`` or ``stamps`` (and the
-    normalisation); None for anything else, which is then rebuilt."""
+def _read_cache(path: Path, *, md5: dict | None = None,
+                stamps: dict | None = None) -> tuple[Split, dict, dict | None] | None:
+    """The cached split, its sources' MD5s and stamps, if the entry matches ``md5`` or ``stamps`` (and
+    the normalisation); None for anything else, which is then rebuilt."""
     import torch
 
     if not path.is_file() or (stamps is not None and None in stamps.values()):
@@ -374,7 +379,7 @@ def _read_cache(path: Path, *, md5: dict | None = None, stamps: dict | None = No
         or not isinstance(obj.get("source_md5"), dict)
     ):
         return None
-    return Split(obj["images"], obj["labels"]), obj["source_md5"]
+    return Split(obj["images"], obj["labels"]), obj["source_md5"], obj.get("source_stamp")
 
 
 def summary(data_dir: str | os.PathLike | None = None, *, allow_download: bool = True) -> dict:

@@ -171,9 +171,11 @@ def test_cache_skips_verification_only_for_unchanged_sources(mnist_dir, tmp_path
     # Touching a file (even back to its old mtime) moves its ctime: verified again, then re-stamped.
     labels = next(src.glob("t10k-labels*"))
     st = labels.stat()
+    train_cache = (cache / "mnist_train_processed.pth").stat()
     os.utime(labels, ns=(st.st_atime_ns, st.st_mtime_ns))
     data.load_splits(src, cache_dir=cache, allow_download=False)
     assert calls == [1]
+    assert (cache / "mnist_train_processed.pth").stat().st_ino == train_cache.st_ino  # its files did not change
     data.load_splits(src, cache_dir=cache, allow_download=False)
     assert calls == [1]
     # A tampered source fails loudly although the cache is warm.

@@ -101,9 +101,6 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-LOOPS = ("uvloop", "asyncio")
-
-
 def run_server(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
                access_log: bool = False, max_connections: int | None = None,
                request_timeout: float = REQUEST_TIMEOUT, loop: str = "uvloop") -> None:

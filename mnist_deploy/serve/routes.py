@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from ..errors import InputError
 from .parsing import BadRequest, NotFound, UnsupportedMedia, dumps, json_field, media_type, uploads
-from .service import BatcherClosed, NotReady, Service
+from .service import BatcherClosed, NotReady, Service, single_answer
 
 IMAGE_DECODERS = 2  # image uploads decoded at once
 STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
@@ -138,7 +138,7 @@ async def predict(request: Request):
     if len(files) != 1:
         raise InputError(f"send one image to /predict (got {len(files)}); use /predict/batch for more")
     out = await _predict_images(request, service, files)
-    return json_response({**out.pop("predictions")[0], **out})
+    return json_response(single_answer(out))
 
 
 @router.post("/predict/batch", summary="Predict a list of digits", openapi_extra={"requestBody": BATCH_BODY},

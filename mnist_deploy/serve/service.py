@@ -95,22 +95,14 @@ class Service:
         """One image of 784 raw pixel values -> its prediction."""
         t0 = time.perf_counter()
         m = self.ready()
-        probs = self.run(m, self.normalize(m, pixels_to_array(values)))
-        out = result(probs[0])
-        out["runtime"] = m.runtime
-        out["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-        return out
+        return single_answer(self.answer(m, self.run(m, self.normalize(m, pixels_to_array(values))), t0))
 
     async def predict_pixels_batched(self, values: Any) -> dict:
         """:meth:`predict_pixels` with the model call in the next dynamic batch."""
         t0 = time.perf_counter()
         m = self.ready()
         x = self.normalize(m, pixels_to_array(values))  # validated here: a bad request never joins a batch
-        probs = softmax(await self.batched_logits(m, x))
-        out = result(probs[0])
-        out["runtime"] = m.runtime
-        out["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-        return out
+        return single_answer(await self.predict_rows(m, x, t0))
 
     async def predict_pixel_batch(self, rows: Any) -> dict:
         """A JSON list of images -> their predictions (through the dynamic batcher when it is on)."""
@@ -126,6 +118,11 @@ class Service:
         """Predictions for validated, normalised rows: one model call, or the rows' place in the next
         dynamic batch (a request larger than the batch cap runs alone, never split)."""
         probs = softmax(await self.batched_logits(m, x)) if self.batcher is not None else self.run(m, x)
+        return self.answer(m, probs, t0)
+
+    @staticmethod
+    def answer(m: LoadedModel, probs: np.ndarray, t0: float) -> dict:
+        """Our JSON answer for rows of probabilities: ``predictions``, ``runtime``, ``latency_ms`` since ``t0``."""
         return {"predictions": [result(p) for p in probs], "runtime": m.runtime,
                 "latency_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
@@ -185,6 +182,11 @@ class Service:
         return self.metrics.render(self.model_labels())
 
 
+def single_answer(answer: dict) -> dict:
+    """A one-image answer: the image's prediction with ``runtime`` and ``latency_ms`` beside it."""
+    return {**answer.pop("predictions")[0], **answer}
+
+
 def result(probs: np.ndarray) -> dict:
     """One probability row -> our JSON answer: the digit, its confidence and the ten probabilities."""
     digit = int(probs.argmax())
@@ -192,4 +194,4 @@ def result(probs: np.ndarray) -> dict:
             "probabilities": [round(p, 6) for p in probs.tolist()]}
 
 
-__all__ = ["BatcherClosed", "NotReady", "Service", "result", "softmax"]
+__all__ = ["BatcherClosed", "NotReady", "Service", "result", "single_answer", "softmax"]
