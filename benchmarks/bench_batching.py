@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mnist_deploy.batching import DynamicBatcher  # noqa: E402
+from mnist_deploy.serve.batching import DynamicBatcher  # noqa: E402
 
 
 def _busy(us: int) -> None:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch-size", type=int, default=64)
     args = ap.parse_args(argv)
 
-    from mnist_deploy.data import load_raw
+    from mnist_deploy.data.mnist import load_raw
     from mnist_deploy.predict import load_model, normalize_pixels
 
     model = load_model(artifacts=args.artifacts, runtime=args.runtime, threads=1)

@@ -44,9 +44,9 @@ def bare_loop_p50(path: str, x: np.ndarray, threads: int, warmup: int, min_time:
 
 
 def main() -> None:
-    from mnist_deploy.artifacts import load_manifest, verified_path
-    from mnist_deploy.bench import default_threads, run_bench
-    from mnist_deploy.data import load_splits
+    from mnist_deploy.artifacts.manifest import load_manifest, verified_path
+    from mnist_deploy.bench.run import default_threads, run_bench
+    from mnist_deploy.data.mnist import load_splits
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifacts", default="artifacts")

@@ -46,8 +46,8 @@ def benchmark_app(xml: str, threads: int, seconds: float) -> dict:
 
 
 def main() -> None:
-    from mnist_deploy.artifacts import load_manifest, verified_path
-    from mnist_deploy.bench import default_threads, run_bench
+    from mnist_deploy.artifacts.manifest import load_manifest, verified_path
+    from mnist_deploy.bench.run import default_threads, run_bench
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifacts", default="artifacts")

@@ -154,7 +154,7 @@ def bench(*, artifacts: str | os.PathLike, configs: list[ServerConfig], connecti
     body = load_test.pixel_body(data_dir)
     label = None
     with contextlib.suppress(Exception):
-        from mnist_deploy.data import load_raw
+        from mnist_deploy.data.mnist import load_raw
 
         label = int(load_raw(data_dir, allow_download=False).arrays["test-labels"][0])
     cells: list[Cell] = []

@@ -13,7 +13,7 @@ are compared numerically (the same ONNX file, so they should agree to float32 ro
 
 Bounded: one request per probe and server, 10 s timeout each, both servers stopped at the end, also
 on error. ``ALLOWED`` lists the probes where the two servers' status classes (2xx/4xx) differ on
-purpose, with the reason; tests/test_mlserver.py fails on any other difference.
+purpose, with the reason; tests/serve/test_mlserver.py fails on any other difference.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ RUNTIME_DIR = HERE / "mlserver"
 TIMEOUT = 10.0
 
 # Probes whose status class (2xx/4xx) differs between the two servers on purpose; docs/mlserver.md
-# gives each line. Any other difference fails tests/test_mlserver.py.
+# gives each line. Any other difference fails tests/serve/test_mlserver.py.
 ALLOWED = {
     "empty batch [0,784]": "an empty batch is refused with 400 as everywhere in our server (the dynamic batcher "
                            "takes >= 1 row); MLServer hands it to the runtime, where ONNX Runtime returns [0, 10]",
@@ -261,8 +261,8 @@ def _ready(url: str) -> bool:
 
 def write_repository(root: Path, artifacts: Path, http_port: int, grpc_port: int) -> tuple[str, str]:
     """MLServer's settings.json and <model>/model-settings.json under ``root``; returns (name, version)."""
-    from mnist_deploy.artifacts import load_manifest
-    from mnist_deploy.data import manifest_normalization
+    from mnist_deploy.artifacts.manifest import load_manifest
+    from mnist_deploy.data.mnist import manifest_normalization
     from mnist_deploy.serve import v2
 
     manifest = load_manifest(artifacts)
@@ -319,8 +319,8 @@ def mlserver_process(root: Path, venv: Path, http_port: int, model: str, *,
 
 def digits(data_dir: Path | None, artifacts: Path) -> tuple[np.ndarray, np.ndarray]:
     """64 real MNIST test digits (uint8) and the same normalised as the manifest says."""
-    from mnist_deploy.artifacts import load_manifest
-    from mnist_deploy.data import load_raw, manifest_normalization, normalize_pixels
+    from mnist_deploy.artifacts.manifest import load_manifest
+    from mnist_deploy.data.mnist import load_raw, manifest_normalization, normalize_pixels
 
     raw = load_raw(data_dir, allow_download=False)
     pixels = raw.arrays["test-images"][:64].astype(np.uint8)

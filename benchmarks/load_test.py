@@ -117,7 +117,7 @@ def serve_process(artifacts: str | os.PathLike, *, runtime: str = "onnx", thread
 def pixel_body(data_dir: str | os.PathLike | None = None, index: int = 0) -> bytes:
     """One MNIST test digit as the JSON body; a drawn vertical stroke (a 1) if MNIST is not available."""
     try:
-        from mnist_deploy.data import load_raw
+        from mnist_deploy.data.mnist import load_raw
 
         pixels = load_raw(data_dir, allow_download=False).arrays["test-images"][index].ravel().tolist()
     except Exception:  # noqa: BLE001 - no MNIST files here: any plausible digit will do for load

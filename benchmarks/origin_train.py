@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from mnist_deploy.data import load_raw
+from mnist_deploy.data.mnist import load_raw
 
 
 def _transform():

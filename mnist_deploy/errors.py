@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty): what a
+    one-line error on stderr, a skipped bench row or an HTTP 4xx body shows of a third-party failure."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class MnistDeployError(Exception):
     """Base class for expected failures; ``exit_code`` is what the CLI exits with."""
 

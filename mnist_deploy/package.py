@@ -24,7 +24,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .artifacts import atomic_write_text, load_manifest, manifest_path, sha256_file, verified_path
+from .artifacts.files import atomic_write_text, sha256_file
+from .artifacts.manifest import load_manifest, manifest_path, verified_path
 from .errors import ExportError, InputError, IntegrityError, ManifestError
 from .formats import written_as
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (if needed) a separate venv for Seldon MLServer, the reference Open Inference Protocol server
-# that benchmarks/compare_mlserver.py and tests/test_mlserver.py compare ours with.
+# that benchmarks/compare_mlserver.py and tests/serve/test_mlserver.py compare ours with.
 #   bash scripts/mlserver_env.sh            # -> .venv-mlserver (or $MLSERVER_VENV)
 # A venv of its own because MLServer pins an older FastAPI (<0.116) than ours. Idempotent: a second run
 # only checks that the pinned versions are installed. These pins are not in constraints.txt, which is

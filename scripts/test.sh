@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-bash scripts/mlserver_env.sh  # MLServer in its own venv, for tests/test_mlserver.py (~30-50 s the first time)
+bash scripts/mlserver_env.sh  # MLServer in its own venv, for tests/serve/test_mlserver.py (~30-50 s the first time)
 bash scripts/system_deps.sh
 if [ -z "${MNIST_DEPLOY_DATA:-}" ] && [ ! -d ../shared/data/mnist ]; then
   # No local copy named: fetch MNIST into ./data once (MD5-checked), and run the tests on it.

@@ -24,7 +24,7 @@ _EXPORTED: dict[Path, Path] = {}
 def onnx_artifacts(trained: Path, tmp_root: Path, mnist_dir: Path, cache_dir: Path) -> Path:
     """A copy of ``trained`` with an ONNX artifact exported into it (once per session and source)."""
     if trained not in _EXPORTED:
-        from mnist_deploy.export import export_artifacts
+        from mnist_deploy.export.run import export_artifacts
 
         dst = tmp_root / "served"
         shutil.copytree(trained, dst)
@@ -36,7 +36,7 @@ def onnx_artifacts(trained: Path, tmp_root: Path, mnist_dir: Path, cache_dir: Pa
 
 
 def mnist_test_digits(mnist_dir: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
-    from mnist_deploy.data import load_raw
+    from mnist_deploy.data.mnist import load_raw
 
     raw = load_raw(mnist_dir, allow_download=False)
     return raw.arrays["test-images"][:n], raw.arrays["test-labels"][:n]

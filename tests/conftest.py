@@ -44,7 +44,7 @@ def _isolate_env(monkeypatch, tmp_path_factory):
 
 
 def _train(out: Path, mnist_dir: Path, cache_dir: Path, **overrides) -> Path:
-    from mnist_deploy.train import TrainConfig, train
+    from mnist_deploy.train.loop import TrainConfig, train
 
     train(TrainConfig(**overrides), data_dir=mnist_dir, cache_dir=cache_dir, out=out, allow_download=False)
     return out
@@ -80,7 +80,7 @@ def mirror(tmp_path, monkeypatch):
     import http.server
     import threading
 
-    from mnist_deploy import data
+    from mnist_deploy.data import mnist as data
 
     root = tmp_path / "mirror"
     root.mkdir()

@@ -66,7 +66,7 @@ def test_cli_evaluate_refuses_an_all_nan_state_dict(trained_mlp, copy_artifacts,
 
     from click.testing import CliRunner
 
-    from mnist_deploy.artifacts import artifact_entry
+    from mnist_deploy.artifacts.manifest import artifact_entry
     from mnist_deploy.cli import cli
 
     folder = copy_artifacts(trained_mlp)

@@ -91,7 +91,7 @@ def test_repository_parses_with_tritons_schema_and_matches_the_onnx_graph(export
 def test_packaged_model_computes_what_the_served_model_computes(exported, tmp_path, mnist_dir):
     import onnxruntime as ort
 
-    from mnist_deploy.data import load_raw
+    from mnist_deploy.data.mnist import load_raw
     from mnist_deploy.predict import load_model, normalize_pixels
 
     result = package_artifacts(artifacts=exported, out=tmp_path / "pkg")

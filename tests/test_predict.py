@@ -15,18 +15,10 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from mnist_deploy.cli import PREDICT_RUNTIMES, cli
-from mnist_deploy.data import normalize
+from mnist_deploy.data.images import mnist_image, pixels_to_array, preprocess_image
+from mnist_deploy.data.mnist import normalize
 from mnist_deploy.errors import InputError, IntegrityError, ManifestError, RuntimeUnavailable
-from mnist_deploy.predict import (
-    expand_inputs,
-    load_model,
-    mnist_image,
-    pixels_to_array,
-    predict_files,
-    preprocess_image,
-    runtime_names,
-    top_k,
-)
+from mnist_deploy.predict import expand_inputs, load_model, predict_files, runtime_names, top_k
 
 
 @pytest.fixture(scope="module")

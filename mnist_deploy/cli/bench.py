@@ -7,12 +7,10 @@ from pathlib import Path
 
 import click
 
-from ..bench import DEVICE_CHOICES as BENCH_DEVICES
-from ..bench import BenchConfig
+from ..bench.run import DEVICE_CHOICES as BENCH_DEVICES
+from ..bench.run import BenchConfig
 from ..errors import MnistDeployError
-from ..formats import (
-    FORMATS,
-)
+from ..formats import FORMATS
 from .common import cache_dir_option, cli, data_dir_option, no_download_option, positive
 
 BENCH_DEFAULTS = BenchConfig()
@@ -47,8 +45,8 @@ def bench_cmd(ctx, artifacts, runtimes, batch_sizes, device, threads, warmup, mi
               no_download, as_json, quiet) -> None:
     """Benchmark every runtime x device x batch size: latency percentiles, throughput, GFLOP/s against a
     measured matmul peak, cold start, size and test accuracy. Writes bench.json, .csv, .md and .png."""
-    from ..bench import run_bench
-    from ..bench_report import format_table, write_outputs
+    from ..bench.report import format_table, write_outputs
+    from ..bench.run import run_bench
 
     def progress(msg: str) -> None:
         if not quiet:

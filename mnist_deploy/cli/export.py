@@ -8,14 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..formats import (
-    FORMATS,
-    FP32_PARITY,
-    REDUCED_PARITY,
-    exportable,
-    option_types,
-    written_as,
-)
+from ..formats import FORMATS, FP32_PARITY, REDUCED_PARITY, exportable, option_types, written_as
 from .common import cache_dir_option, cli, data_dir_option, no_download_option, positive
 
 FORMAT_NAMES = exportable()  # the registry's exportable formats
@@ -84,8 +77,8 @@ def export_cmd(formats, checkpoint, out, atol, rtol, min_agreement, int8_min_agr
     recorded in manifest.json as failed and its files removed; the exit code is then 1. An I/O
     error (a full disk) keeps the previous artifact. Results also go to parity.json.
     """
-    from ..export import export_artifacts
-    from ..parity import would_pass_hint
+    from ..export.parity import would_pass_hint
+    from ..export.run import export_artifacts
 
     def progress(name):
         if not as_json:
@@ -140,7 +133,7 @@ def verify_cmd(artifacts, data_dir, cache_dir, no_download, as_json) -> None:
 
     Exit code 1 and one line per problem when anything does not check out.
     """
-    from ..export import verify_artifacts
+    from ..export.run import verify_artifacts
 
     report = verify_artifacts(artifacts=artifacts, data_dir=data_dir, cache_dir=cache_dir,
                               allow_download=not no_download)

@@ -8,10 +8,7 @@ from pathlib import Path
 import click
 
 from ..devices import DEVICE_CHOICES
-from ..formats import (
-    DEFAULT_RUNTIME,
-    FORMATS,
-)
+from ..formats import DEFAULT_RUNTIME, FORMATS
 from .common import cli, positive
 
 PREDICT_RUNTIMES = tuple(FORMATS)  # every runtime in the registry; pytorch runs the state_dict

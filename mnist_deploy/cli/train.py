@@ -22,7 +22,7 @@ MODEL_NAMES = ("mlp", "cnn")  # mirrors models.MODELS; kept here so --help never
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def data_cmd(data_dir, no_download, preview, as_json) -> None:
     """Check the MNIST files (MD5 and IDX header) and print counts per split and class."""
-    from ..data import summary, write_preview
+    from ..data.mnist import summary, write_preview
 
     info = summary(data_dir, allow_download=not no_download)
     if preview:
@@ -113,19 +113,19 @@ def train_cmd(model, epochs, batch_size, lr, schedule, seed, device, subset, thr
     Under torchrun (`torchrun --nproc-per-node N -m mnist_deploy train ...`, or --nproc-per-node N
     here) every process trains its shard and rank 0 evaluates and writes.
     """
-    from ..train import TrainConfig, train
+    from ..train.loop import TrainConfig, train
 
     config = TrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
                          seed=seed, device=device, subset=subset, threads=threads, step=step)
     if not nproc_per_node and (nnodes > 1 or node_rank or rdzv_endpoint):
         raise click.UsageError("--nnodes, --node-rank and --rdzv-endpoint go with --nproc-per-node")
     if nproc_per_node:
-        from ..distributed import launch_train, per_rank_batch
+        from ..train.distributed import launch_train, per_rank_batch
 
         config.validate()
         per_rank_batch(config.batch_size, nproc_per_node * nnodes)  # refuse before starting any process
         if config.step == "fused" and nproc_per_node * nnodes > 1:
-            from ..train_step import fused_supported
+            from ..train.step import fused_supported
 
             raise click.UsageError(fused_supported(None, nproc_per_node * nnodes) or "")
         args = _train_args(config, plots=plots, data_dir=data_dir, cache_dir=cache_dir, no_download=no_download,
@@ -179,7 +179,7 @@ def _print_metrics(m: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print all metrics as JSON.")
 def evaluate_cmd(checkpoint, artifacts, data_dir, cache_dir, no_download, as_json) -> None:
     """Reload a trained state_dict and recompute the test metrics."""
-    from ..train import evaluate
+    from ..train.loop import evaluate
 
     metrics = evaluate(checkpoint, artifacts=artifacts, data_dir=data_dir, cache_dir=cache_dir,
                        allow_download=not no_download)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ExportError, InputError, MnistDeployError, RuntimeUnavailable
+from ..errors import ExportError, InputError, MnistDeployError, RuntimeUnavailable, first_line
 
 DEFAULT_RUNTIME = "onnx"  # what predict and serve load when no --runtime is given
 METADATA_FILE = "mnist_deploy.json"  # inside .pt / .pt2 archives: the same metadata as the ONNX props
@@ -314,11 +314,6 @@ def quiet():
     finally:
         for lg, lv in zip(loggers, levels, strict=True):
             lg.setLevel(lv)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def export_failed(what: str, exc: BaseException) -> ExportError:

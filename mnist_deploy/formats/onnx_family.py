@@ -10,16 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ExportError, InputError, IntegrityError, RuntimeUnavailable
-from .base import (
-    REDUCED_PARITY,
-    ExportContext,
-    Format,
-    LoadError,
-    Predictor,
-    first_line,
-    option,
-    quiet,
-)
+from .base import REDUCED_PARITY, ExportContext, Format, LoadError, Predictor, first_line, option, quiet
 
 ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
 DEFAULT_OPSET = 18

@@ -12,15 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ExportError
-from .base import (
-    METADATA_FILE,
-    ExportContext,
-    Format,
-    Predictor,
-    first_line,
-    option,
-    quiet,
-)
+from .base import METADATA_FILE, ExportContext, Format, Predictor, first_line, option, quiet
 
 TORCH = ("torch",)
 
@@ -72,7 +64,7 @@ class TorchPredictor(Predictor):
 def model_from_state_dict(manifest: dict, path: str | os.PathLike, source: str | None = None):
     """Rebuild the model the manifest describes and load the state_dict at ``path`` into it, safely
     (``weights_only``) and strictly (missing, extra or misshapen tensors are named). Returns it in eval mode."""
-    from ..artifacts import safe_torch_load
+    from ..artifacts.files import safe_torch_load
     from ..models import build_model, load_state_dict_checked
 
     info = manifest["model"]  # load_manifest has checked it is there

@@ -7,8 +7,9 @@ from importlib import resources
 import anyio
 from fastapi import FastAPI
 
+from ..data.images import MAX_IMAGE_PIXELS
 from ..formats import DEFAULT_RUNTIME
-from ..predict import MAX_IMAGE_PIXELS, LoadedModel, load_model
+from ..predict import LoadedModel, load_model
 from .connections import default_max_connections, guarded_protocol, log_accept_errors_once
 from .guard import Guard
 from .routes import HANDLERS, IMAGE_DECODERS, MAX_BATCH, STATIC_FILES, router

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 
 UNSUPPORTED = ("Content-Type must be application/json (pixels), multipart/form-data (an image file in the "
                "field 'file') or image/* (the image as the body); got {!r}")
@@ -46,7 +46,7 @@ def loads(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"body is not valid JSON: {_first_line(exc)}") from None
+        raise BadRequest(f"body is not valid JSON: {first_line(exc)}") from None
 
 
 def json_field(body: bytes, key: str = "pixels") -> Any:
@@ -97,9 +97,6 @@ def has_bool(obj: Any) -> bool:
     return False
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 __all__ = ["BadRequest", "NotFound", "UnsupportedMedia", "dumps", "has_bool", "json_field", "loads", "media_type", "uploads"]

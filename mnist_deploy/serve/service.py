@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from ..batching import BatcherClosed, DynamicBatcher
-from ..data import manifest_normalization, normalize_pixels
+from ..data.images import check_image_header, pixels_to_array, preprocess_image
+from ..data.mnist import manifest_normalization, normalize_pixels
 from ..errors import InputError
-from ..predict import LoadedModel, check_image_header, pixels_to_array, preprocess_image
+from ..predict import LoadedModel
+from .batching import BatcherClosed, DynamicBatcher
 from .metrics import Metrics
 
 

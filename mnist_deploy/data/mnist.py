@@ -1,0 +1,410 @@
+"""MNIST: find, verify, download, read and preprocess the four IDX files.
+
+Accepts a flat folder of the four files or torchvision's layout (``DIR/MNIST/raw/``), each gzip or
+raw. Every file is checked against the canonical MD5 of its uncompressed bytes and its IDX header.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import math
+import os
+import struct
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..artifacts.files import atomic_path, atomic_write_bytes
+from ..errors import DataError
+
+MEAN = 0.1307
+STD = 0.3081
+CACHE_FORMAT = 2  # 2: source files' stat stamps beside their MD5s
+DATA_ENV = "MNIST_DEPLOY_DATA"
+CACHE_ENV = "MNIST_DEPLOY_CACHE"
+# The HTTPS mirror torchvision downloads from.
+MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+
+
+@dataclass(frozen=True)
+class IdxFile:
+    name: str  # uncompressed file name
+    md5: str  # MD5 of the uncompressed bytes
+    magic: int  # type byte 0x08 (unsigned byte) then number of dimensions
+    dims: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return 4 + 4 * len(self.dims) + math.prod(self.dims)
+
+
+FILES: dict[str, IdxFile] = {
+    "train-images": IdxFile("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb", 0x0803, (60000, 28, 28)),
+    "train-labels": IdxFile("train-labels-idx1-ubyte", "a25bea736e30d166cdddb491f175f624", 0x0801, (60000,)),
+    "test-images": IdxFile("t10k-images-idx3-ubyte", "2646ac647ad5339dbf082846283269ea", 0x0803, (10000, 28, 28)),
+    "test-labels": IdxFile("t10k-labels-idx1-ubyte", "27ae3e4e09519cfbb04c329615203637", 0x0801, (10000,)),
+}
+SPLITS = {"train": ("train-images", "train-labels"), "test": ("test-images", "test-labels")}
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """``--data-dir``, else ``$MNIST_DEPLOY_DATA``, else ``./data``."""
+    if data_dir:
+        return Path(data_dir)
+    env = os.environ.get(DATA_ENV)
+    return Path(env) if env else Path("data")
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``--cache-dir``, else ``$MNIST_DEPLOY_CACHE``, else ``~/.cache/mnist-deploy`` (the data folder may be read-only)."""
+    if cache_dir:
+        return Path(cache_dir)
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "mnist-deploy"
+
+
+def _candidates(root: Path, name: str) -> list[Path]:
+    out = []
+    for folder in (root, root / "MNIST" / "raw"):
+        out += [folder / name, folder / f"{name}.gz"]
+    return out
+
+
+def find_file(root: Path, key: str) -> Path | None:
+    for cand in _candidates(root, FILES[key].name):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _read_bytes(path: Path, limit: int) -> bytes:
+    """The file's (uncompressed) bytes; more than ``limit`` of them is an error, found without reading
+    past ``limit + 1`` (a small gzip can inflate to gigabytes)."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                raw = fh.read(limit + 1)
+        else:
+            with open(path, "rb") as fh:
+                raw = fh.read(limit + 1)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: cannot be read: {exc} (truncated or not gzip?)") from None
+    if len(raw) > limit:
+        what = "inflates to" if path.suffix == ".gz" else "has"
+        raise DataError(f"{path}: {what} more than the {limit:,} bytes this MNIST file has; not an MNIST file")
+    return raw
+
+
+def _gunzip(data: bytes, limit: int, source: str) -> bytes:
+    """Decompress ``data``, refusing (without inflating it all) anything longer than ``limit`` bytes."""
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as fh:
+            raw = fh.read(limit + 1)
+    except (OSError, EOFError, zlib.error):
+        raise DataError(f"{source}: not valid gzip") from None
+    if len(raw) > limit:
+        raise DataError(f"{source}: inflates to more than the {limit:,} bytes expected")
+    return raw
+
+
+MAX_IDX_DIMS = 8  # MNIST has 1 or 3; numpy allows 64. Anything more is not an image file.
+
+
+def parse_idx(raw: bytes, source: str = "IDX data") -> np.ndarray:
+    """Parse IDX bytes (big-endian magic, one 4-byte size per dimension, row-major data) into uint8."""
+    if len(raw) < 4:
+        raise DataError(f"{source}: too short for an IDX header ({len(raw)} bytes)")
+    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype != 0x08 or ndim == 0:
+        raise DataError(f"{source}: bad IDX magic {raw[:4].hex()} (expected 0000 08 then the number of dimensions)")
+    if ndim > MAX_IDX_DIMS:
+        raise DataError(f"{source}: IDX header claims {ndim} dimensions (at most {MAX_IDX_DIMS} accepted)")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{source}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = header + math.prod(dims)  # Python integers: a header cannot overflow the check
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "has trailing bytes"
+        raise DataError(f"{source}: {what}: header {dims} needs {expected} bytes, file has {len(raw)}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def load_verified(path: Path, key: str) -> tuple[np.ndarray, str]:
+    """Read one file, check its IDX header against the expected one and its MD5; return (array, md5)."""
+    spec = FILES[key]
+    raw = _read_bytes(path, spec.nbytes)
+    arr = parse_idx(raw, str(path))
+    magic = struct.unpack(">I", raw[:4])[0]
+    if magic != spec.magic or arr.shape != spec.dims:
+        raise DataError(
+            f"{path}: IDX header says magic {magic:#06x} shape {arr.shape}, expected {spec.magic:#06x} {spec.dims}"
+        )
+    md5 = hashlib.md5(raw).hexdigest()
+    if md5 != spec.md5:
+        raise DataError(f"{path}: MD5 {md5} is not MNIST's {spec.md5} (file modified or corrupt)")
+    return arr, md5
+
+
+def download(root: Path, keys: list[str], *, timeout: float = 15.0, progress: bool = True) -> None:
+    """Fetch the missing files over HTTPS into ``root/MNIST/raw/`` (torchvision's layout), verified."""
+    dest = root / "MNIST" / "raw"
+    for key in keys:
+        spec = FILES[key]
+        url = MIRROR + spec.name + ".gz"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (fixed https URL)
+                total = int(resp.headers.get("Content-Length") or 0)
+                data = _read_with_progress(resp, total, spec.name, progress, url=url, limit=spec.nbytes + (1 << 20))
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise DataError(
+                f"cannot download {url} ({reason}); no network? Put the four MNIST files in {root} "
+                f"or point --data-dir / ${DATA_ENV} at a local copy"
+            ) from None
+        raw = _gunzip(data, spec.nbytes, f"{url}: downloaded file")
+        md5 = hashlib.md5(raw).hexdigest()
+        if md5 != spec.md5:
+            raise DataError(f"{url}: downloaded data has MD5 {md5}, expected {spec.md5}; not saved")
+        try:
+            atomic_write_bytes(dest / f"{spec.name}.gz", data)
+        except OSError as exc:  # a full disk or a read-only folder: nothing half-written is left
+            raise DataError(f"{dest / spec.name}.gz: cannot save the download ({exc.strerror or exc}); "
+                            f"free some space or point --data-dir at another folder") from None
+
+
+def _read_with_progress(resp, total: int, label: str, progress: bool, *, url: str, limit: int) -> bytes:
+    """The response body, at most ``limit`` bytes (a gzip of an MNIST file is smaller than the file)."""
+    if total > limit:
+        raise DataError(f"{url}: {total:,} bytes announced, more than {limit:,}; not an MNIST file")
+    chunks, size = [], 0
+    bar = task = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        bar.start()
+        task = bar.add_task(f"download {label}", total=total or None)
+    try:
+        while chunk := resp.read(1 << 16):
+            size += len(chunk)
+            if size > limit:
+                raise DataError(f"{url}: more than {limit:,} bytes; not an MNIST file")
+            chunks.append(chunk)
+            if bar is not None:
+                bar.advance(task, len(chunk))
+    finally:
+        if bar is not None:
+            bar.stop()
+    return b"".join(chunks)
+
+
+@dataclass
+class RawMnist:
+    """The four verified arrays (uint8 images, uint8 labels) and the MD5 of each source file."""
+
+    root: Path
+    arrays: dict[str, np.ndarray]
+    md5: dict[str, str]
+    paths: dict[str, Path]
+    stamps: dict[str, list] = field(default_factory=dict)  # each file's stat, taken before it was read
+
+
+def _stamp(path: Path) -> list | None:
+    """What changes whenever a file's content can have: its identity, size, mtime and ctime (a write,
+    a rename onto it, or resetting its mtime all move ctime, which user space cannot set back)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def load_raw(data_dir: str | os.PathLike | None = None, *, allow_download: bool = True) -> RawMnist:
+    root = resolve_data_dir(data_dir)
+    paths = {k: find_file(root, k) for k in FILES}
+    missing = [k for k, p in paths.items() if p is None]
+    if missing:
+        names = ", ".join(FILES[k].name for k in missing)
+        if not allow_download:
+            raise DataError(
+                f"{root}: missing {names} (looked for raw and .gz, flat and in MNIST/raw/); "
+                f"point --data-dir or ${DATA_ENV} at a folder with the four MNIST files"
+            )
+        download(root, missing)
+        paths = {k: find_file(root, k) for k in FILES}
+    arrays, md5, stamps = {}, {}, {}
+    for key, path in paths.items():
+        stamps[key] = _stamp(path)
+        arrays[key], md5[key] = load_verified(path, key)
+    return RawMnist(root, arrays, md5, paths, stamps)
+
+
+def normalize_pixels(pixels: np.ndarray, *, mean: float = MEAN, std: float = STD) -> np.ndarray:
+    """(N, 28, 28) or (N, 784) pixel values in 0..255 -> float32 (N, 784): ``(x / 255 - mean) / std``.
+
+    The one normalisation: training (the cached tensors), ``predict`` and ``serve`` all call it, so
+    a pixel value becomes the same float32 bits everywhere. Computed in float32, in this order.
+    """
+    return _scale(np.asarray(pixels, dtype=np.float32).reshape(-1, 28 * 28), mean, std)
+
+
+def _scale(x: np.ndarray, mean: float, std: float) -> np.ndarray:
+    return (x / np.float32(255.0) - np.float32(mean)) / np.float32(std)
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W) -> float32 (N, H*W) with the training mean and std, as :func:`normalize_pixels`."""
+    x = np.asarray(images, dtype=np.float32)
+    return _scale(x.reshape(len(x), -1), MEAN, STD)
+
+
+def manifest_normalization(manifest: dict) -> dict[str, float]:
+    """``{"mean": ..., "std": ...}`` from a manifest's ``preprocessing`` (the training values if absent)."""
+    from ..errors import ManifestError
+
+    pre = manifest.get("preprocessing") if isinstance(manifest, dict) else None
+    pre = pre if isinstance(pre, dict) else {}
+    out = {"mean": pre.get("mean", MEAN), "std": pre.get("std", STD)}
+    for key, value in out.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+            raise ManifestError(f"manifest.json: preprocessing.{key} must be a finite number, got {value!r}")
+    if out["std"] <= 0:
+        raise ManifestError(f"manifest.json: preprocessing.std must be positive, got {out['std']!r}")
+    scale = pre.get("scale", 1 / 255)
+    if scale != 1 / 255:
+        raise ManifestError(f"manifest.json: preprocessing.scale {scale!r} is not 1/255, the only scale supported")
+    return {"mean": float(out["mean"]), "std": float(out["std"])}
+
+
+@dataclass
+class Split:
+    """A preprocessed split: float32 (N, 784) normalised images and int64 labels, as torch tensors."""
+
+    images: object  # torch.Tensor
+    labels: object  # torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def _cache_file(cache_dir: Path, split: str) -> Path:
+    return cache_dir / f"mnist_{split}_processed.pth"
+
+
+def load_splits(
+    data_dir: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    allow_download: bool = True,
+) -> tuple[dict[str, Split], dict[str, str]]:
+    """Return the preprocessed train and test splits and the source files' MD5s, from the cache when
+    it was built from these very files.
+
+    A cache entry records the MD5 each source file had when it was verified and the file's stat stamp
+    (:func:`_stamp`) taken before that read. When every source file's stamp is unchanged the cache is
+    used as it is (memory-mapped); otherwise the files are read and verified again (MD5 and IDX header,
+    about 0.3 s), so a changed source rebuilds the cache and a tampered one fails loudly.
+    """
+    cache = resolve_cache_dir(cache_dir)
+    root = resolve_data_dir(data_dir)
+    paths = {k: find_file(root, k) for k in FILES}
+    if all(paths.values()):
+        stamps = {k: _stamp(p) for k, p in paths.items()}
+        hit = {split: _read_cache(_cache_file(cache, split), stamps={"images": stamps[i], "labels": stamps[lbl]})
+               for split, (i, lbl) in SPLITS.items()}
+        if all(hit.values()):
+            md5 = {}
+            for split, (img_key, lbl_key) in SPLITS.items():
+                md5[img_key], md5[lbl_key] = hit[split][1]["images"], hit[split][1]["labels"]
+            return {split: found[0] for split, found in hit.items()}, md5
+    return _verify_and_cache(data_dir, cache, allow_download)
+
+
+def _verify_and_cache(data_dir, cache: Path, allow_download: bool) -> tuple[dict[str, Split], dict[str, str]]:
+    import torch
+
+    raw = load_raw(data_dir, allow_download=allow_download)
+    splits: dict[str, Split] = {}
+    for split, (img_key, lbl_key) in SPLITS.items():
+        key = {"images": raw.md5[img_key], "labels": raw.md5[lbl_key]}
+        stamp = {"images": raw.stamps.get(img_key), "labels": raw.stamps.get(lbl_key)}
+        path = _cache_file(cache, split)
+        found = _read_cache(path, md5=key)
+        if found is not None and found[2] == stamp:  # this split's files did not change: nothing to write
+            splits[split] = found[0]
+            continue
+        if found is None:
+            images = torch.from_numpy(normalize(raw.arrays[img_key]))
+            labels = torch.from_numpy(raw.arrays[lbl_key].astype(np.int64))
+            found = (Split(images, labels), key, None)
+        payload = {"format": CACHE_FORMAT, "source_md5": key, "mean": MEAN, "std": STD,
+                   "source_stamp": stamp,
+                   "images": found[0].images, "labels": found[0].labels}
+        try:
+            from ..artifacts.files import atomic_torch_save
+
+            atomic_torch_save(payload, path)  # (re)stamped, so the next run skips the verification
+        except OSError:
+            pass  # a read-only cache folder only costs the preprocessing next time
+        splits[split] = found[0]
+    return splits, raw.md5
+
+
+def _read_cache(path: Path, *, md5: dict | None = None,
+                stamps: dict | None = None) -> tuple[Split, dict, dict | None] | None:
+    """The cached split, its sources' MD5s and stamps, if the entry matches ``md5`` or ``stamps`` (and
+    the normalisation); None for anything else, which is then rebuilt."""
+    import torch
+
+    if not path.is_file() or (stamps is not None and None in stamps.values()):
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any unreadable cache is rebuilt
+        return None
+    if (
+        not isinstance(obj, dict)
+        or obj.get("format") != CACHE_FORMAT
+        or (md5 is not None and obj.get("source_md5") != md5)
+        or (stamps is not None and obj.get("source_stamp") != stamps)
+        or obj.get("mean") != MEAN
+        or obj.get("std") != STD
+        or not isinstance(obj.get("source_md5"), dict)
+    ):
+        return None
+    return Split(obj["images"], obj["labels"]), obj["source_md5"], obj.get("source_stamp")
+
+
+def summary(data_dir: str | os.PathLike | None = None, *, allow_download: bool = True) -> dict:
+    """Counts per split and per class, and each file's path and verified MD5."""
+    raw = load_raw(data_dir, allow_download=allow_download)
+    out = {"data_dir": str(raw.root), "files": {}, "splits": {}}
+    for key, spec in FILES.items():
+        out["files"][spec.name] = {"path": str(raw.paths[key]), "md5": raw.md5[key], "ok": True}
+    for split, (_, lbl_key) in SPLITS.items():
+        labels = raw.arrays[lbl_key]
+        out["splits"][split] = {
+            "count": int(labels.shape[0]),
+            "per_class": {str(c): int(n) for c, n in enumerate(np.bincount(labels, minlength=10))},
+        }
+    return out
+
+
+def write_preview(path: str | os.PathLike, data_dir: str | os.PathLike | None = None, *, n: int = 64,
+                  allow_download: bool = True) -> Path:
+    """Write a PNG grid of the first ``n`` test digits with their labels."""
+    from ..plots import digit_grid
+
+    raw = load_raw(data_dir, allow_download=allow_download)
+    images = raw.arrays["test-images"][:n]
+    labels = raw.arrays["test-labels"][:n]
+    with atomic_path(path) as tmp:
+        digit_grid(images, [str(int(v)) for v in labels], tmp)
+    return Path(path)

@@ -1,0 +1,112 @@
+"""The Open Inference Protocol (KServe v2) with a real third-party client: tritonclient[http] against the
+real `mnist-deploy serve` process, results compared with the PyTorch model (the state_dict, eager)."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+from _serving import mnist_test_digits, serve_process
+
+from mnist_deploy.data.mnist import normalize_pixels
+from mnist_deploy.predict import load_model
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    with serve_process(served, "--log-level", "warning") as (url, proc):
+        yield url, proc
+
+
+@pytest.fixture(scope="module")
+def torch_model(served):
+    return load_model(artifacts=served, runtime="pytorch")
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_dir):
+    return mnist_test_digits(mnist_dir, 64)
+
+
+@pytest.fixture(scope="module")
+def triton(server):
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=server[0].removeprefix("http://"), network_timeout=30)
+    yield client
+    client.close()
+
+
+def test_health_and_metadata(triton, torch_model):
+    name = torch_model.manifest["model"]["name"]
+    assert triton.is_server_live() and triton.is_server_ready()
+    assert triton.is_model_ready(name) and triton.is_model_ready(name, "1")
+    assert not triton.is_model_ready("no-such-model")
+    meta = triton.get_server_metadata()
+    assert meta["name"] == "mnist-deploy" and meta["extensions"] == []
+    model = triton.get_model_metadata(name)
+    assert model["name"] == name and model["versions"] == ["1"]
+    inputs = {i["name"]: i for i in model["inputs"]}
+    assert inputs["input"]["datatype"] == "FP32" and inputs["input"]["shape"] == [-1, 784]
+    assert inputs["pixels"]["datatype"] == "UINT8" and inputs["pixels"]["shape"] == [-1, 28, 28]
+    assert {o["name"]: o["shape"] for o in model["outputs"]} == {"logits": [-1, 10], "probabilities": [-1, 10]}
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+@pytest.mark.parametrize("kind", ["pixels", "input"])
+def test_infer_matches_the_pytorch_model(triton, torch_model, digits, batch, kind):
+    import tritonclient.http as httpclient
+
+    images = digits[0][:batch]
+    want = torch_model.logits(normalize_pixels(images))
+    if kind == "pixels":
+        tensor = httpclient.InferInput("pixels", [batch, 28, 28], "UINT8")
+        tensor.set_data_from_numpy(images.astype(np.uint8), binary_data=False)
+    else:
+        tensor = httpclient.InferInput("input", [batch, 784], "FP32")
+        tensor.set_data_from_numpy(normalize_pixels(images), binary_data=False)
+    outputs = [httpclient.InferRequestedOutput("logits", binary_data=False),
+               httpclient.InferRequestedOutput("probabilities", binary_data=False)]
+    name = torch_model.manifest["model"]["name"]
+    result = triton.infer(name, [tensor], outputs=outputs, request_id=f"req-{batch}")
+    assert result.get_response()["id"] == f"req-{batch}"
+    logits = result.as_numpy("logits")
+    assert logits.shape == (batch, 10) and logits.dtype == np.float32
+    np.testing.assert_allclose(logits, want, atol=1e-4, rtol=1e-4)
+    probs = result.as_numpy("probabilities")
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert (probs.argmax(axis=1) == want.argmax(axis=1)).all()
+
+
+def test_v2_errors(server, torch_model):
+    url = server[0]
+    name = torch_model.manifest["model"]["name"]
+    r = httpx.post(f"{url}/v2/models/nope/infer", json={"inputs": []})
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(f"{url}/v2/models/{name}/versions/7")
+    assert r.status_code == 404 and "error" in r.json()
+    bad = [
+        {"inputs": [{"name": "pixels", "shape": [1, 784], "datatype": "FP32", "data": [0] * 784}]},
+        {"inputs": [{"name": "pixels", "shape": [1, 784], "datatype": "UINT8", "data": [300] * 784}]},
+        {"inputs": [{"name": "pixels", "shape": [1, 784], "datatype": "UINT8", "data": [0] * 783}]},
+        {"inputs": [{"name": "pixels", "shape": [1, 784], "datatype": "UINT8", "data": [True] + [0] * 783}]},
+        {"inputs": [{"name": "x", "shape": [1, 784], "datatype": "FP32", "data": [0] * 784}]},
+        {"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": [0] * 784}],
+         "outputs": [{"name": "nope"}]},
+        {"nothing": 1},
+    ]
+    for body in bad:
+        r = httpx.post(f"{url}/v2/models/{name}/infer", json=body)
+        assert r.status_code == 400, (body.keys(), r.text)
+        assert set(r.json()) == {"error"}
+    r = httpx.post(f"{url}/v2/models/{name}/infer", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+    # Nested data is row-major too; with no "outputs" only logits come back.
+    r = httpx.post(f"{url}/v2/models/{name}/versions/1/infer",
+                   json={"inputs": [{"name": "pixels", "shape": [1, 28, 28], "datatype": "UINT8",
+                                     "data": [[0] * 28] * 28}]})
+    assert r.status_code == 200, r.text
+    assert [o["name"] for o in r.json()["outputs"]] == ["logits"]
+    assert "/predict" in httpx.get(f"{url}/openapi.json").json()["paths"]  # the other routes are still there
