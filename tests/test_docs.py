@@ -27,13 +27,26 @@ def _doc_files() -> list[Path]:
 # The site builds.
 
 
-def test_mkdocs_build_strict(tmp_path):
-    missing = [m for m in ("mkdocs", "material") if importlib.util.find_spec(m) is None]
+def _require_modules(*modules: str) -> None:
+    """Skip when a module is missing, or fail where CI demands the tools (MNIST_DEPLOY_REQUIRE_SYSTEM_TOOLS,
+    as conftest's require_system_tool does)."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         msg = f"{' and '.join(missing)} not installed (the dev extra has mkdocs and mkdocs-material)"
         if os.environ.get("MNIST_DEPLOY_REQUIRE_SYSTEM_TOOLS"):
             pytest.fail(msg)
         pytest.skip(msg)
+
+
+@pytest.mark.parametrize("required, outcome", [("1", pytest.fail.Exception), ("", pytest.skip.Exception)])
+def test_a_missing_mkdocs_skips_or_fails_where_required(monkeypatch, required, outcome):
+    monkeypatch.setenv("MNIST_DEPLOY_REQUIRE_SYSTEM_TOOLS", required)
+    with pytest.raises(outcome, match="no_such_module_here not installed"):
+        _require_modules("no_such_module_here")
+
+
+def test_mkdocs_build_strict(tmp_path):
+    _require_modules("mkdocs", "material")
     site = tmp_path / "site"
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     proc = subprocess.run(
