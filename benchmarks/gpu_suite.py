@@ -65,8 +65,8 @@ NEEDS = {
     "serve": ("torch", "click", "fastapi", "starlette", "uvicorn", "orjson", "multipart", "prometheus_client",
               "pydantic", "PIL"),
 }
-ORT_CUDA_SKIP = ("no onnxruntime-gpu wheel fits the GPU machine: PyPI's builds are for CUDA 12 (the machine has "
-                 "CUDA 13) and about 300 MB, over the 64 MiB a device run carries")
+ORT_CUDA_SKIP = ("the GPU machine has ONNX Runtime's CPU build only, and an onnxruntime-gpu wheel (well over "
+                 "100 MB) does not fit the 64 MiB a device run carries")
 
 
 # ---------------------------------------------------------------------------------------------
