@@ -233,20 +233,47 @@ class Suite:
         with open(log, "w", encoding="utf-8") as fh:
             fh.write(f"$ {' '.join(cmd)}\n")
             fh.flush()
+            # its own process group: a step stopped at its limit takes its children with it (torchrun's
+            # workers, a server under load), so nothing is left holding the GPU or a port
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=self.base_env, cwd=str(REPO), start_new_session=True)
             try:
-                proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      env=self.base_env, cwd=str(REPO), timeout=limit)
-                rc = proc.returncode
+                rc = proc.wait(timeout=limit)
                 status = "ok" if rc == 0 else "failed"
                 reason = "" if rc == 0 else f"exit code {rc}; last line: {_last_line(log)}"
             except subprocess.TimeoutExpired:
+                _kill_group(proc)
                 rc, status = None, "timeout"
                 reason = f"stopped after {limit:.0f} s"
+            except BaseException:  # Ctrl-C: stop the step's whole group too, then stop
+                _kill_group(proc)
+                raise
         rec = {"name": name, "status": status, "reason": reason, "seconds": round(time.monotonic() - t0, 2),
                "rc": rc, "log": str(log.relative_to(self.work)), "command": " ".join(cmd)}
         self.steps.append(rec)
         self.say(f"{name}: {status} in {rec['seconds']:.1f} s{': ' + reason if reason else ''}")
         return rec
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the step's whole process group, then SIGKILL to whatever is left after 10 s."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader, so that only live members keep the group
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                proc.wait()
+                return
+            time.sleep(0.2)
+    proc.wait()
 
 
 def _short(arg: str) -> str:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -161,10 +162,26 @@ def test_a_failed_step_says_its_last_line_and_the_next_that_needs_it_is_skipped(
     assert nxt["status"] == "skipped" and "'train mlp', which failed" in nxt["reason"]
 
 
-def test_a_step_past_its_limit_is_stopped_and_a_spent_budget_skips_the_rest(tmp_path):
-    suite = _suite(tmp_path, budget=6.5)
-    rec = suite.run("slow", [sys.executable, "-c", "import time; time.sleep(60)"], timeout=1.5)
-    assert rec["status"] == "timeout" and rec["seconds"] < 30
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie waiting for init is gone too
+
+
+def test_a_step_past_its_limit_is_stopped_with_its_children_and_a_spent_budget_skips_the_rest(tmp_path):
+    suite = _suite(tmp_path, budget=60)
+    pidfile = tmp_path / "child.pid"
+    # a step that starts a child of its own (torchrun's workers, a server) and then hangs
+    script = ("import subprocess, sys, time; "
+              "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+              f"open({str(pidfile)!r}, 'w').write(str(c.pid)); time.sleep(120)")
+    rec = suite.run("slow", [sys.executable, "-c", script], timeout=5)
+    assert rec["status"] == "timeout" and rec["seconds"] < 60
+    child = int(pidfile.read_text())
+    time.sleep(0.5)  # init reaps the orphan
+    assert not _alive(child)
     suite.deadline = 0.0
     assert suite.run("late", [sys.executable, "-c", "pass"], timeout=30)["status"] == "skipped"
 
