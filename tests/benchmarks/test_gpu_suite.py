@@ -84,7 +84,7 @@ def test_the_cpu_dry_run_runs_every_step_and_fills_the_folder(tmp_path, mnist_di
     run = bench["runs"]["mlp-cpu"]
     ok = [r for r in run["records"] if r["status"] == "ok"]
     assert {(r["runtime"], r["batch_size"]) for r in ok} == {
-        (rt, bs) for rt in suite["settings"]["bench"]["runtimes"] for bs in gs.TINY_BATCH_SIZES}
+        (rt, bs) for rt in gs.TINY_RUNTIMES for bs in gs.TINY_BATCH_SIZES}
     assert run["bandwidth"]["gb_per_s"] > 0 and run["peak"]["cpu"]["gflops"] > 0
     assert all(r["bound"] in ("memory", "compute") and r["bytes_per_call"] > 0 for r in ok)
     assert all(r["pct_bandwidth"] > 0 for r in ok if r["bound"] == "memory")
@@ -124,17 +124,19 @@ def test_the_suite_on_cuda_tiny(tmp_path, mnist_dir, cache_dir):
 
 def test_settings_cover_batch_1_to_65536_and_every_runtime_on_cuda():
     full = gs.settings("cuda", tiny=False)
-    assert full["bench"]["batch_sizes"][0] == 1 and full["bench"]["batch_sizes"][-1] == 65536
-    assert {"pytorch", "pytorch-bf16", "torch.compile", "torch.compile-cudagraphs", "torchscript", "torch.export",
-            "onnxruntime"} <= set(full["bench"]["runtimes"])
-    assert full["models"] == ["mlp", "cnn"] and full["cpu_compare"] is not None
-    assert gs.settings("cpu", tiny=True)["cpu_compare"] is None
-    from mnist_deploy.formats import EXTRA_FORMATS, FORMATS, resolve
+    from mnist_deploy.bench.config import parse_runtimes
+    from mnist_deploy.formats import EXTRA_FORMATS, FORMATS
 
+    assert full["bench"]["batch_sizes"][0] == 1 and full["bench"]["batch_sizes"][-1] == 65536
+    assert full["models"] == ["mlp", "cnn"] and full["cpu_compare"] is not None
+    tiny = gs.settings("cpu", tiny=True)
+    assert tiny["cpu_compare"] is None
     gs._register_extras()
     try:
-        for name in full["bench"]["runtimes"]:  # every name the suite asks bench for is a format
-            resolve(name)
+        names, explicit = parse_runtimes(",".join(full["bench"]["runtimes"]))
+        assert not explicit and {"pytorch", "pytorch-bf16", "torch.compile", "torch.compile-cudagraphs", "torchscript",
+                                 "torch.export", "onnxruntime"} <= set(names)
+        parse_runtimes(",".join(tiny["bench"]["runtimes"] + gs.settings("cuda", tiny=False)["cpu_compare"]["runtimes"]))
     finally:
         for fmt in EXTRA_FORMATS:
             FORMATS.pop(fmt.name, None)
