@@ -133,7 +133,7 @@ def _version(name: str, mod) -> str:
         return str(getattr(mod, "__version__", None) or "present")
 
 
-def environment(device: str) -> dict:
+def environment(device: str = "cuda") -> dict:
     import platform
 
     mods = sorted({m for needs in NEEDS.values() for m in needs} | {"openvino", "triton", "httpx"})
@@ -156,6 +156,20 @@ def environment(device: str) -> dict:
         env["torch_error"] = f"{type(exc).__name__}: {exc}"
     env["ort_providers"] = _safe(lambda: importlib.import_module("onnxruntime").get_available_providers())
     return env
+
+
+def environment_of_child() -> dict:
+    """:func:`environment`, read in a child process: the suite's own process imports no runtime and
+    holds no CUDA context while the steps run (a GPU in exclusive-process mode would refuse them)."""
+    try:
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_env"], capture_output=True,
+                              text=True, timeout=180, cwd=str(REPO),
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                  [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])})
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        return {"python": sys.version.split()[0], "modules": module_versions(sorted({m for n in NEEDS.values() for m in n})), "error":
+                f"reading the environment failed: {type(exc).__name__}: {exc}"}
 
 
 def _safe(fn):
@@ -294,7 +308,7 @@ def run_suite(args) -> int:
     budget = args.budget_s or (300.0 if args.tiny else 480.0)
     started = _dt.datetime.now(_dt.UTC)
     t0 = time.monotonic()
-    env = environment(device)
+    env = environment_of_child()
     suite = Suite(out, work, budget, env)
     py = sys.executable
     me = str(Path(__file__).resolve())
@@ -747,6 +761,7 @@ def _thread_load(url: str, body: bytes, *, requests: int, concurrency: int) -> d
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="step")
+    sub.add_parser("_env")
     for name in ("_parity", "_bench", "_serve"):
         p = sub.add_parser(name)
         p.add_argument("--artifacts", required=True)
@@ -767,6 +782,9 @@ def main(argv=None) -> int:
                     help="stop starting steps after this many seconds (default 480; 300 with --tiny)")
     args = ap.parse_args(argv)
     steps = {"_parity": parity_step, "_bench": bench_step, "_serve": serve_step}
+    if args.step == "_env":
+        print(json.dumps(environment(args.device), default=str))
+        return 0
     if args.step:
         return steps[args.step](args)
     if not (args.device == "cpu" or args.device.startswith("cuda")):
