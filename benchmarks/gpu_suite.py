@@ -467,7 +467,8 @@ def summary_markdown(result: dict, benches: dict) -> str:
                              f"{(r.get('reason') or '')[:120]} |")
                 continue
             pct = "-" if r.get("pct_peak") is None else f"{r['pct_peak']:.1f}"
-            bw = "-" if r.get("pct_bandwidth") is None else f"{r['pct_bandwidth']:.1f}"
+            bw = "-" if r.get("pct_bandwidth") is None else f"{r['pct_bandwidth']:.1f}" + (
+                " (cache)" if r.get("bandwidth_note") else "")
             lines.append(f"| {r['runtime']} | {r['batch_size']} | {r['p50_ms']:.4g} | {r['throughput_per_s']:,.0f} | "
                          f"{r['gflops']:.1f} | {pct} | {r.get('bound') or '-'} | {bw} | |")
         peak, bwm = b.get("peak", {}), b.get("bandwidth") or {}
@@ -616,6 +617,8 @@ def annotate_roofline(result: dict, manifest: dict, bandwidth: dict) -> None:
         r["bound"] = "memory" if intensity < balance else "compute"
         if r["bound"] == "memory" or (fmt is not None and not fmt.roofline):
             r["pct_bandwidth"] = 100 * nbytes / (r["p50_ms"] * 1e6) / bw  # bytes per ns is GB/s
+            if r["pct_bandwidth"] > 100:  # a working set that fits in cache (the MLP's weights, in L2)
+                r["bandwidth_note"] = "above the measured memory bandwidth: the data came from cache"
     if bandwidth.get("gb_per_s"):
         for pk in result["peak"].values():
             if pk and pk.get("gflops"):

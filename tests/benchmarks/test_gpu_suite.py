@@ -209,6 +209,9 @@ def test_roofline_annotation_against_a_hand_computation():
     assert small["bound"] == "memory"  # ~0.5 FLOP/byte against a balance of 12.5
     assert small["pct_bandwidth"] == pytest.approx(100 * small["bytes_per_call"] / 0.01e-3 / 4000e9)
     assert "bound" not in rows[2]
+    # 0.44 MB in 10 us is 44 GB/s: over a 4 GB/s "bandwidth", so it was served from cache
+    gs.annotate_roofline(result, manifest, {"gb_per_s": 4.0})
+    assert small["pct_bandwidth"] > 100 and "cache" in small["bandwidth_note"]
 
 
 def test_bandwidth_is_measured_on_random_data():
