@@ -252,6 +252,7 @@ class Suite:
                                     env=self.base_env, cwd=str(REPO), start_new_session=True)
             try:
                 rc = proc.wait(timeout=limit)
+                _kill_group(proc)  # anything the step left running in its group (none, normally)
                 status = "ok" if rc == 0 else "failed"
                 reason = "" if rc == 0 else f"exit code {rc}; last line: {_last_line(log)}"
             except subprocess.TimeoutExpired:
