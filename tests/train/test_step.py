@@ -101,3 +101,9 @@ def test_in_a_process_group_of_one_the_step_is_ddps():
     assert isinstance(make_step("auto", mlp, mlp, 1e-3, cpu, 1, distributed=True), AutogradStep)
     with pytest.raises(InputError, match="under torchrun the step is DDP's"):
         make_step("fused", mlp, mlp, 1e-3, cpu, 1, distributed=True)
+
+
+def test_fused_under_torchrun_of_one_process_is_refused_before_launching(tmp_path):
+    r = CliRunner().invoke(cli, ["train", "--nproc-per-node", "1", "--step", "fused", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "under torchrun the step is DDP's" in r.output
+    assert not (tmp_path / "o").exists()
