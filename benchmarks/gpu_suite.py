@@ -61,7 +61,7 @@ NEEDS = {
     "export": ("torch", "click", "rich", "onnx", "onnxruntime", "onnxscript"),
     "parity": ("torch", "numpy", "onnx", "onnxruntime"),
     "bench": ("torch", "numpy", "click", "rich", "matplotlib"),
-    "serve": ("torch", "click", "fastapi", "starlette", "uvicorn", "orjson", "multipart", "prometheus_client",
+    "serve": ("torch", "click", "fastapi", "starlette", "uvicorn", "orjson", "python_multipart", "prometheus_client",
               "pydantic", "PIL"),
 }
 ORT_CUDA_SKIP = ("the GPU machine has ONNX Runtime's CPU build only, and an onnxruntime-gpu wheel (well over "
@@ -126,7 +126,7 @@ def module_versions(names) -> dict[str, str | None]:
 def _version(name: str, mod) -> str:
     import importlib.metadata as md
 
-    dist = {"PIL": "pillow", "multipart": "python-multipart", "prometheus_client": "prometheus-client"}.get(name, name)
+    dist = {"PIL": "pillow", "python_multipart": "python-multipart", "prometheus_client": "prometheus-client"}.get(name, name)
     try:
         return md.version(dist)
     except md.PackageNotFoundError:

@@ -17,7 +17,7 @@ fi
 if [ -z "$PY" ]; then echo "gpu_suite: no python3 found" >&2; exit 2; fi
 # Wheels carried to a machine without a registry (benchmarks/gpu_wheels.sh made them): installed into a
 # scratch folder, only when the serve step's imports are missing here.
-if compgen -G "$ROOT/.whl/*.whl" >/dev/null && ! "$PY" -c "import fastapi, uvicorn, orjson, multipart, pydantic" 2>/dev/null; then
+if compgen -G "$ROOT/.whl/*.whl" >/dev/null && ! "$PY" -c "import fastapi, uvicorn, orjson, python_multipart, pydantic" 2>/dev/null; then
   SITE="${GPU_SUITE_SITE:-/tmp/gpu-suite-site}"
   if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$ROOT"/.whl/*.whl; then
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
