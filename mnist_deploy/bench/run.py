@@ -124,7 +124,7 @@ def _bench_runtime(fmt: Format, device: str, *, folder: Path, manifest: dict, co
                    data: _Data, flops: int, size_bytes: int | None, progress: Callable[[str], None]) -> list[dict]:
     common = {"size_bytes": size_bytes, "threads": config.threads}
     sync = None
-    compiled = fmt.runtime == "torch.compile"
+    compiled = fmt.runtime.startswith("torch.compile")  # and its CUDA-graphs mode
     try:
         t0 = time.perf_counter_ns()
         predictor = load_runtime(fmt.runtime, folder, manifest, device, config.threads)

@@ -124,10 +124,10 @@ def train_cmd(model, epochs, batch_size, lr, schedule, seed, device, subset, thr
 
         config.validate()
         per_rank_batch(config.batch_size, nproc_per_node * nnodes)  # refuse before starting any process
-        if config.step == "fused" and nproc_per_node * nnodes > 1:
+        if config.step == "fused":  # under torchrun, even of one process, the step is DDP's
             from ..train.step import fused_supported
 
-            raise click.UsageError(fused_supported(None, nproc_per_node * nnodes) or "")
+            raise click.UsageError(fused_supported(None, nproc_per_node * nnodes, distributed=True) or "")
         args = _train_args(config, plots=plots, data_dir=data_dir, cache_dir=cache_dir, no_download=no_download,
                            out=out, quiet=quiet)
         launch_train(args, nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,

@@ -38,6 +38,7 @@ from .base import (
 from .onnx_family import DEFAULT_OPSET, ONNX, ONNX_INT8, OrtPredictor, check_onnx, onnx_opset_range
 from .openvino_family import OPENVINO_BF16, OPENVINO_F32, OpenVINOPredictor
 from .torch_family import (
+    EXTRA_FORMATS,
     PT2,
     PYTORCH,
     TORCH_COMPILE,
@@ -51,7 +52,7 @@ for _fmt in (PYTORCH, TORCH_COMPILE, TORCHSCRIPT, ONNX, PT2, ONNX_INT8, OPENVINO
     register(_fmt)
 
 __all__ = [
-    "DEFAULT_OPSET", "DEFAULT_RUNTIME", "FORMATS", "FP32_PARITY", "METADATA_FILE", "REDUCED_PARITY",
+    "DEFAULT_OPSET", "DEFAULT_RUNTIME", "EXTRA_FORMATS", "FORMATS", "FP32_PARITY", "METADATA_FILE", "REDUCED_PARITY",
     "ExportContext", "Format", "LoadError", "NoOptions", "OpenVINOPredictor", "OrtPredictor", "ParitySpec",
     "Predictor", "TorchPredictor", "build_options", "check_onnx", "exportable", "get_format", "load_eager",
     "load_predictor", "model_from_state_dict", "onnx_opset_range", "option", "option_types", "packages",

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ExportError
-from .base import METADATA_FILE, ExportContext, Format, Predictor, first_line, option, quiet
+from .base import METADATA_FILE, REDUCED_PARITY, ExportContext, Format, Predictor, first_line, option, quiet
 
 TORCH = ("torch",)
+_PRECISION = {"float32": "f32", "bfloat16": "bf16"}
 
 
 class TorchPredictor(Predictor):
@@ -24,20 +25,25 @@ class TorchPredictor(Predictor):
     count back afterwards, so loading a model never changes the process's threading for anyone else.
     """
 
-    def __init__(self, fn: Callable, runtime: str, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, fn: Callable, runtime: str, device: str = "cpu", threads: int | None = None,
+                 dtype: str = "float32") -> None:
         import torch
 
         self.fn = fn
         self.runtime = runtime
         self.device = device
         self.threads = threads
-        self.details = {"precision": "f32", "threads": threads}
+        self.details = {"precision": _PRECISION[dtype], "threads": threads}
         self._torch_device = torch.device(device)
+        self._dtype = getattr(torch, dtype)
 
     def prepare(self, x: np.ndarray):
         import torch
 
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self._torch_device)
+        from ..devices import host_to_device
+
+        t = host_to_device(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), self._torch_device)
+        return t if self._dtype == torch.float32 else t.to(self._dtype)
 
     def run(self, prepared):
         import torch
@@ -88,6 +94,23 @@ def _load_compiled(path: Path, *, device: str, threads: int | None, manifest: di
 
     model = model_from_state_dict(manifest, path).to(device)
     return TorchPredictor(torch.compile(model), "torch.compile", device, threads)
+
+
+def _load_bf16(path: Path, *, device: str, threads: int | None, manifest: dict) -> Predictor:
+    import torch
+
+    model = model_from_state_dict(manifest, path).to(device=device, dtype=torch.bfloat16)
+    return TorchPredictor(model, "pytorch-bf16", device, threads, dtype="bfloat16")
+
+
+def _load_cudagraphs(path: Path, *, device: str, threads: int | None, manifest: dict) -> Predictor:
+    """torch.compile(mode="reduce-overhead"): inductor's kernels replayed as CUDA graphs (one launch per
+    call instead of one per kernel), a graph recorded per batch size. On the CPU the mode has no graphs
+    to record and is plain torch.compile; the entry runs there so that a CPU dry run covers its path."""
+    import torch
+
+    model = model_from_state_dict(manifest, path).to(device)
+    return TorchPredictor(torch.compile(model, mode="reduce-overhead"), "torch.compile-cudagraphs", device, threads)
 
 
 def _compiler_available(device: str) -> str | None:
@@ -187,3 +210,17 @@ PT2 = Format(
     "pt2", "torch.export", "torch.export ExportedProgram (torch.export.save / torch.export.load)",
     files=("mnist_model.pt2",), load=_load_pt2, export=_export_pt2, packages=TORCH,
 )
+
+# Opt-in entries, not in the default table: benchmarks/gpu_suite.py registers them for its run
+# (``formats.registered``), so every stage it calls (bench, the parity gate) sees them as formats.
+PYTORCH_BF16 = Format(
+    "pytorch-bf16", "pytorch-bf16", "PyTorch eager with bf16 weights and inputs (judged on predictions)",
+    load=_load_bf16, packages=TORCH, source="state_dict", parity=REDUCED_PARITY, roofline=False,
+    variant_of="pytorch",
+)
+TORCH_COMPILE_CUDAGRAPHS = Format(
+    "torch.compile-cudagraphs", "torch.compile-cudagraphs",
+    'torch.compile(mode="reduce-overhead"): CUDA graphs replay the compiled kernels; its first call compiles',
+    load=_load_cudagraphs, packages=TORCH, source="state_dict", available=_compiler_available,
+)
+EXTRA_FORMATS = (PYTORCH_BF16, TORCH_COMPILE_CUDAGRAPHS)

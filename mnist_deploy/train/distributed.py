@@ -21,7 +21,7 @@ import gc
 import os
 from dataclasses import dataclass
 
-from ..devices import resolve_device
+from ..devices import rank_device, resolve_device
 from ..errors import InputError, MnistDeployError, first_line
 
 
@@ -50,27 +50,27 @@ class Rank:
 
 
 def launched_by_torchrun() -> bool:
-    """True in a worker that torchrun started for a job of more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+    """True in a worker that torchrun started (``TORCHELASTIC_RUN_ID`` is torchrun's own variable), or in
+    any process given a ``RANK`` in a job of more than one process.
+
+    A torchrun job of one process (``--nproc-per-node 1``) joins a process group of one too: it runs
+    the same DDP and NCCL (or gloo) path as a larger job, which is what launching it that way asks for."""
+    if "RANK" not in os.environ:
+        return False
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def setup(device_name: str):
     """Join the process group when launched by torchrun; return ``(Rank, torch.device)``."""
-    import torch
-
     device = resolve_device(device_name)
     if not launched_by_torchrun():
         return Rank(), device
     import torch.distributed as dist
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, world = int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        backend = "gloo"
+    device = rank_device(device, local)  # cuda:LOCAL_RANK, made current before NCCL starts
+    backend = "nccl" if device.type == "cuda" else "gloo"
     try:
         dist.init_process_group(backend=backend, timeout=_dt.timedelta(minutes=10))
     except (RuntimeError, ValueError) as exc:

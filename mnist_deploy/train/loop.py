@@ -179,7 +179,7 @@ def _train(config: TrainConfig, rank: distributed.Rank, device, *, data_dir, cac
     per_rank = math.ceil(n / rank.world_size)  # DistributedSampler pads every rank to this many
     steps = math.ceil(per_rank / batch)
     net = distributed.wrap(model, rank, device) if rank.distributed else model
-    stepper = make_step(config.step, net, model, config.lr, device, rank.world_size)
+    stepper = make_step(config.step, net, model, config.lr, device, rank.world_size, rank.distributed)
     opt = stepper.opt
     sched = None
     if config.schedule == "onecycle":

@@ -22,13 +22,14 @@ from .optim import FusedAdam
 STEPS = ("auto", "fused", "autograd")
 
 
-def fused_supported(model, world_size: int) -> str | None:
-    """None if :class:`FusedMLPStep` can train ``model``; otherwise why not."""
+def fused_supported(model, world_size: int, distributed: bool = False) -> str | None:
+    """None if :class:`FusedMLPStep` can train ``model``; otherwise why not. ``distributed``: the
+    process is in a process group (under torchrun, of any size), where the step must be DDP's."""
     from ..models import MLP
 
-    if world_size == 1 and not isinstance(model, MLP):
+    if world_size == 1 and not distributed and not isinstance(model, MLP):
         return f"--step fused trains the mlp only, not {type(model).__name__.lower()}"
-    if world_size > 1:
+    if world_size > 1 or distributed:
         return "--step fused runs in one process; under torchrun the step is DDP's autograd step"
     return None
 
@@ -152,11 +153,11 @@ class FusedMLPStep:
             p.data = v.clone()
 
 
-def make_step(choice: str, net, model, lr: float, device, world_size: int):
+def make_step(choice: str, net, model, lr: float, device, world_size: int, distributed: bool = False):
     """The stepper for ``--step``: ``auto`` is fused where it applies, autograd elsewhere."""
     from ..errors import InputError
 
-    why_not = fused_supported(model, world_size)
+    why_not = fused_supported(model, world_size, distributed)
     if choice == "fused" and why_not:
         raise InputError(why_not)
     if choice == "autograd" or why_not:

@@ -132,3 +132,67 @@ def test_two_processes_match_one_process_accuracy(trained_mlp, tmp_path, mnist_d
     two = json.loads((tmp_path / "metrics.json").read_text())["accuracy"]
     assert abs(one - two) <= 0.003, (one, two)
     assert two >= 0.98
+
+
+# ---------------------------------------------------------------------------------------------
+# Joining the group: a torchrun job of one process, and each rank's GPU (faked: no GPU here).
+
+
+def _torchrun_env(monkeypatch, *, rank: int, world: int, local: int) -> None:
+    for key, value in {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": local, "TORCHELASTIC_RUN_ID": "test",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port()}.items():
+        monkeypatch.setenv(key, str(value))
+
+
+def test_a_torchrun_job_of_one_process_joins_a_process_group(monkeypatch):
+    from mnist_deploy.train import distributed
+
+    _torchrun_env(monkeypatch, rank=0, world=1, local=0)
+    assert distributed.launched_by_torchrun()
+    rank, device = distributed.setup("cpu")
+    try:
+        assert rank.distributed and rank.backend == "gloo" and rank.world_size == 1
+        assert torch.distributed.is_initialized() and device == torch.device("cpu")
+    finally:
+        distributed.shutdown(rank)
+    assert not torch.distributed.is_initialized()
+
+
+def test_without_torchrun_one_process_joins_nothing(monkeypatch):
+    from mnist_deploy.train import distributed
+
+    for key in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    assert not distributed.launched_by_torchrun()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a RANK of a one-process job, no torchrun: nothing to join
+    assert not distributed.launched_by_torchrun()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.launched_by_torchrun()
+
+
+def test_each_rank_takes_the_gpu_of_its_local_rank_before_nccl_starts(monkeypatch):
+    from mnist_deploy.train import distributed
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: calls.append(("set_device", str(dev))))
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **kw: calls.append(("init_process_group", backend)))
+    _torchrun_env(monkeypatch, rank=3, world=4, local=1)
+    rank, device = distributed.setup("cuda")
+    assert device == torch.device("cuda", 1) and rank == distributed.Rank(3, 4, 1, "nccl")
+    assert calls == [("set_device", "cuda:1"), ("init_process_group", "nccl")]
+
+
+def test_a_local_rank_without_a_gpu_is_one_clear_error(monkeypatch):
+    from mnist_deploy.errors import RuntimeUnavailable
+    from mnist_deploy.train import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("joined anyway"))
+    _torchrun_env(monkeypatch, rank=1, world=2, local=1)
+    with pytest.raises(RuntimeUnavailable, match="LOCAL_RANK 1 has no GPU of its own"):
+        distributed.setup("cuda")

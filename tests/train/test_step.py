@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from mnist_deploy.cli import cli
+from mnist_deploy.errors import InputError
 from mnist_deploy.models import build_model
 from mnist_deploy.train.loop import TrainConfig, train
 from mnist_deploy.train.step import AutogradStep, FusedMLPStep, make_step
@@ -92,3 +93,17 @@ def test_fused_refused_for_the_cnn(tmp_path, mnist_dir, cache_dir):
     assert "--step fused trains the mlp only" in res.output
     assert "Traceback" not in res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_in_a_process_group_of_one_the_step_is_ddps():
+    cpu = torch.device("cpu")
+    mlp = build_model("mlp", {})
+    assert isinstance(make_step("auto", mlp, mlp, 1e-3, cpu, 1, distributed=True), AutogradStep)
+    with pytest.raises(InputError, match="under torchrun the step is DDP's"):
+        make_step("fused", mlp, mlp, 1e-3, cpu, 1, distributed=True)
+
+
+def test_fused_under_torchrun_of_one_process_is_refused_before_launching(tmp_path):
+    r = CliRunner().invoke(cli, ["train", "--nproc-per-node", "1", "--step", "fused", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "under torchrun the step is DDP's" in r.output
+    assert not (tmp_path / "o").exists()
