@@ -18,7 +18,8 @@ from mnist_deploy.cli import PREDICT_RUNTIMES, cli
 from mnist_deploy.data.images import mnist_image, pixels_to_array, preprocess_image
 from mnist_deploy.data.mnist import normalize
 from mnist_deploy.errors import InputError, IntegrityError, ManifestError, RuntimeUnavailable
-from mnist_deploy.predict import expand_inputs, load_model, predict_files, runtime_names, top_k
+from mnist_deploy.formats import format_names
+from mnist_deploy.predict import expand_inputs, load_model, predict_files, top_k
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +191,7 @@ def test_top_k_is_sorted_best_first():
 
 
 def test_runtime_choices_mirror_the_registry():
-    assert set(PREDICT_RUNTIMES) == set(runtime_names())
+    assert set(PREDICT_RUNTIMES) == set(format_names())
 
 
 @pytest.mark.integration

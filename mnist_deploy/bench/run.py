@@ -27,7 +27,7 @@ import numpy as np
 
 from ..artifacts.manifest import load_manifest, manifest_path, verified_path
 from ..errors import ManifestError, MnistDeployError, RuntimeUnavailable, first_line
-from ..formats import FORMATS, Format, load_predictor
+from ..formats import FORMATS, Format, entry_problem, open_artifact
 from .config import (  # the input checks, re-exported as the bench API
     DEFAULT_BATCH_SIZES,
     DEVICE_CHOICES,
@@ -60,10 +60,8 @@ def check_artifacts(folder: Path, manifest: dict, names: Sequence[str], explicit
         key = by_runtime(name).key
         if key == "state_dict":
             continue
-        entry = entries.get(key)
-        if entry is None or entry.get("status") != "ok":
-            why = ("was never exported" if entry is None
-                   else f"export failed ({entry.get('error') or entry.get('status')})")
+        why = entry_problem(entries.get(key))  # formats decides what a usable entry is, for every stage
+        if why is not None:
             if explicit:
                 raise ManifestError(f"{manifest_path(folder)}: '{key}' (runtime {name}) {why}; "
                                     f"run `mnist-deploy export --artifacts {folder} --format {key}` first")
@@ -79,18 +77,7 @@ def check_artifacts(folder: Path, manifest: dict, names: Sequence[str], explicit
 
 def load_runtime(name: str, folder: Path, manifest: dict, device: str, threads: int | None):
     """Load runtime ``name`` as a :class:`formats.Predictor` on ``device`` (sha256-checked first)."""
-    fmt = by_runtime(name)
-    path = verified_path(folder, fmt.key, manifest)
-    return load_predictor(fmt.name, path, device=device, threads=threads, manifest=manifest)
-
-
-def _inductor_cache_counts() -> tuple[int, int]:
-    try:
-        from torch._dynamo.utils import counters
-
-        return int(counters["inductor"]["fxgraph_cache_hit"]), int(counters["inductor"]["fxgraph_cache_miss"])
-    except Exception:  # a private counter that moved: the note says "unknown"
-        return 0, 0
+    return open_artifact(manifest, by_runtime(name).name, folder, device=device, threads=threads)
 
 
 @dataclass
@@ -124,13 +111,11 @@ def _bench_runtime(fmt: Format, device: str, *, folder: Path, manifest: dict, co
                    data: _Data, flops: int, size_bytes: int | None, progress: Callable[[str], None]) -> list[dict]:
     common = {"size_bytes": size_bytes, "threads": config.threads}
     sync = None
-    compiled = fmt.runtime == "torch.compile"
     try:
         t0 = time.perf_counter_ns()
         predictor = load_runtime(fmt.runtime, folder, manifest, device, config.threads)
         t_loaded = time.perf_counter_ns()
-        # torch.compile() has imported dynamo by now, so reading its counters costs the others nothing
-        hits, misses = _inductor_cache_counts() if compiled else (0, 0)
+        cold_start = fmt.cold_start() if fmt.cold_start is not None else None  # the entry says what to note
         t1 = time.perf_counter_ns()
         predictor(data.batch(1))
         predictor.sync()
@@ -151,11 +136,7 @@ def _bench_runtime(fmt: Format, device: str, *, folder: Path, manifest: dict, co
     common.update(accuracy=accuracy, load_ms=(t_loaded - t0) / 1e6, first_call_ms=(t2 - t1) / 1e6,
                   cold_start_ms=(t_loaded - t0 + t2 - t1) / 1e6, precision=details.get("precision"),
                   performance_mode=details.get("performance_mode"))
-    note = ""
-    if compiled:
-        h2, m2 = _inductor_cache_counts()
-        cache = "hit" if h2 > hits and m2 == misses else "miss" if m2 > misses else "unknown"
-        note = f"cold start includes compilation (inductor cache {cache})"
+    note = cold_start() if cold_start is not None else ""
     progress(f"{fmt.runtime} ({device}): cold start {common['cold_start_ms']:.1f} ms, accuracy {100 * accuracy:.2f}%")
     rows = []
     for bs in config.batch_sizes:

@@ -90,6 +90,29 @@ def _load_compiled(path: Path, *, device: str, threads: int | None, manifest: di
     return TorchPredictor(torch.compile(model), "torch.compile", device, threads)
 
 
+def _inductor_cache_counts() -> tuple[int, int]:
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["inductor"]["fxgraph_cache_hit"]), int(counters["inductor"]["fxgraph_cache_miss"])
+    except Exception:  # a private counter that moved: the note says "unknown"
+        return 0, 0
+
+
+def _compile_cold_start() -> Callable[[], str]:
+    """Read inductor's cache counters now (after torch.compile() has imported dynamo, so reading them
+    costs the other runtimes nothing); the function returned says, after the first call, whether that
+    call's compilation hit the cache."""
+    hits, misses = _inductor_cache_counts()
+
+    def note() -> str:
+        h2, m2 = _inductor_cache_counts()
+        cache = "hit" if h2 > hits and m2 == misses else "miss" if m2 > misses else "unknown"
+        return f"cold start includes compilation (inductor cache {cache})"
+
+    return note
+
+
 def _compiler_available(device: str) -> str | None:
     if device != "cpu":
         return None
@@ -174,7 +197,7 @@ PYTORCH = Format(
 TORCH_COMPILE = Format(
     "torch.compile", "torch.compile", "torch.compile (inductor) of the eager model; its first call compiles",
     load=_load_compiled, packages=TORCH, source="state_dict", available=_compiler_available,
-    aliases=("compile",),
+    cold_start=_compile_cold_start, aliases=("compile",),
 )
 TORCHSCRIPT = Format(
     "torchscript", "torchscript",
