@@ -22,11 +22,6 @@ from mnist_deploy.formats import format_names
 from mnist_deploy.predict import expand_inputs, load_model, predict_files, top_k
 
 
-@pytest.fixture(scope="module")
-def model(served):
-    return load_model(artifacts=served, runtime="onnx")
-
-
 def _drawn_seven(size=(300, 220), ink=0, paper=255, width=14) -> Image.Image:
     """A large "7" drawn off-centre, as a person would on paper (dark ink on white by default)."""
     img = Image.new("L", size, paper)
@@ -204,8 +199,8 @@ def test_eager_pytorch_and_onnx_agree(served, model, mnist_dir):
 
 
 @pytest.mark.integration
-def test_cnn_input_shape_from_the_manifest_is_respected(trained_cnn, mnist_dir):
-    cnn = load_model(artifacts=trained_cnn, runtime="pytorch")
+def test_cnn_input_shape_from_the_manifest_is_respected(quick_cnn, mnist_dir):
+    cnn = load_model(artifacts=quick_cnn, runtime="pytorch")
     assert cnn.input_shape == (1, 28, 28)
     images, labels = mnist_test_digits(mnist_dir, 100)
     assert (cnn.probabilities(normalize(images)).argmax(1) == labels).mean() > 0.8

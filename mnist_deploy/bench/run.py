@@ -29,8 +29,8 @@ from ..artifacts.manifest import load_manifest, manifest_path, verified_path
 from ..errors import ManifestError, MnistDeployError, RuntimeUnavailable, first_line
 from ..formats import FORMATS, Format, entry_problem, open_artifact
 from .config import (  # the input checks, re-exported as the bench API
+    BENCH_DEVICES,
     DEFAULT_BATCH_SIZES,
-    DEVICE_CHOICES,
     BenchConfig,
     by_runtime,
     parse_batch_sizes,
@@ -223,22 +223,9 @@ def run_bench(*, artifacts="artifacts", runtimes: str | Sequence[str] | None = N
     previous_threads = torch.get_num_threads()
     load_before, cpu_before = loadavg(), cpu_snapshot()
     torch.set_num_threads(config.threads)
-    records: list[dict] = []
-    peaks: dict[str, dict] = {}
     try:
-        for dev, dev_reason in plan:
-            first = _peak(dev, config, peak_sizes, progress, "before") if dev_reason is None else None
-            for name in names:
-                fmt = by_runtime(name)
-                reason = dev_reason or skip.get(name) or fmt.unavailable(dev)
-                if reason:
-                    progress(f"{name} ({dev}): skipped: {reason}")
-                    records.append(_row(fmt, dev, None, "skipped", reason, threads=config.threads))
-                    continue
-                records += _bench_runtime(fmt, dev, folder=folder, manifest=manifest, config=config, data=data,
-                                          flops=flops, size_bytes=_size(manifest, fmt.key), progress=progress)
-            if dev_reason is None:
-                peaks[dev] = best_peak(first, _peak(dev, config, peak_sizes, progress, "after"))
+        records, peaks = _measure(plan, names, skip, folder=folder, manifest=manifest, config=config, data=data,
+                                  flops=flops, peak_sizes=peak_sizes, progress=progress)
     finally:
         torch.set_num_threads(previous_threads)
     environment = collect_environment(config.threads, [d for d, r in plan if r is None])
@@ -260,6 +247,27 @@ def run_bench(*, artifacts="artifacts", runtimes: str | Sequence[str] | None = N
     }
     result["verdict"] = verdict(result)
     return result
+
+
+def _measure(plan, names, skip: dict[str, str], *, folder: Path, manifest: dict, config: BenchConfig, data: _Data,
+             flops: int, peak_sizes, progress: Callable[[str], None]) -> tuple[list[dict], dict[str, dict]]:
+    """Every runtime on every planned device, between two matmul-peak measurements per device."""
+    records: list[dict] = []
+    peaks: dict[str, dict] = {}
+    for dev, dev_reason in plan:
+        first = _peak(dev, config, peak_sizes, progress, "before") if dev_reason is None else None
+        for name in names:
+            fmt = by_runtime(name)
+            reason = dev_reason or skip.get(name) or fmt.unavailable(dev)
+            if reason:
+                progress(f"{name} ({dev}): skipped: {reason}")
+                records.append(_row(fmt, dev, None, "skipped", reason, threads=config.threads))
+                continue
+            records += _bench_runtime(fmt, dev, folder=folder, manifest=manifest, config=config, data=data,
+                                      flops=flops, size_bytes=_size(manifest, fmt.key), progress=progress)
+        if dev_reason is None:
+            peaks[dev] = best_peak(first, _peak(dev, config, peak_sizes, progress, "after"))
+    return records, peaks
 
 
 def _load_data(manifest: dict, data_dir, cache_dir, allow_download: bool) -> _Data:
@@ -293,7 +301,7 @@ def sort_records(records: list[dict]) -> list[dict]:
 
 
 __all__ = [
-    "BenchConfig", "DEFAULT_BATCH_SIZES", "best_peak", "DEVICE_CHOICES", "check_artifacts", "collect_environment",
+    "BENCH_DEVICES", "BenchConfig", "DEFAULT_BATCH_SIZES", "best_peak", "check_artifacts", "collect_environment",
     "default_threads", "latency_stats", "load_runtime", "measure_peak", "parse_batch_sizes", "parse_runtimes",
     "plan_devices", "run_bench", "runtime_names", "sort_records", "time_calls", "unavailable_reason",
 ]

@@ -14,6 +14,7 @@ from .base import (
     DEFAULT_RUNTIME,
     FORMATS,
     FP32_PARITY,
+    MAX_EXPORTED_BATCH,
     METADATA_FILE,
     REDUCED_PARITY,
     ExportContext,
@@ -54,7 +55,7 @@ for _fmt in (PYTORCH, TORCH_COMPILE, TORCHSCRIPT, ONNX, PT2, ONNX_INT8, OPENVINO
     register(_fmt)
 
 __all__ = [
-    "DEFAULT_OPSET", "DEFAULT_RUNTIME", "FORMATS", "FP32_PARITY", "METADATA_FILE", "REDUCED_PARITY",
+    "DEFAULT_OPSET", "DEFAULT_RUNTIME", "FORMATS", "FP32_PARITY", "MAX_EXPORTED_BATCH", "METADATA_FILE", "REDUCED_PARITY",
     "ExportContext", "Format", "LoadError", "NoOptions", "OpenVINOPredictor", "OrtPredictor", "ParitySpec",
     "Predictor", "TorchPredictor", "artifact_path", "build_options", "check_onnx", "entry_problem", "entry_usable",
     "exportable", "format_names", "get_format", "load_eager", "load_predictor", "model_from_state_dict",

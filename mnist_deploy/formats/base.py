@@ -24,6 +24,7 @@ from ..errors import InputError, MnistDeployError, RuntimeUnavailable, first_lin
 
 DEFAULT_RUNTIME = "onnx"  # what predict and serve load when no --runtime is given
 METADATA_FILE = "mnist_deploy.json"  # inside .pt / .pt2 archives: the same metadata as the ONNX props
+MAX_EXPORTED_BATCH = 1 << 20  # the largest batch an exported artifact's dynamic batch axis declares
 
 
 class LoadError(MnistDeployError):

@@ -12,7 +12,16 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ExportError
-from .base import METADATA_FILE, ExportContext, Format, Predictor, first_line, option, quiet
+from .base import (
+    MAX_EXPORTED_BATCH,
+    METADATA_FILE,
+    ExportContext,
+    Format,
+    Predictor,
+    first_line,
+    option,
+    quiet,
+)
 
 TORCH = ("torch",)
 
@@ -168,7 +177,7 @@ def _load_torchscript(path: Path, *, device: str, threads: int | None, manifest:
 def _export_pt2(model, path: Path, options, ctx: ExportContext) -> None:
     import torch
 
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    batch = torch.export.Dim("batch", min=1, max=MAX_EXPORTED_BATCH)
     with quiet():
         try:
             program = torch.export.export(model, (ctx.example,), dynamic_shapes=({0: batch},), strict=False)

@@ -1,8 +1,9 @@
 """Adam and the one-cycle schedule without ``torch.optim``. A leaf.
 
 Why not ``torch.optim.Adam``: constructing any ``torch.optim.Optimizer`` imports torch's compiler stack
-(``torch._dynamo``, through the ``_disable_dynamo`` wrapper on ``add_param_group``), most of a short
-training process for a 100k-parameter MLP (docs/design.md says how it was measured). These two classes
+(``torch._dynamo``, through the ``_disable_dynamo`` wrapper on ``add_param_group``): a large share
+of a short training process for a 100k-parameter MLP (the figures, with their command and machine,
+belong in the docs, not in a docstring). These two classes
 drive the very kernel ``torch.optim.Adam(fused=True)`` runs (``torch._fused_adam_``) with the very
 numbers ``OneCycleLR`` computes, so a run is bitwise what the ``torch.optim`` pair gives
 (``tests/train/test_optim.py`` checks both against ``torch.optim``).

@@ -25,13 +25,9 @@ LOADABLE = ("torchscript", "pt2", "onnx", "openvino")
 
 
 @pytest.fixture(scope="module")
-def exported(trained_mlp, tmp_path_factory, mnist_dir, cache_dir):
-    from mnist_deploy.export.run import export_artifacts
-
-    folder = tmp_path_factory.mktemp("faults") / "artifacts"
-    shutil.copytree(trained_mlp, folder)
-    report = export_artifacts(artifacts=folder, formats=list(LOADABLE), data_dir=mnist_dir, cache_dir=cache_dir,
-                              allow_download=False)
+def exported(exported_mlp):
+    """Conftest's MLP with every format exported (LOADABLE among them); read-only: copy it first."""
+    folder, report = exported_mlp
     assert report.ok, [r.error for r in report.failures]
     return folder
 
