@@ -1,7 +1,7 @@
 """Benchmark every runtime in the registry on every device: latency percentiles, throughput, GFLOP/s
 against a measured matmul peak, cold start, artifact size and test accuracy, with the environment.
 
-One row per runtime x device x batch size. Timing (:mod:`bench_timing`) is ``time.perf_counter_ns()``
+One row per runtime x device x batch size. Timing (:mod:`.timing`) is ``time.perf_counter_ns()``
 around the runtime call alone (``Predictor.run``, plus ``sync`` on CUDA), on inputs prepared
 beforehand, after warm-up calls, repeated until ``min_time`` has passed and at least ``min_calls``
 calls were made. Runtimes are measured one after another and released in between, so no two thread
@@ -11,7 +11,7 @@ A runtime or device that is not available is a row with status ``skipped`` and t
 raises is a row with status ``failed`` and the error, and the others go on. Bad input (names, batch
 sizes, a missing or tampered artifact) raises before anything is timed.
 
-The result is a plain dict; :mod:`bench_report` turns it into the verdict, the tables and the files.
+The result is a plain dict; :mod:`.report` turns it into the verdict, the tables and the files.
 """
 
 from __future__ import annotations
@@ -195,9 +195,9 @@ def run_bench(*, artifacts="artifacts", runtimes: str | Sequence[str] | None = N
               progress: Callable[[str], None] | None = None) -> dict:
     """Benchmark ``runtimes`` x devices x ``batch_sizes`` on the artifacts in ``artifacts``.
 
-    Returns a dict with ``records`` (one per row, keys :data:`bench_report.RECORD_KEYS`),
+    Returns a dict with ``records`` (one per row, keys :data:`.report.RECORD_KEYS`),
     ``environment``, ``peak`` (per device), ``model``, ``settings`` and ``verdict``;
-    :func:`bench_report.write_outputs` writes it.
+    :func:`.report.write_outputs` writes it.
     Every input is checked, and every artifact's sha256 verified, before the first timed call.
     """
     names, explicit = parse_runtimes(runtimes)

@@ -132,8 +132,8 @@ def test_temp_files_of_killed_exports_are_cleaned_up(exported, tmp_path, mnist_d
     stale[1].write_bytes(b"half")
     live = folder / f".export-pt2-{os.getppid()}.tmp"  # a running process's: kept
     live.mkdir()
-    report = export_artifacts(artifacts=folder, formats=["torchscript"], data_dir=mnist_dir, cache_dir=cache_dir,
-                              allow_download=False)
+    report = export_artifacts(artifacts=folder, formats=["torchscript"], parity_images=1000, data_dir=mnist_dir,
+                              cache_dir=cache_dir, allow_download=False)
     assert report.ok
     assert not any(p.exists() for p in stale) and live.exists()
     assert json.loads((folder / "manifest.json").read_text())["artifacts"]["torchscript"]["status"] == "ok"
