@@ -1,4 +1,4 @@
-"""The model registry: the origin's MLP and a small CNN, rebuilt by name from recorded hyperparameters."""
+"""The model registry: a small MLP and a small CNN, rebuilt by name from recorded hyperparameters."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .errors import CheckpointError, ManifestError
 
 
 class MLP(nn.Module):
-    """The origin project's network: 784 -> 128 ReLU -> 64 ReLU -> 10. Takes (N, 784)."""
+    """The default network: 784 -> 128 ReLU -> 64 ReLU -> 10. Takes (N, 784)."""
 
     def __init__(self, hidden1: int = 128, hidden2: int = 64) -> None:
         super().__init__()
@@ -29,7 +29,7 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-    """The origin's "future work": two conv blocks with batch norm, then dropout. Takes (N, 1, 28, 28)."""
+    """Two conv blocks with batch norm, then dropout. Takes (N, 1, 28, 28)."""
 
     def __init__(self, channels1: int = 16, channels2: int = 32, hidden: int = 128, dropout: float = 0.25) -> None:
         super().__init__()
@@ -70,7 +70,7 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "mlp": ModelSpec(
-        "mlp", MLP, (784,), {"hidden1": 128, "hidden2": 64}, "origin MLP 784-128-64-10, input (N, 784)"
+        "mlp", MLP, (784,), {"hidden1": 128, "hidden2": 64}, "MLP 784-128-64-10, input (N, 784)"
     ),
     "cnn": ModelSpec(
         "cnn",

@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .artifacts.files import atomic_write_text, sha256_file
-from .artifacts.manifest import load_manifest, manifest_path, verified_path
+from .artifacts.manifest import load_manifest, manifest_path
 from .errors import ExportError, InputError, IntegrityError, ManifestError
-from .formats import written_as
+from .formats import artifact_path, written_as
 
 __all__ = ["PackageConfig", "PackageResult", "TensorSpec", "onnx_tensor_specs", "package_artifacts"]
 
@@ -229,16 +229,9 @@ def package_artifacts(*, artifacts: str | os.PathLike = "artifacts", out: str | 
     if not folder.is_dir():
         raise ManifestError(f"{folder}: no such artifacts folder; run `mnist-deploy train --out {folder}` first")
     manifest = load_manifest(folder)
-    entry = manifest["artifacts"].get(cfg.format)
-    if entry is None:
-        raise ManifestError(f"{manifest_path(folder)}: no '{cfg.format}' export; run "
-                            f"`mnist-deploy export --artifacts {folder} --format {cfg.format}` first")
-    if entry.get("status", "ok") != "ok":
-        reason = entry.get("error") or "see the export report"
-        raise ManifestError(f"{folder}: the '{cfg.format}' export is marked {entry.get('status')!r} ({reason}); "
-                            "only an export that passed its parity gate is packaged")
-    source = verified_path(folder, cfg.format, manifest)
-    sha = entry["sha256"]
+    source = artifact_path(manifest, cfg.format, folder,
+                           advice="; only an export that passed its parity gate is packaged")
+    sha = manifest["artifacts"][cfg.format]["sha256"]
     name = cfg.name or str(manifest["model"]["name"]).lower().replace("_", "-")
     if not _NAME.match(name):
         raise InputError(f"the manifest's model name '{name}' is not a valid Kubernetes name; pass --name")

@@ -5,7 +5,7 @@ here as part of the public API), the same function ``serve`` uses, so a digit is
 everywhere.
 
 Models are loaded through the manifest only: an exported artifact after its sha256 has been checked
-(:func:`artifacts.verified_path`), or the eager PyTorch model from the state_dict.
+(:func:`formats.open_artifact`), or the eager PyTorch model from the state_dict.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts.manifest import load_manifest, verified_path
+from .artifacts.manifest import load_manifest
 from .data.images import (
     FIELD,
     IMAGE_SUFFIXES,
@@ -31,14 +31,10 @@ from .data.images import (
 )
 from .data.mnist import manifest_normalization, normalize_pixels
 from .errors import InputError, ManifestError, MnistDeployError, first_line
-from .formats import DEFAULT_RUNTIME, FORMATS, LoadError, Predictor, get_format, load_predictor
+from .formats import DEFAULT_RUNTIME, LoadError, Predictor, format_names, open_artifact
+from .formats.artifact import artifact_entry_checked
 
 EAGER_RUNTIME = "pytorch"
-
-
-def runtime_names() -> tuple[str, ...]:
-    """What ``--runtime`` accepts: every format in the registry (``pytorch`` runs the state_dict)."""
-    return tuple(FORMATS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,8 +76,8 @@ def load_model(*, artifacts: str | os.PathLike = "artifacts", runtime: str = DEF
     intra-op threads (None: the runtime's default); torch's global thread count is left as it was.
     """
     folder = Path(artifacts)
-    if runtime not in runtime_names():
-        raise InputError(f"unknown runtime '{runtime}'; choose one of {', '.join(runtime_names())}")
+    if runtime not in format_names():  # --runtime takes format names (bench's rows use runtime names)
+        raise InputError(f"unknown runtime '{runtime}'; choose one of {', '.join(format_names())}")
     if threads is not None and threads < 1:
         raise InputError(f"threads must be at least 1, got {threads}")
     if not folder.is_dir():
@@ -92,20 +88,9 @@ def load_model(*, artifacts: str | os.PathLike = "artifacts", runtime: str = DEF
     if int(np.prod(input_shape)) != FIELD * FIELD:
         raise ManifestError(f"{folder / 'manifest.json'}: model input shape {input_shape} is not a 28x28 image")
     device = _resolve_device(device)
-    fmt = get_format(runtime)
-    key = fmt.key
-    entry = manifest["artifacts"].get(key)
-    if entry is None:
-        raise ManifestError(
-            f"{folder / 'manifest.json'}: no '{key}' artifact; run "
-            f"`mnist-deploy export --artifacts {folder} --format {runtime}` first, or use --runtime {EAGER_RUNTIME}"
-        )
-    if entry.get("status", "ok") != "ok":
-        reason = entry.get("error") or "see the export report"
-        raise ManifestError(f"{folder}: the '{runtime}' export is marked {entry.get('status')!r} ({reason})")
+    entry = artifact_entry_checked(manifest, runtime, folder, advice=f", or use --runtime {EAGER_RUNTIME}")
     t0 = time.perf_counter()
-    path = verified_path(folder, key, manifest)
-    predictor = load_predictor(runtime, path, device, threads, manifest=manifest)
+    predictor = open_artifact(manifest, runtime, folder, device=device, threads=threads)
     loaded = LoadedModel(predictor, runtime, dict(entry), manifest, input_shape, device, threads,
                          time.perf_counter() - t0)
     try:
@@ -113,7 +98,7 @@ def load_model(*, artifacts: str | os.PathLike = "artifacts", runtime: str = DEF
     except MnistDeployError:
         raise
     except Exception as exc:  # a runtime that loads lazily fails here on a damaged file
-        raise LoadError(f"{path}: {predictor.runtime} loaded it but cannot run it ({first_line(exc)})") from None
+        raise LoadError(f"{folder / entry['path']}: {predictor.runtime} loaded it but cannot run it ({first_line(exc)})") from None
     return loaded
 
 
@@ -187,5 +172,5 @@ def predict_files(inputs: Sequence[str | os.PathLike], *, artifacts: str | os.Pa
 __all__ = [
     "DEFAULT_RUNTIME", "EAGER_RUNTIME", "MAX_IMAGE_PIXELS", "LoadedModel", "check_image_header", "expand_inputs",
     "load_model", "mnist_image", "normalize_pixels", "pixels_to_array", "predict_files", "preprocess_image",
-    "runtime_names", "top_k",
+    "top_k",
 ]

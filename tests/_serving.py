@@ -28,8 +28,9 @@ def onnx_artifacts(trained: Path, tmp_root: Path, mnist_dir: Path, cache_dir: Pa
 
         dst = tmp_root / "served"
         shutil.copytree(trained, dst)
-        report = export_artifacts(artifacts=dst, formats=["onnx"], data_dir=mnist_dir, cache_dir=cache_dir,
-                                  allow_download=False)
+        # 1,000 test images: the full 10,000-image parity run per format is conftest's exported_mlp
+        report = export_artifacts(artifacts=dst, formats=["onnx"], parity_images=1000, data_dir=mnist_dir,
+                                  cache_dir=cache_dir, allow_download=False)
         assert report.ok, report
         _EXPORTED[trained] = dst
     return _EXPORTED[trained]

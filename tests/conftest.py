@@ -73,6 +73,37 @@ def served(trained_mlp, tmp_path_factory, mnist_dir, cache_dir) -> Path:
     return onnx_artifacts(trained_mlp, tmp_path_factory.mktemp("served"), mnist_dir, cache_dir)
 
 
+@pytest.fixture(scope="session")
+def model(served):
+    """``served``'s ONNX export loaded as ``predict`` and ``serve`` load it (``load_model``), once per
+    session. The predict, serve and hardening tests share it; nothing may change it."""
+    from mnist_deploy.predict import load_model
+
+    return load_model(artifacts=served, runtime="onnx")
+
+
+@pytest.fixture(scope="session")
+def quick_cnn(tmp_path_factory, mnist_dir, cache_dir) -> Path:
+    """An artifacts folder with the CNN trained briefly (1 epoch on 5,000 images, seconds): for
+    tests about the CNN's shape and plumbing, not its accuracy, so that ``-m "not slow"`` trains no
+    full CNN. Read-only, as above."""
+    return _train(tmp_path_factory.mktemp("quick-cnn-artifacts"), mnist_dir, cache_dir, model="cnn", epochs=1,
+                  subset=5_000)
+
+
+@pytest.fixture(scope="session")
+def exported_mlp(trained_mlp, tmp_path_factory, mnist_dir, cache_dir):
+    """The trained MLP with every exportable format exported by the real exporter, each with the full
+    parity gate (all 10,000 test images at batch sizes 1 and 10,000): this is the suite's full parity
+    run per format. Returns ``(folder, report)``. Read-only: copy it before changing anything."""
+    from mnist_deploy.export.run import export_artifacts
+
+    folder = tmp_path_factory.mktemp("exported-mlp") / "artifacts"
+    shutil.copytree(trained_mlp, folder)
+    report = export_artifacts(artifacts=folder, data_dir=mnist_dir, cache_dir=cache_dir, allow_download=False)
+    return folder, report
+
+
 @pytest.fixture
 def mirror(tmp_path, monkeypatch):
     """A real HTTP server on loopback serving a folder as the MNIST download mirror; yields the folder."""

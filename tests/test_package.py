@@ -138,7 +138,7 @@ def test_cli_package_passes_batching_and_instance_options(exported, tmp_path):
 def test_cli_refuses_artifacts_without_an_onnx_export(trained_mlp, tmp_path):
     res = CliRunner().invoke(cli, ["package", "--artifacts", str(trained_mlp), "--out", str(tmp_path / "pkg")])
     assert res.exit_code == 2
-    assert "no 'onnx' export" in res.output and "mnist-deploy export" in res.output
+    assert "no 'onnx' artifact" in res.output and "mnist-deploy export" in res.output
     assert "Traceback" not in res.output
     assert not (tmp_path / "pkg").exists()
 

@@ -18,12 +18,8 @@ from mnist_deploy.cli import PREDICT_RUNTIMES, cli
 from mnist_deploy.data.images import mnist_image, pixels_to_array, preprocess_image
 from mnist_deploy.data.mnist import normalize
 from mnist_deploy.errors import InputError, IntegrityError, ManifestError, RuntimeUnavailable
-from mnist_deploy.predict import expand_inputs, load_model, predict_files, runtime_names, top_k
-
-
-@pytest.fixture(scope="module")
-def model(served):
-    return load_model(artifacts=served, runtime="onnx")
+from mnist_deploy.formats import format_names
+from mnist_deploy.predict import expand_inputs, load_model, predict_files, top_k
 
 
 def _drawn_seven(size=(300, 220), ink=0, paper=255, width=14) -> Image.Image:
@@ -190,7 +186,7 @@ def test_top_k_is_sorted_best_first():
 
 
 def test_runtime_choices_mirror_the_registry():
-    assert set(PREDICT_RUNTIMES) == set(runtime_names())
+    assert set(PREDICT_RUNTIMES) == set(format_names())
 
 
 @pytest.mark.integration
@@ -203,8 +199,8 @@ def test_eager_pytorch_and_onnx_agree(served, model, mnist_dir):
 
 
 @pytest.mark.integration
-def test_cnn_input_shape_from_the_manifest_is_respected(trained_cnn, mnist_dir):
-    cnn = load_model(artifacts=trained_cnn, runtime="pytorch")
+def test_cnn_input_shape_from_the_manifest_is_respected(quick_cnn, mnist_dir):
+    cnn = load_model(artifacts=quick_cnn, runtime="pytorch")
     assert cnn.input_shape == (1, 28, 28)
     images, labels = mnist_test_digits(mnist_dir, 100)
     assert (cnn.probabilities(normalize(images)).argmax(1) == labels).mean() > 0.8

@@ -9,20 +9,15 @@ from dataclasses import dataclass
 
 from ..devices import DEVICE_CHOICES as TORCH_DEVICES
 from ..errors import InputError, RuntimeUnavailable
-from ..formats import FORMATS, Format, resolve
+from ..formats import FORMATS, MAX_EXPORTED_BATCH, Format, resolve, runtime_names
 
 DEFAULT_BATCH_SIZES = (1, 32, 256, 1024)
-DEVICE_CHOICES = (*(d for d in TORCH_DEVICES if d != "auto"), "all")  # bench: every device, or all
-MAX_BATCH = 1 << 20  # the dynamic batch axis the exporters declare
+# bench's --device: one device, or every one ("all"); train's and serve's "auto" means one device
+BENCH_DEVICES = (*(d for d in TORCH_DEVICES if d != "auto"), "all")
 
 
 # ---------------------------------------------------------------------------------------------
 # What can be benchmarked: every format in the registry, by its runtime name.
-
-
-def runtime_names() -> tuple[str, ...]:
-    """Every runtime ``bench`` knows, in registry order (row names: ``onnxruntime``, ``torch.export``...)."""
-    return tuple(f.runtime for f in FORMATS.values())
 
 
 def by_runtime(name: str) -> Format:
@@ -59,8 +54,8 @@ def parse_batch_sizes(value: str | Sequence[int] | None) -> tuple[int, ...]:
             n = None
         if n is None or str(n) != text.lstrip("+") or n < 1:
             raise InputError(f"batch size '{text}' is not a positive integer (e.g. --batch-sizes 1,32,256,1024)")
-        if n > MAX_BATCH:
-            raise InputError(f"batch size {n} is larger than {MAX_BATCH}, the exported batch axis's limit")
+        if n > MAX_EXPORTED_BATCH:
+            raise InputError(f"batch size {n} is larger than {MAX_EXPORTED_BATCH}, the exported batch axis's limit")
         out.append(n)
     return tuple(sorted(set(out)))
 
@@ -86,7 +81,7 @@ def plan_devices(device: str = "all") -> list[tuple[str, str | None]]:
     elif key == "cpu" or key == "cuda" or key.startswith("cuda:"):
         names = [key]
     else:
-        raise InputError(f"unknown device '{device}'; choose one of {', '.join(DEVICE_CHOICES)}")
+        raise InputError(f"unknown device '{device}'; choose one of {', '.join(BENCH_DEVICES)}")
     out = []
     for name in names:
         try:

@@ -1,7 +1,7 @@
 """Benchmark every runtime in the registry on every device: latency percentiles, throughput, GFLOP/s
 against a measured matmul peak, cold start, artifact size and test accuracy, with the environment.
 
-One row per runtime x device x batch size. Timing (:mod:`bench_timing`) is ``time.perf_counter_ns()``
+One row per runtime x device x batch size. Timing (:mod:`.timing`) is ``time.perf_counter_ns()``
 around the runtime call alone (``Predictor.run``, plus ``sync`` on CUDA), on inputs prepared
 beforehand, after warm-up calls, repeated until ``min_time`` has passed and at least ``min_calls``
 calls were made. Runtimes are measured one after another and released in between, so no two thread
@@ -11,7 +11,7 @@ A runtime or device that is not available is a row with status ``skipped`` and t
 raises is a row with status ``failed`` and the error, and the others go on. Bad input (names, batch
 sizes, a missing or tampered artifact) raises before anything is timed.
 
-The result is a plain dict; :mod:`bench_report` turns it into the verdict, the tables and the files.
+The result is a plain dict; :mod:`.report` turns it into the verdict, the tables and the files.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import numpy as np
 
 from ..artifacts.manifest import load_manifest, manifest_path, verified_path
 from ..errors import ManifestError, MnistDeployError, RuntimeUnavailable, first_line
-from ..formats import FORMATS, Format, load_predictor
+from ..formats import FORMATS, Format, entry_problem, open_artifact
 from .config import (  # the input checks, re-exported as the bench API
+    BENCH_DEVICES,
     DEFAULT_BATCH_SIZES,
-    DEVICE_CHOICES,
     BenchConfig,
     by_runtime,
     parse_batch_sizes,
@@ -60,10 +60,8 @@ def check_artifacts(folder: Path, manifest: dict, names: Sequence[str], explicit
         key = by_runtime(name).key
         if key == "state_dict":
             continue
-        entry = entries.get(key)
-        if entry is None or entry.get("status") != "ok":
-            why = ("was never exported" if entry is None
-                   else f"export failed ({entry.get('error') or entry.get('status')})")
+        why = entry_problem(entries.get(key))  # formats decides what a usable entry is, for every stage
+        if why is not None:
             if explicit:
                 raise ManifestError(f"{manifest_path(folder)}: '{key}' (runtime {name}) {why}; "
                                     f"run `mnist-deploy export --artifacts {folder} --format {key}` first")
@@ -79,18 +77,7 @@ def check_artifacts(folder: Path, manifest: dict, names: Sequence[str], explicit
 
 def load_runtime(name: str, folder: Path, manifest: dict, device: str, threads: int | None):
     """Load runtime ``name`` as a :class:`formats.Predictor` on ``device`` (sha256-checked first)."""
-    fmt = by_runtime(name)
-    path = verified_path(folder, fmt.key, manifest)
-    return load_predictor(fmt.name, path, device=device, threads=threads, manifest=manifest)
-
-
-def _inductor_cache_counts() -> tuple[int, int]:
-    try:
-        from torch._dynamo.utils import counters
-
-        return int(counters["inductor"]["fxgraph_cache_hit"]), int(counters["inductor"]["fxgraph_cache_miss"])
-    except Exception:  # a private counter that moved: the note says "unknown"
-        return 0, 0
+    return open_artifact(manifest, by_runtime(name).name, folder, device=device, threads=threads)
 
 
 @dataclass
@@ -124,13 +111,11 @@ def _bench_runtime(fmt: Format, device: str, *, folder: Path, manifest: dict, co
                    data: _Data, flops: int, size_bytes: int | None, progress: Callable[[str], None]) -> list[dict]:
     common = {"size_bytes": size_bytes, "threads": config.threads}
     sync = None
-    compiled = fmt.runtime.startswith("torch.compile")  # and its CUDA-graphs mode
     try:
         t0 = time.perf_counter_ns()
         predictor = load_runtime(fmt.runtime, folder, manifest, device, config.threads)
         t_loaded = time.perf_counter_ns()
-        # torch.compile() has imported dynamo by now, so reading its counters costs the others nothing
-        hits, misses = _inductor_cache_counts() if compiled else (0, 0)
+        cold_start = fmt.cold_start() if fmt.cold_start is not None else None  # the entry says what to note
         t1 = time.perf_counter_ns()
         predictor(data.batch(1))
         predictor.sync()
@@ -151,11 +136,7 @@ def _bench_runtime(fmt: Format, device: str, *, folder: Path, manifest: dict, co
     common.update(accuracy=accuracy, load_ms=(t_loaded - t0) / 1e6, first_call_ms=(t2 - t1) / 1e6,
                   cold_start_ms=(t_loaded - t0 + t2 - t1) / 1e6, precision=details.get("precision"),
                   performance_mode=details.get("performance_mode"))
-    note = ""
-    if compiled:
-        h2, m2 = _inductor_cache_counts()
-        cache = "hit" if h2 > hits and m2 == misses else "miss" if m2 > misses else "unknown"
-        note = f"cold start includes compilation (inductor cache {cache})"
+    note = cold_start() if cold_start is not None else ""
     progress(f"{fmt.runtime} ({device}): cold start {common['cold_start_ms']:.1f} ms, accuracy {100 * accuracy:.2f}%")
     rows = []
     for bs in config.batch_sizes:
@@ -214,9 +195,9 @@ def run_bench(*, artifacts="artifacts", runtimes: str | Sequence[str] | None = N
               progress: Callable[[str], None] | None = None) -> dict:
     """Benchmark ``runtimes`` x devices x ``batch_sizes`` on the artifacts in ``artifacts``.
 
-    Returns a dict with ``records`` (one per row, keys :data:`bench_report.RECORD_KEYS`),
+    Returns a dict with ``records`` (one per row, keys :data:`.report.RECORD_KEYS`),
     ``environment``, ``peak`` (per device), ``model``, ``settings`` and ``verdict``;
-    :func:`bench_report.write_outputs` writes it.
+    :func:`.report.write_outputs` writes it.
     Every input is checked, and every artifact's sha256 verified, before the first timed call.
     """
     names, explicit = parse_runtimes(runtimes)
@@ -242,22 +223,9 @@ def run_bench(*, artifacts="artifacts", runtimes: str | Sequence[str] | None = N
     previous_threads = torch.get_num_threads()
     load_before, cpu_before = loadavg(), cpu_snapshot()
     torch.set_num_threads(config.threads)
-    records: list[dict] = []
-    peaks: dict[str, dict] = {}
     try:
-        for dev, dev_reason in plan:
-            first = _peak(dev, config, peak_sizes, progress, "before") if dev_reason is None else None
-            for name in names:
-                fmt = by_runtime(name)
-                reason = dev_reason or skip.get(name) or fmt.unavailable(dev)
-                if reason:
-                    progress(f"{name} ({dev}): skipped: {reason}")
-                    records.append(_row(fmt, dev, None, "skipped", reason, threads=config.threads))
-                    continue
-                records += _bench_runtime(fmt, dev, folder=folder, manifest=manifest, config=config, data=data,
-                                          flops=flops, size_bytes=_size(manifest, fmt.key), progress=progress)
-            if dev_reason is None:
-                peaks[dev] = best_peak(first, _peak(dev, config, peak_sizes, progress, "after"))
+        records, peaks = _measure(plan, names, skip, folder=folder, manifest=manifest, config=config, data=data,
+                                  flops=flops, peak_sizes=peak_sizes, progress=progress)
     finally:
         torch.set_num_threads(previous_threads)
     environment = collect_environment(config.threads, [d for d, r in plan if r is None])
@@ -279,6 +247,27 @@ def run_bench(*, artifacts="artifacts", runtimes: str | Sequence[str] | None = N
     }
     result["verdict"] = verdict(result)
     return result
+
+
+def _measure(plan, names, skip: dict[str, str], *, folder: Path, manifest: dict, config: BenchConfig, data: _Data,
+             flops: int, peak_sizes, progress: Callable[[str], None]) -> tuple[list[dict], dict[str, dict]]:
+    """Every runtime on every planned device, between two matmul-peak measurements per device."""
+    records: list[dict] = []
+    peaks: dict[str, dict] = {}
+    for dev, dev_reason in plan:
+        first = _peak(dev, config, peak_sizes, progress, "before") if dev_reason is None else None
+        for name in names:
+            fmt = by_runtime(name)
+            reason = dev_reason or skip.get(name) or fmt.unavailable(dev)
+            if reason:
+                progress(f"{name} ({dev}): skipped: {reason}")
+                records.append(_row(fmt, dev, None, "skipped", reason, threads=config.threads))
+                continue
+            records += _bench_runtime(fmt, dev, folder=folder, manifest=manifest, config=config, data=data,
+                                      flops=flops, size_bytes=_size(manifest, fmt.key), progress=progress)
+        if dev_reason is None:
+            peaks[dev] = best_peak(first, _peak(dev, config, peak_sizes, progress, "after"))
+    return records, peaks
 
 
 def _load_data(manifest: dict, data_dir, cache_dir, allow_download: bool) -> _Data:
@@ -312,7 +301,7 @@ def sort_records(records: list[dict]) -> list[dict]:
 
 
 __all__ = [
-    "BenchConfig", "DEFAULT_BATCH_SIZES", "best_peak", "DEVICE_CHOICES", "check_artifacts", "collect_environment",
+    "BENCH_DEVICES", "BenchConfig", "DEFAULT_BATCH_SIZES", "best_peak", "check_artifacts", "collect_environment",
     "default_threads", "latency_stats", "load_runtime", "measure_peak", "parse_batch_sizes", "parse_runtimes",
     "plan_devices", "run_bench", "runtime_names", "sort_records", "time_calls", "unavailable_reason",
 ]

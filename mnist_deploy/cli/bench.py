@@ -7,8 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..bench.run import DEVICE_CHOICES as BENCH_DEVICES
-from ..bench.run import BenchConfig
+from ..bench.config import BENCH_DEVICES, BenchConfig
 from ..errors import MnistDeployError
 from ..formats import FORMATS
 from .common import cache_dir_option, cli, data_dir_option, no_download_option, positive

@@ -62,13 +62,15 @@ def _format_options(command):
               help="Reduced-precision formats: largest allowed accuracy drop, as a fraction (0.003 = 0.3 points). "
               f"Default: {REDUCED_PARITY.max_accuracy_drop:g}.")
 @click.option("--no-parity", is_flag=True, help="Skip the parity gate (experiments only; verify still checks).")
+@click.option("--parity-images", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Judge parity on the first N test images only (quick runs). Default: all 10,000.")
 @data_dir_option
 @cache_dir_option
 @no_download_option
 @click.option("--markdown", is_flag=True, help="Print the parity table as Markdown.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 def export_cmd(formats, checkpoint, out, atol, rtol, min_agreement, int8_min_agreement, int8_max_accuracy_drop,
-               no_parity, data_dir, cache_dir, no_download, markdown, as_json, **options) -> None:
+               no_parity, parity_images, data_dir, cache_dir, no_download, markdown, as_json, **options) -> None:
     """Export the trained model to deployable formats and prove each computes what PyTorch computes.
 
     Every artifact is run on all 10,000 test images at batch sizes 1 and 10,000 and compared with
@@ -78,23 +80,24 @@ def export_cmd(formats, checkpoint, out, atol, rtol, min_agreement, int8_min_agr
     error (a full disk) keeps the previous artifact. Results also go to parity.json.
     """
     from ..export.parity import would_pass_hint
-    from ..export.run import export_artifacts
+    from ..export.run import ExportConfig, export_artifacts
 
     def progress(name):
         if not as_json:
             click.echo(f"exporting {name} ...", err=True)
 
-    report = export_artifacts(
-        artifacts=out, checkpoint=checkpoint, formats=list(formats), atol=atol, rtol=rtol,
-        min_agreement=min_agreement, int8_min_agreement=int8_min_agreement,
-        int8_max_accuracy_drop=int8_max_accuracy_drop, parity=not no_parity, data_dir=data_dir,
-        cache_dir=cache_dir, allow_download=not no_download, progress=progress, **options,
+    config = ExportConfig.from_arguments(
+        formats=formats, atol=atol, rtol=rtol, min_agreement=min_agreement, int8_min_agreement=int8_min_agreement,
+        int8_max_accuracy_drop=int8_max_accuracy_drop, parity=not no_parity, parity_images=parity_images, **options,
     )
+    report = export_artifacts(config, artifacts=out, checkpoint=checkpoint, data_dir=data_dir, cache_dir=cache_dir,
+                              allow_download=not no_download, progress=progress)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        click.echo(f"{report.model} from {report.source_state_dict_sha256[:12]}...: parity on 10,000 test "
-                   "images at batch sizes 1 and 10,000 against PyTorch eager")
+        n = report.test_images
+        click.echo(f"{report.model} from {report.source_state_dict_sha256[:12]}...: parity on {n:,} test "
+                   f"images at batch sizes 1 and {min(n, 10_000):,} against PyTorch eager")
         click.echo(report.table(markdown=markdown))
         reduced = [r.format for r in report.results if (r.parity or {}).get("criteria", {}).get("kind") == "predictions"]
         if reduced:

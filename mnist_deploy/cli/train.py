@@ -74,13 +74,13 @@ class _RichReporter:
 
 @cli.command("train")
 @click.option("--model", type=click.Choice(MODEL_NAMES), default="mlp", show_default=True,
-              help="mlp: the origin's 784-128-64-10 network; cnn: conv + batch norm + dropout.")
+              help="mlp: a 784-128-64-10 ReLU network; cnn: conv + batch norm + dropout.")
 @click.option("--epochs", type=int, default=5, show_default=True, callback=positive)
 @click.option("--batch-size", type=int, default=64, show_default=True, callback=positive,
               help="Global batch; with N processes each takes batch-size / N per step.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate (base rate).")
 @click.option("--schedule", type=click.Choice(["onecycle", "constant"]), default="onecycle", show_default=True,
-              help="onecycle: warm up to 3x --lr, then anneal; constant: the origin's fixed rate.")
+              help="onecycle: warm up to 3x --lr, then anneal; constant: --lr throughout.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Same seed (and process count), same CPU run, bitwise.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -91,7 +91,7 @@ class _RichReporter:
 @click.option("--step", type=click.Choice(["auto", "fused", "autograd"]), default="auto", show_default=True,
               help="fused: the MLP's hand-fused forward, backward and Adam (one process); autograd: "
                    "the generic step; auto: fused where it applies.")
-@click.option("--plots", is_flag=True, help="Also draw training_curves.png and confusion_matrix.png (about 1 s).")
+@click.option("--plots", is_flag=True, help="Also draw training_curves.png and confusion_matrix.png.")
 @click.option("--nproc-per-node", type=int, default=None, callback=positive,
               help="Launch N training processes with torchrun (torch.distributed, DDP; gloo on CPU, NCCL on CUDA).")
 @click.option("--nnodes", type=int, default=1, show_default=True, callback=positive,

@@ -6,15 +6,11 @@ raw. Every file is checked against the canonical MD5 of its uncompressed bytes a
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
-import math
 import os
 import struct
 import urllib.error
 import urllib.request
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +18,7 @@ import numpy as np
 
 from ..artifacts.files import atomic_path, atomic_write_bytes
 from ..errors import DataError
+from .idx import FILES, gunzip_bounded, parse_idx, read_bounded
 
 MEAN = 0.1307
 STD = 0.3081
@@ -32,24 +29,6 @@ CACHE_ENV = "MNIST_DEPLOY_CACHE"
 MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 
 
-@dataclass(frozen=True)
-class IdxFile:
-    name: str  # uncompressed file name
-    md5: str  # MD5 of the uncompressed bytes
-    magic: int  # type byte 0x08 (unsigned byte) then number of dimensions
-    dims: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return 4 + 4 * len(self.dims) + math.prod(self.dims)
-
-
-FILES: dict[str, IdxFile] = {
-    "train-images": IdxFile("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb", 0x0803, (60000, 28, 28)),
-    "train-labels": IdxFile("train-labels-idx1-ubyte", "a25bea736e30d166cdddb491f175f624", 0x0801, (60000,)),
-    "test-images": IdxFile("t10k-images-idx3-ubyte", "2646ac647ad5339dbf082846283269ea", 0x0803, (10000, 28, 28)),
-    "test-labels": IdxFile("t10k-labels-idx1-ubyte", "27ae3e4e09519cfbb04c329615203637", 0x0801, (10000,)),
-}
 SPLITS = {"train": ("train-images", "train-labels"), "test": ("test-images", "test-labels")}
 
 
@@ -83,63 +62,10 @@ def find_file(root: Path, key: str) -> Path | None:
     return None
 
 
-def _read_bytes(path: Path, limit: int) -> bytes:
-    """The file's (uncompressed) bytes; more than ``limit`` of them is an error, found without reading
-    past ``limit + 1`` (a small gzip can inflate to gigabytes)."""
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as fh:
-                raw = fh.read(limit + 1)
-        else:
-            with open(path, "rb") as fh:
-                raw = fh.read(limit + 1)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: cannot be read: {exc} (truncated or not gzip?)") from None
-    if len(raw) > limit:
-        what = "inflates to" if path.suffix == ".gz" else "has"
-        raise DataError(f"{path}: {what} more than the {limit:,} bytes this MNIST file has; not an MNIST file")
-    return raw
-
-
-def _gunzip(data: bytes, limit: int, source: str) -> bytes:
-    """Decompress ``data``, refusing (without inflating it all) anything longer than ``limit`` bytes."""
-    try:
-        with gzip.GzipFile(fileobj=io.BytesIO(data)) as fh:
-            raw = fh.read(limit + 1)
-    except (OSError, EOFError, zlib.error):
-        raise DataError(f"{source}: not valid gzip") from None
-    if len(raw) > limit:
-        raise DataError(f"{source}: inflates to more than the {limit:,} bytes expected")
-    return raw
-
-
-MAX_IDX_DIMS = 8  # MNIST has 1 or 3; numpy allows 64. Anything more is not an image file.
-
-
-def parse_idx(raw: bytes, source: str = "IDX data") -> np.ndarray:
-    """Parse IDX bytes (big-endian magic, one 4-byte size per dimension, row-major data) into uint8."""
-    if len(raw) < 4:
-        raise DataError(f"{source}: too short for an IDX header ({len(raw)} bytes)")
-    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype != 0x08 or ndim == 0:
-        raise DataError(f"{source}: bad IDX magic {raw[:4].hex()} (expected 0000 08 then the number of dimensions)")
-    if ndim > MAX_IDX_DIMS:
-        raise DataError(f"{source}: IDX header claims {ndim} dimensions (at most {MAX_IDX_DIMS} accepted)")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{source}: truncated IDX header")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = header + math.prod(dims)  # Python integers: a header cannot overflow the check
-    if len(raw) != expected:
-        what = "truncated" if len(raw) < expected else "has trailing bytes"
-        raise DataError(f"{source}: {what}: header {dims} needs {expected} bytes, file has {len(raw)}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
-
-
 def load_verified(path: Path, key: str) -> tuple[np.ndarray, str]:
     """Read one file, check its IDX header against the expected one and its MD5; return (array, md5)."""
     spec = FILES[key]
-    raw = _read_bytes(path, spec.nbytes)
+    raw = read_bounded(path, spec.nbytes)
     arr = parse_idx(raw, str(path))
     magic = struct.unpack(">I", raw[:4])[0]
     if magic != spec.magic or arr.shape != spec.dims:
@@ -168,7 +94,7 @@ def download(root: Path, keys: list[str], *, timeout: float = 15.0, progress: bo
                 f"cannot download {url} ({reason}); no network? Put the four MNIST files in {root} "
                 f"or point --data-dir / ${DATA_ENV} at a local copy"
             ) from None
-        raw = _gunzip(data, spec.nbytes, f"{url}: downloaded file")
+        raw = gunzip_bounded(data, spec.nbytes, f"{url}: downloaded file")
         md5 = hashlib.md5(raw).hexdigest()
         if md5 != spec.md5:
             raise DataError(f"{url}: downloaded data has MD5 {md5}, expected {spec.md5}; not saved")
@@ -309,8 +235,8 @@ def load_splits(
 
     A cache entry records the MD5 each source file had when it was verified and the file's stat stamp
     (:func:`_stamp`) taken before that read. When every source file's stamp is unchanged the cache is
-    used as it is (memory-mapped); otherwise the files are read and verified again (MD5 and IDX header,
-    about 0.3 s), so a changed source rebuilds the cache and a tampered one fails loudly.
+    used as it is (memory-mapped); otherwise the files are read and verified again (MD5 and IDX
+    header), so a changed source rebuilds the cache and a tampered one fails loudly.
     """
     cache = resolve_cache_dir(cache_dir)
     root = resolve_data_dir(data_dir)

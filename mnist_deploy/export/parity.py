@@ -235,6 +235,7 @@ class ExportReport:
     reference_accuracy: float | None
     results: list[FormatResult] = field(default_factory=list)
     parity_path: Path | None = None
+    test_images: int = 10_000  # how many test images parity was judged on (ExportConfig.parity_images)
 
     @property
     def ok(self) -> bool:
@@ -265,6 +266,7 @@ class ExportReport:
             "model": self.model,
             "source_state_dict_sha256": self.source_state_dict_sha256,
             "reference_accuracy": self.reference_accuracy,
+            "test_images": self.test_images,
             "ok": self.ok,
             "results": [asdict(r) for r in self.results],
             "parity_path": str(self.parity_path) if self.parity_path else None,

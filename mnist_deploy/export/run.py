@@ -28,7 +28,7 @@ from .. import __version__
 from ..artifacts.files import atomic_write_bytes, atomic_write_json, pid_alive
 from ..artifacts.manifest import STATE_DICT_NAME, artifact_entry, load_manifest, manifest_path, save_manifest
 from ..errors import CheckpointError, ExportError, MnistDeployError, RuntimeUnavailable, first_line
-from ..formats import FORMATS, ExportContext, Format, exportable, get_format, onnx_opset_range
+from ..formats import FORMATS, ExportContext, Format, get_format, onnx_opset_range
 from .parity import PARITY_BATCH_SIZES, ExportReport, FormatResult, parity_check
 from .source import (
     DEFAULT_THRESHOLDS,
@@ -130,8 +130,8 @@ def _write_parity(out: Path, report: ExportReport) -> Path:
         "source_state_dict_sha256": report.source_state_dict_sha256,
         "reference": "pytorch eager, fp32, CPU",
         "reference_accuracy": report.reference_accuracy,
-        "test_images": 10_000,
-        "batch_sizes": list(PARITY_BATCH_SIZES),
+        "test_images": report.test_images,
+        "batch_sizes": sorted({min(b, report.test_images) for b in PARITY_BATCH_SIZES}),
         "formats": formats,
     }
     return atomic_write_json(path, doc)
@@ -147,43 +147,29 @@ def _now() -> str:
 # The stage.
 
 
-def export_artifacts(*, artifacts="artifacts", checkpoint=None, formats=None, atol: float | None = None,
-                     rtol: float | None = None, min_agreement: float | None = None,
-                     int8_min_agreement: float | None = None, int8_max_accuracy_drop: float | None = None,
-                     parity: bool = True, data_dir=None, cache_dir=None, allow_download: bool = True,
-                     progress=None, **options) -> ExportReport:
-    """Export the state_dict to ``formats`` (default: every exportable format) in ``artifacts`` and
-    gate each on parity.
+def export_artifacts(config: ExportConfig | None = None, *, artifacts="artifacts", checkpoint=None, data_dir=None,
+                     cache_dir=None, allow_download: bool = True, progress=None, **settings) -> ExportReport:
+    """Export the state_dict to ``config.formats`` (default: every exportable format) in ``artifacts``
+    and gate each on parity.
 
-    ``checkpoint`` defaults to ``artifacts/mnist_model_state_dict.pth``; the manifest next to it
-    says which model to rebuild. ``options`` are format options by name (``opset=18``,
-    ``torchscript_method="trace"``, ...: the fields of the registry's option dataclasses, defaults
-    there). Thresholds left None are each format's own. Bad input raises before anything is
-    written. A format named explicitly that cannot run here raises; under "all" it is skipped.
-    A format that fails does not stop the others; check ``report.ok``. ``progress(name)`` is called
-    before each format (the CLI prints a line).
+    ``config`` (:class:`ExportConfig`) says what to export and how it is judged; callers from before
+    it may pass its fields and the format options as keywords instead (``formats=["onnx"]``,
+    ``atol=1e-5``, ``parity_images=1000``, ``opset=18``, ``torchscript_method="trace"``...: the fields
+    of the registry's option dataclasses, defaults there), never both. ``checkpoint`` defaults to
+    ``artifacts/mnist_model_state_dict.pth``; the manifest next to it says which model to rebuild.
+    Thresholds left None are each format's own. Bad input raises before anything is written. A
+    format named explicitly that cannot run here raises; under "all" it is skipped. A format that
+    fails does not stop the others; check ``report.ok``. ``progress(name)`` is called before each
+    format (the CLI prints a line).
     """
-    explicit = bool(formats) and "all" not in formats
-    names = tuple(dict.fromkeys(formats)) if explicit else exportable()
-    config = ExportConfig(formats=names, atol=atol, rtol=rtol, min_agreement=min_agreement,
-                          int8_min_agreement=int8_min_agreement, int8_max_accuracy_drop=int8_max_accuracy_drop,
-                          options={k: v for k, v in options.items() if v is not None}, parity=parity)
-    config.validate()
-    unavailable = {}
-    for name in names:
-        fmt = get_format(name)
-        if not fmt.exportable:
-            raise ExportError(f"'{name}' runs the state_dict itself; there is nothing to export")
-        reason = fmt.unavailable("cpu")
-        if reason and explicit:
-            raise RuntimeUnavailable(f"cannot export {name}: {reason}")
-        if reason:
-            unavailable[name] = reason
+    if config is not None and settings:
+        raise TypeError(f"pass either an ExportConfig or its fields as keywords, not both ({', '.join(settings)})")
+    config = config or ExportConfig.from_arguments(**settings)
+    unavailable = _check_formats(config)
     out = Path(artifacts)
-    checkpoint = Path(checkpoint) if checkpoint else out / STATE_DICT_NAME
-    source = load_source(checkpoint)
+    source = load_source(Path(checkpoint) if checkpoint else out / STATE_DICT_NAME)
     manifest = _prepare_output(out, source)
-    data = load_eval_data(source.manifest, data_dir, cache_dir, allow_download)
+    data = load_eval_data(source.manifest, data_dir, cache_dir, allow_download).head(config.parity_images)
     reference = reference_logits(source.model, data.images)
     reference_accuracy = float((reference.argmax(1) == data.labels).mean())
     clean_stale_temps(out)
@@ -193,8 +179,9 @@ def export_artifacts(*, artifacts="artifacts", checkpoint=None, formats=None, at
 
     ctx = ExportContext(example=torch.from_numpy(data.images[:2].copy()),
                         metadata=artifact_metadata(source.manifest, source.sha256), calibration=data.calibration)
-    report = ExportReport(out, source.sha256, source.manifest["model"]["name"], reference_accuracy)
-    for name in names:
+    report = ExportReport(out, source.sha256, source.manifest["model"]["name"], reference_accuracy,
+                          test_images=len(data.labels))
+    for name in config.selected():
         fmt = get_format(name)
         if name in unavailable:
             report.results.append(FormatResult(name, fmt.files[0], "skipped", error=unavailable[name]))
@@ -203,7 +190,7 @@ def export_artifacts(*, artifacts="artifacts", checkpoint=None, formats=None, at
             progress(name)
         report.results.append(_export_one(fmt, source, ctx, config, out, manifest, data, reference,
                                           reference_accuracy))
-    if parity:
+    if config.parity:
         try:
             report.parity_path = _write_parity(out, report)
         except OSError as exc:
@@ -211,10 +198,26 @@ def export_artifacts(*, artifacts="artifacts", checkpoint=None, formats=None, at
     return report
 
 
+def _check_formats(config: ExportConfig) -> dict[str, str]:
+    """Validate ``config``; return {format: why it cannot run here} for the formats to skip. A format
+    named explicitly that cannot run here, or one with nothing to export, raises."""
+    config.validate()
+    unavailable = {}
+    for name in config.selected():
+        fmt = get_format(name)
+        if not fmt.exportable:
+            raise ExportError(f"'{name}' runs the state_dict itself; there is nothing to export")
+        reason = fmt.unavailable("cpu")
+        if reason and config.explicit:
+            raise RuntimeUnavailable(f"cannot export {name}: {reason}")
+        if reason:
+            unavailable[name] = reason
+    return unavailable
+
+
 def _export_one(fmt: Format, source: Source, ctx: ExportContext, config: ExportConfig, out: Path, manifest: dict,
                 data, reference: np.ndarray, reference_accuracy: float) -> FormatResult:
     staging = out / f"{STAGING_PREFIX}{fmt.name}-{os.getpid()}.tmp"
-    criteria = config.criteria(fmt)
     options = config.format_options(fmt)
     result = FormatResult(fmt.name, fmt.files[0], "failed")
     base = {"format": fmt.name, "runtime": fmt.runtime, "source_state_dict_sha256": source.sha256,
@@ -225,29 +228,10 @@ def _export_one(fmt: Format, source: Source, ctx: ExportContext, config: ExportC
         ctx.workdir = staging
         staged = [staging / f for f in fmt.files]
         t0 = time.perf_counter()
-        try:
-            fmt.export(copy.deepcopy(source.model).eval(), staged[0], options, ctx)
-        except OSError:
-            raise
-        except Exception as exc:  # exporters raise many types; the first line says what failed
-            _raise_if_disk_full(staging)  # some runtimes report a full disk as their own error type
-            if isinstance(exc, MnistDeployError):
-                raise
-            raise ExportError(f"{fmt.name} export failed: {first_line(exc)}") from None
-        missing = [p.name for p in staged if not p.is_file()]
-        if missing:
-            raise ExportError(f"{fmt.name}: the exporter did not write {', '.join(missing)}")
+        _run_exporter(fmt, source, staged, options, ctx)
         result.export_seconds = time.perf_counter() - t0
         result.size_bytes = sum(p.stat().st_size for p in staged)
-        if config.parity:
-            from ..formats import load_predictor
-
-            predictor = load_predictor(fmt.name, staged[0], manifest=source.manifest)
-            result.parity = parity_check(predictor, reference, data.images, data.labels, criteria, reference_accuracy)
-            result.parity["applied"] = dict(getattr(predictor, "details", {}) or {})
-            del predictor
-        else:
-            result.parity = {"passed": None, "skipped": True, "criteria": criteria}
+        result.parity = _gate(fmt, staged[0], source, config, data, reference, reference_accuracy)
         if result.parity.get("passed") is False:
             result.error = "; ".join(result.parity["reasons"])
         if result.error is None:
@@ -265,7 +249,42 @@ def _export_one(fmt: Format, source: Source, ctx: ExportContext, config: ExportC
         result.error = str(exc)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    # Failed: the files never take the deployable names, and stale ones from an earlier export go too.
+    _record_failure(fmt, out, manifest, base, result)
+    return result
+
+
+def _run_exporter(fmt: Format, source: Source, staged: list[Path], options, ctx: ExportContext) -> None:
+    """Write ``fmt``'s files into the staging folder; any exporter error becomes one :class:`ExportError`."""
+    try:
+        fmt.export(copy.deepcopy(source.model).eval(), staged[0], options, ctx)
+    except OSError:
+        raise
+    except Exception as exc:  # exporters raise many types; the first line says what failed
+        _raise_if_disk_full(staged[0].parent)  # some runtimes report a full disk as their own error type
+        if isinstance(exc, MnistDeployError):
+            raise
+        raise ExportError(f"{fmt.name} export failed: {first_line(exc)}") from None
+    missing = [p.name for p in staged if not p.is_file()]
+    if missing:
+        raise ExportError(f"{fmt.name}: the exporter did not write {', '.join(missing)}")
+
+
+def _gate(fmt: Format, path: Path, source: Source, config: ExportConfig, data, reference: np.ndarray,
+          reference_accuracy: float) -> dict:
+    """The parity verdict on the staged file, loaded back in its own runtime (or "skipped")."""
+    criteria = config.criteria(fmt)
+    if not config.parity:
+        return {"passed": None, "skipped": True, "criteria": criteria}
+    from ..formats import load_predictor
+
+    predictor = load_predictor(fmt.name, path, manifest=source.manifest)
+    parity = parity_check(predictor, reference, data.images, data.labels, criteria, reference_accuracy)
+    parity["applied"] = dict(getattr(predictor, "details", {}) or {})
+    return parity
+
+
+def _record_failure(fmt: Format, out: Path, manifest: dict, base: dict, result: FormatResult) -> None:
+    """Failed: the files never take the deployable names, and stale ones from an earlier export go too."""
     for name in fmt.files:
         with contextlib.suppress(FileNotFoundError):
             (out / name).unlink()
@@ -273,7 +292,6 @@ def _export_one(fmt: Format, source: Source, ctx: ExportContext, config: ExportC
         _record(out, manifest, fmt.name, {"path": fmt.files[0], "sha256": None, "size_bytes": None,
                                           "status": "failed", **base, "export_seconds": result.export_seconds,
                                           "parity": result.parity, "error": result.error})
-    return result
 
 
 def _raise_if_disk_full(folder: Path, probe_bytes: int = 1 << 20) -> None:

@@ -3,6 +3,7 @@ PyTorch reference logits, the metadata written into every artifact, and the pari
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,10 @@ class ExportConfig:
     ``rtol`` and ``min_agreement`` override them for formats judged on logits, the ``int8_*`` ones
     for formats judged on predictions (INT8, bf16). ``options`` holds format options by field name
     (``opset``, ``torchscript_method``...); each format takes the ones its options dataclass has.
+    ``formats`` empty (or holding ``all``) is every exportable format, and a format that cannot run
+    here is then skipped; a format named explicitly that cannot run here is an error.
+    ``parity_images`` judges parity on the first N test images instead of all 10,000 (quick runs and
+    tests where the full set is not the point); ``parity=False`` skips the gate altogether.
     """
 
     formats: tuple[str, ...] = ()
@@ -37,13 +42,37 @@ class ExportConfig:
     int8_max_accuracy_drop: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
     parity: bool = True
+    parity_images: int | None = None
+
+    @classmethod
+    def from_arguments(cls, formats=None, **values: Any) -> ExportConfig:
+        """A config from keyword arguments as the CLI (and callers from before the config) pass them:
+        the config's own fields by name, every other keyword a format option (None: its default)."""
+        own = {f.name for f in dataclasses.fields(cls)} - {"formats", "options"}
+        fields_ = {k: values.pop(k) for k in list(values) if k in own}
+        options = {k: v for k, v in values.items() if v is not None}
+        return cls(formats=tuple(dict.fromkeys(formats or ())), options=options, **fields_)
+
+    @property
+    def explicit(self) -> bool:
+        """Whether formats were named (an unavailable one is then an error, not a skipped row)."""
+        return bool(self.formats) and "all" not in self.formats
+
+    def selected(self) -> tuple[str, ...]:
+        """The formats this run exports, in order: the named ones, or every exportable one."""
+        from ..formats import exportable
+
+        return self.formats if self.explicit else exportable()
 
     def validate(self) -> None:
         """Raise :class:`InputError` (exit 2) for anything wrong, before anything is written."""
         from ..formats import option_types
 
-        for name in self.formats:
+        for name in self.selected():
             get_format(name)
+        if self.parity_images is not None and (isinstance(self.parity_images, bool)
+                                               or not isinstance(self.parity_images, int) or self.parity_images < 1):
+            raise InputError(f"--parity-images must be a whole number of images >= 1, got {self.parity_images!r}")
         known = option_types()
         unknown = [k for k in self.options if k not in known]
         if unknown:
@@ -56,7 +85,7 @@ class ExportConfig:
                              ("--int8-max-accuracy-drop", self.int8_max_accuracy_drop)):
             if value is not None and not (0.0 <= value <= 1.0):
                 raise InputError(f"{label} is a fraction between 0 and 1, got {value}")
-        for name in self.formats:
+        for name in self.selected():
             build_options(get_format(name), self.options)
 
     def spec(self, fmt: Format) -> ParitySpec:
@@ -108,6 +137,12 @@ class EvalData:
     labels: np.ndarray
     train_images: Any = None  # the training images, flat (for INT8 calibration)
     shape: tuple[int, ...] = (784,)
+
+    def head(self, n: int | None) -> EvalData:
+        """The first ``n`` test images and labels (all of them for None); the calibration images stay."""
+        if n is None or n >= len(self.labels):
+            return self
+        return dataclasses.replace(self, images=self.images[:n], labels=self.labels[:n])
 
     def calibration(self, n: int) -> np.ndarray:
         """``n`` training images, the same ones for the same ``n`` (a fixed seed)."""

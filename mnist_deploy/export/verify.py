@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..artifacts.manifest import load_manifest, verified_path
 from ..errors import IntegrityError, MnistDeployError
-from ..formats import FORMATS, load_predictor, model_from_state_dict
+from ..formats import FORMATS, artifact_path, entry_usable, load_predictor, model_from_state_dict
 from .parity import parity_check
 from .source import ExportConfig, load_eval_data, reference_logits
 
@@ -98,11 +98,11 @@ def _verify_one(out: Path, key: str, entry: dict, manifest: dict, sd_sha: str, d
                 reference_accuracy: float) -> VerifyItem:
     fmt = FORMATS[key]
     item = VerifyItem(key, key, entry.get("path"), False)
-    if entry.get("status") != "ok":
+    if not entry_usable(entry):  # formats decides what a usable entry is, for every stage
         item.problems.append(f"recorded as {entry.get('status')!r} at export: {entry.get('error') or 'no detail'}")
         return item
     try:
-        path = verified_path(out, key, manifest)
+        path = artifact_path(manifest, key, out)
         item.checks.append("sha256" if not entry.get("files") else f"sha256 of {len(entry['files'])} files")
         if entry.get("source_state_dict_sha256") != sd_sha:
             raise IntegrityError(f"{path}: exported from another state_dict than the one in the manifest")

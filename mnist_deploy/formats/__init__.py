@@ -9,10 +9,12 @@ or look up this table and never branch on a format's name; adding a runtime is a
 
 from __future__ import annotations
 
+from .artifact import artifact_path, entry_problem, entry_usable, open_artifact
 from .base import (
     DEFAULT_RUNTIME,
     FORMATS,
     FP32_PARITY,
+    MAX_EXPORTED_BATCH,
     METADATA_FILE,
     REDUCED_PARITY,
     ExportContext,
@@ -23,6 +25,7 @@ from .base import (
     Predictor,
     build_options,
     exportable,
+    format_names,
     get_format,
     load_predictor,
     option,
@@ -31,6 +34,7 @@ from .base import (
     register,
     registered,
     resolve,
+    runtime_names,
     unregister,
     validate_options,
     written_as,
@@ -52,9 +56,11 @@ for _fmt in (PYTORCH, TORCH_COMPILE, TORCHSCRIPT, ONNX, PT2, ONNX_INT8, OPENVINO
     register(_fmt)
 
 __all__ = [
-    "DEFAULT_OPSET", "DEFAULT_RUNTIME", "EXTRA_FORMATS", "FORMATS", "FP32_PARITY", "METADATA_FILE", "REDUCED_PARITY",
+    "DEFAULT_OPSET", "DEFAULT_RUNTIME", "EXTRA_FORMATS", "FORMATS", "FP32_PARITY", "MAX_EXPORTED_BATCH", "METADATA_FILE",
+    "REDUCED_PARITY",
     "ExportContext", "Format", "LoadError", "NoOptions", "OpenVINOPredictor", "OrtPredictor", "ParitySpec",
-    "Predictor", "TorchPredictor", "build_options", "check_onnx", "exportable", "get_format", "load_eager",
-    "load_predictor", "model_from_state_dict", "onnx_opset_range", "option", "option_types", "packages",
-    "register", "registered", "resolve", "unregister", "validate_options", "written_as",
+    "Predictor", "TorchPredictor", "artifact_path", "build_options", "check_onnx", "entry_problem", "entry_usable",
+    "exportable", "format_names", "get_format", "load_eager", "load_predictor", "model_from_state_dict",
+    "onnx_opset_range", "open_artifact", "option", "option_types", "packages", "register", "registered", "resolve",
+    "runtime_names", "unregister", "validate_options", "written_as",
 ]

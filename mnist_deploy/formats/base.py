@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ExportError, InputError, MnistDeployError, RuntimeUnavailable, first_line
+from ..errors import InputError, MnistDeployError, RuntimeUnavailable, first_line
 
 DEFAULT_RUNTIME = "onnx"  # what predict and serve load when no --runtime is given
 METADATA_FILE = "mnist_deploy.json"  # inside .pt / .pt2 archives: the same metadata as the ONNX props
+MAX_EXPORTED_BATCH = 1 << 20  # the largest batch an exported artifact's dynamic batch axis declares
 
 
 class LoadError(MnistDeployError):
@@ -174,6 +175,11 @@ class Format:
     check: Callable[[Path, dict], None] | None = None  # extra verify checks: check(path, manifest entry)
     roofline: bool = True  # fp32 arithmetic, comparable with the fp32 matmul peak
     variant_of: str = ""  # a reduced-precision variant of this (fp32) format: bench compares the two
+    # What a cold start includes beyond loading, for runtimes that do more on their first call: called
+    # after the load and before the first call, it returns a function that, called after the first
+    # call, says what happened (torch.compile: "cold start includes compilation (inductor cache hit)");
+    # bench puts that note on the runtime's rows.
+    cold_start: Callable[[], Callable[[], str]] | None = None
     source: str = ""  # "state_dict": runs the trained weights, nothing to export
     deprecated: str = ""
     aliases: tuple[str, ...] = ()
@@ -245,6 +251,16 @@ def resolve(name: str) -> Format:
                      f"(runtime names {', '.join(f.runtime for f in FORMATS.values())} work too)")
 
 
+def format_names() -> tuple[str, ...]:
+    """Every format's name, in registry order: what predict's and serve's ``--runtime`` accept."""
+    return tuple(FORMATS)
+
+
+def runtime_names() -> tuple[str, ...]:
+    """Every format's runtime name, in registry order: bench's row names (``onnxruntime``, ``torch.export``...)."""
+    return tuple(f.runtime for f in FORMATS.values())
+
+
 def exportable() -> tuple[str, ...]:
     return tuple(n for n, f in FORMATS.items() if f.exportable)
 
@@ -314,7 +330,3 @@ def quiet():
     finally:
         for lg, lv in zip(loggers, levels, strict=True):
             lg.setLevel(lv)
-
-
-def export_failed(what: str, exc: BaseException) -> ExportError:
-    return ExportError(f"{what} failed: {first_line(exc)}")

@@ -12,7 +12,17 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ExportError
-from .base import METADATA_FILE, REDUCED_PARITY, ExportContext, Format, Predictor, first_line, option, quiet
+from .base import (
+    MAX_EXPORTED_BATCH,
+    METADATA_FILE,
+    REDUCED_PARITY,
+    ExportContext,
+    Format,
+    Predictor,
+    first_line,
+    option,
+    quiet,
+)
 
 TORCH = ("torch",)
 _PRECISION = {"float32": "f32", "bfloat16": "bf16"}
@@ -113,6 +123,29 @@ def _load_cudagraphs(path: Path, *, device: str, threads: int | None, manifest: 
     return TorchPredictor(torch.compile(model, mode="reduce-overhead"), "torch.compile-cudagraphs", device, threads)
 
 
+def _inductor_cache_counts() -> tuple[int, int]:
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["inductor"]["fxgraph_cache_hit"]), int(counters["inductor"]["fxgraph_cache_miss"])
+    except Exception:  # a private counter that moved: the note says "unknown"
+        return 0, 0
+
+
+def _compile_cold_start() -> Callable[[], str]:
+    """Read inductor's cache counters now (after torch.compile() has imported dynamo, so reading them
+    costs the other runtimes nothing); the function returned says, after the first call, whether that
+    call's compilation hit the cache."""
+    hits, misses = _inductor_cache_counts()
+
+    def note() -> str:
+        h2, m2 = _inductor_cache_counts()
+        cache = "hit" if h2 > hits and m2 == misses else "miss" if m2 > misses else "unknown"
+        return f"cold start includes compilation (inductor cache {cache})"
+
+    return note
+
+
 def _compiler_available(device: str) -> str | None:
     if device != "cpu":
         return None
@@ -168,7 +201,7 @@ def _load_torchscript(path: Path, *, device: str, threads: int | None, manifest:
 def _export_pt2(model, path: Path, options, ctx: ExportContext) -> None:
     import torch
 
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    batch = torch.export.Dim("batch", min=1, max=MAX_EXPORTED_BATCH)
     with quiet():
         try:
             program = torch.export.export(model, (ctx.example,), dynamic_shapes=({0: batch},), strict=False)
@@ -197,7 +230,7 @@ PYTORCH = Format(
 TORCH_COMPILE = Format(
     "torch.compile", "torch.compile", "torch.compile (inductor) of the eager model; its first call compiles",
     load=_load_compiled, packages=TORCH, source="state_dict", available=_compiler_available,
-    aliases=("compile",),
+    cold_start=_compile_cold_start, aliases=("compile",),
 )
 TORCHSCRIPT = Format(
     "torchscript", "torchscript",
@@ -222,5 +255,6 @@ TORCH_COMPILE_CUDAGRAPHS = Format(
     "torch.compile-cudagraphs", "torch.compile-cudagraphs",
     'torch.compile(mode="reduce-overhead"): CUDA graphs replay the compiled kernels; its first call compiles',
     load=_load_cudagraphs, packages=TORCH, source="state_dict", available=_compiler_available,
+    cold_start=_compile_cold_start,
 )
 EXTRA_FORMATS = (PYTORCH_BF16, TORCH_COMPILE_CUDAGRAPHS)

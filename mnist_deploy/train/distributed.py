@@ -3,7 +3,7 @@
 ``mnist-deploy train`` started by ``torchrun`` (``RANK`` / ``WORLD_SIZE`` in the environment, world
 size above 1) joins a process group: gloo on the CPU, NCCL on CUDA, chosen from the device. The
 model is wrapped in DistributedDataParallel, which averages gradients. Batch-size rule: the global
-batch stays ``--batch-size`` (the origin's 64), so each rank takes ``batch_size / world_size``
+batch stays ``--batch-size`` (64 by default), so each rank takes ``batch_size / world_size``
 samples a step and a step of N ranks is one step of the one-process run, with the same number of
 steps per epoch and the same learning-rate schedule.
 

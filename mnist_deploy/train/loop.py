@@ -1,7 +1,7 @@
 """Training and evaluation: Adam + CrossEntropyLoss on preprocessed tensors held in memory.
 
-The origin project fed a per-sample ``Dataset`` through a ``DataLoader``; here the whole normalised
-set is one tensor and a batch is one index into it, which is where most of the speed comes from.
+Rather than a per-sample ``Dataset`` through a ``DataLoader``, the whole normalised set is one tensor
+and a batch is one index into it, which is where most of the speed comes from.
 Under torchrun each rank takes its shard of that tensor (``distributed.py``).
 """
 
@@ -44,7 +44,7 @@ class TrainConfig:
     epochs: int = 5
     batch_size: int = 64
     lr: float = 1e-3
-    schedule: str = "onecycle"  # onecycle: warm up to peak_lr_factor * lr, then anneal; constant: the origin's
+    schedule: str = "onecycle"  # onecycle: warm up to peak_lr_factor * lr, then anneal; constant: lr throughout
     peak_lr_factor: float = 3.0
     seed: int = 0
     device: str = "auto"
@@ -159,81 +159,42 @@ def train(config: TrainConfig, *, data_dir=None, cache_dir=None, out="artifacts"
         torch.set_num_threads(threads_before)
 
 
+@dataclass
+class _Run:
+    """One run's moving parts, made by :func:`_prepare` and driven by :func:`_epochs`."""
+
+    model: Any  # the bare model (what is saved)
+    net: Any  # what is trained: the model, or its DDP wrapper
+    stepper: Any
+    sched: Any  # OneCycle, or None for a constant rate
+    train_x: Any
+    train_y: Any
+    steps: int  # per epoch (every rank the same, as DistributedSampler pads)
+    batch: int  # per rank
+
+
 def _train(config: TrainConfig, rank: distributed.Rank, device, *, data_dir, cache_dir, out, allow_download,
            reporter, plots) -> dict | None:
-    import torch
-
-    batch = distributed.per_rank_batch(config.batch_size, rank.world_size)
     reporter = (reporter if rank.is_main else None) or _Silent()
     splits, source_md5 = load_splits(data_dir, cache_dir=cache_dir, allow_download=allow_download)
-    train_x, train_y = splits["train"].images, splits["train"].labels
-    if config.subset:
-        train_x, train_y = train_x[: config.subset], train_y[: config.subset]
-    n = train_x.shape[0]
-    test_y = splits["test"].labels.numpy()
-
-    torch.manual_seed(config.seed)
-    hparams = model_hparams(config.model, config.hparams)
-    model = build_model(config.model, hparams).to(device)
-    train_x, train_y = train_x.to(device), train_y.to(device)
-    per_rank = math.ceil(n / rank.world_size)  # DistributedSampler pads every rank to this many
-    steps = math.ceil(per_rank / batch)
-    net = distributed.wrap(model, rank, device) if rank.distributed else model
-    stepper = make_step(config.step, net, model, config.lr, device, rank.world_size, rank.distributed)
-    opt = stepper.opt
-    sched = None
-    if config.schedule == "onecycle":
-        sched = OneCycle(opt, max_lr=config.lr * config.peak_lr_factor, total_steps=steps * config.epochs,
-                         pct_start=0.15)
-    gen = torch.Generator().manual_seed(config.seed)
-    history = []
-    test_pred = None
+    run, hparams = _prepare(config, rank, device, splits)
     t0 = time.perf_counter()
-    for epoch in range(1, config.epochs + 1):
-        reporter.start_epoch(epoch, config.epochs, steps)
-        if rank.distributed:
-            order = distributed.shard(n, epoch=epoch - 1, seed=config.seed, rank=rank).to(device)
-        else:
-            order = torch.randperm(n, generator=gen).to(device)
-        stepper.begin_epoch(train_x, train_y, order)
-        rows = order.shape[0]
-        tally = _Tally(device)
-        for step in range(steps):
-            a, e = step * batch, min((step + 1) * batch, rows)
-            stepper.step(a, e)
-            if sched is not None:
-                sched.step()
-            if step == 0:
-                fault_point(f"train:rank{rank.rank}:step")
-            if (step + 1) % 50 == 0 or step + 1 == steps:
-                tally.add(stepper.data.logits, stepper.data.y, e)  # .item() syncs, so only every 50 steps
-                reporter.update(step + 1, *tally.means())
-        totals = [tally.loss_sum.item(), float(tally.correct.item()), float(tally.seen)]
-        if rank.distributed:
-            totals = distributed.all_sum(totals, device)
-        record = {"epoch": epoch, "train_loss": totals[0] / totals[2], "train_accuracy": totals[1] / totals[2],
-                  "lr": opt.lr}
-        if rank.is_main:  # the full, unpadded test set, on rank 0 only
-            test_loss, test_pred = _evaluate_split(model, splits["test"], device)
-            record.update(test_loss=test_loss, test_accuracy=float((test_pred == test_y).mean()))
-            reporter.end_epoch(record)
-        history.append(record)
-    stepper.finish()
-    step_name = stepper.name
+    history, test_pred = _epochs(config, rank, device, run, splits["test"], reporter)
+    run.stepper.finish()
+    step_name = run.stepper.name
     train_seconds = time.perf_counter() - t0
-    del net, stepper  # the DDP wrapper (and anything that holds it) must go before the process group
+    model, n_train = run.model, run.train_x.shape[0]
+    del run  # the DDP wrapper (and anything that holds it) must go before the process group
 
     ok, error = True, None
     metrics = None
     if rank.is_main:
         try:
-            model = model.cpu().eval()
-            if device.type != "cpu":
-                _, test_pred = _evaluate_split(model, splits["test"], torch.device("cpu"))
-            metrics = classification_metrics(test_y, test_pred)
+            metrics = _final_metrics(model, splits["test"], test_pred, device)
             metrics.update(train_seconds=train_seconds, history=history, model=config.model, device=str(device),
                            world_size=rank.world_size, backend=rank.backend, step=step_name)
-            _write_training_artifacts(Path(out), model, config, hparams, metrics, source_md5, n, rank, plots)
+            _write_training_artifacts(Path(out), model.cpu().eval(), config, hparams, metrics, source_md5, n_train,
+                                      rank, plots)
         except Exception as exc:  # noqa: BLE001 - told to the other ranks, then raised
             ok, error = False, exc
     if rank.distributed and not distributed.agree(ok, device) and error is None:
@@ -242,6 +203,81 @@ def _train(config: TrainConfig, rank: distributed.Rank, device, *, data_dir, cac
     if error is not None:
         raise error
     return metrics
+
+
+def _prepare(config: TrainConfig, rank: distributed.Rank, device, splits) -> tuple[_Run, dict]:
+    """The training data (a subset when asked) on the device, the model, its stepper and schedule."""
+    import torch
+
+    batch = distributed.per_rank_batch(config.batch_size, rank.world_size)
+    train_x, train_y = splits["train"].images, splits["train"].labels
+    if config.subset:
+        train_x, train_y = train_x[: config.subset], train_y[: config.subset]
+    n = train_x.shape[0]
+    torch.manual_seed(config.seed)
+    hparams = model_hparams(config.model, config.hparams)
+    model = build_model(config.model, hparams).to(device)
+    train_x, train_y = train_x.to(device), train_y.to(device)
+    per_rank = math.ceil(n / rank.world_size)  # DistributedSampler pads every rank to this many
+    steps = math.ceil(per_rank / batch)
+    net = distributed.wrap(model, rank, device) if rank.distributed else model
+    stepper = make_step(config.step, net, model, config.lr, device, rank.world_size, rank.distributed)
+    sched = None
+    if config.schedule == "onecycle":
+        sched = OneCycle(stepper.opt, max_lr=config.lr * config.peak_lr_factor, total_steps=steps * config.epochs,
+                         pct_start=0.15)
+    return _Run(model, net, stepper, sched, train_x, train_y, steps, batch), hparams
+
+
+def _epochs(config: TrainConfig, rank: distributed.Rank, device, run: _Run, test, reporter) -> tuple[list, Any]:
+    """Train ``config.epochs`` epochs; rank 0 evaluates on the test set after each. Returns the history
+    and the last test predictions (rank 0; None elsewhere)."""
+    import torch
+
+    n, steps, batch = run.train_x.shape[0], run.steps, run.batch
+    test_y = test.labels.numpy()
+    gen = torch.Generator().manual_seed(config.seed)
+    history, test_pred = [], None
+    for epoch in range(1, config.epochs + 1):
+        reporter.start_epoch(epoch, config.epochs, steps)
+        if rank.distributed:
+            order = distributed.shard(n, epoch=epoch - 1, seed=config.seed, rank=rank).to(device)
+        else:
+            order = torch.randperm(n, generator=gen).to(device)
+        run.stepper.begin_epoch(run.train_x, run.train_y, order)
+        rows = order.shape[0]
+        tally = _Tally(device)
+        for step in range(steps):
+            e = min((step + 1) * batch, rows)
+            run.stepper.step(step * batch, e)
+            if run.sched is not None:
+                run.sched.step()
+            if step == 0:
+                fault_point(f"train:rank{rank.rank}:step")
+            if (step + 1) % 50 == 0 or step + 1 == steps:
+                tally.add(run.stepper.data.logits, run.stepper.data.y, e)  # .item() syncs, so only every 50 steps
+                reporter.update(step + 1, *tally.means())
+        totals = [tally.loss_sum.item(), float(tally.correct.item()), float(tally.seen)]
+        if rank.distributed:
+            totals = distributed.all_sum(totals, device)
+        record = {"epoch": epoch, "train_loss": totals[0] / totals[2], "train_accuracy": totals[1] / totals[2],
+                  "lr": run.stepper.opt.lr}
+        if rank.is_main:  # the full, unpadded test set, on rank 0 only
+            test_loss, test_pred = _evaluate_split(run.model, test, device)
+            record.update(test_loss=test_loss, test_accuracy=float((test_pred == test_y).mean()))
+            reporter.end_epoch(record)
+        history.append(record)
+    return history, test_pred
+
+
+def _final_metrics(model, test, test_pred, device) -> dict:
+    """The test metrics of the trained model, predicted on the CPU (again, when it trained elsewhere)."""
+    import torch
+
+    model = model.cpu().eval()
+    if device.type != "cpu":
+        _, test_pred = _evaluate_split(model, test, torch.device("cpu"))
+    return classification_metrics(test.labels.numpy(), test_pred)
 
 
 def library_versions() -> dict:
@@ -317,7 +353,7 @@ def load_trained_model(checkpoint=None, *, artifacts="artifacts"):
 
 def evaluate(checkpoint=None, *, artifacts="artifacts", data_dir=None, cache_dir=None,
              allow_download: bool = True, device: str = "cpu") -> dict:
-    """Reload a state_dict and recompute the test metrics (the origin's "reload and evaluate")."""
+    """Reload a state_dict and recompute the test metrics."""
     model, manifest = load_trained_model(checkpoint, artifacts=artifacts)
     dev = resolve_device(device)
     splits, _ = load_splits(data_dir, cache_dir=cache_dir, allow_download=allow_download)

@@ -1,26 +1,52 @@
 """Adam and the one-cycle schedule without ``torch.optim``. A leaf.
 
 Why not ``torch.optim.Adam``: constructing any ``torch.optim.Optimizer`` imports torch's compiler stack
-(``torch._dynamo``, through the ``_disable_dynamo`` wrapper on ``add_param_group``), 1.4 to 2 s of a
-3 to 4 s training process, for a 100k-parameter MLP. These two classes drive the very kernel
-``torch.optim.Adam(fused=True)`` runs (``torch._fused_adam_``) with the very numbers
-``OneCycleLR`` computes, so a run is bitwise what the ``torch.optim`` pair gives
+(``torch._dynamo``, through the ``_disable_dynamo`` wrapper on ``add_param_group``): a large share
+of a short training process for a 100k-parameter MLP (the figures, with their command and machine,
+belong in the docs, not in a docstring). These two classes
+drive the very kernel ``torch.optim.Adam(fused=True)`` runs (``torch._fused_adam_``) with the very
+numbers ``OneCycleLR`` computes, so a run is bitwise what the ``torch.optim`` pair gives
 (``tests/train/test_optim.py`` checks both against ``torch.optim``).
+
+``torch._fused_adam_`` is private: it is looked up once, when this module is imported
+(:data:`FUSED_KERNEL`). A torch without it gets the public ``torch.optim.Adam(fused=True)`` (foreach
+where fused is not supported for the device), driven with the same lr and betas; slower to start,
+same arithmetic.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch  # whoever trains has imported it already; the feature check below needs it
+
+
+def _private_kernel():
+    """``torch._fused_adam_`` when this torch has it (a private op: checked, never assumed), else None."""
+    kernel = getattr(torch, "_fused_adam_", None)
+    return kernel if callable(kernel) else None
+
+
+FUSED_KERNEL = _private_kernel()  # None: FusedAdam falls back to torch.optim.Adam (public API)
+
 
 class FusedAdam:
-    """Adam (no weight decay, no amsgrad) on one device, one fused kernel call per step."""
+    """Adam (no weight decay, no amsgrad) on one device, one fused kernel call per step.
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        import torch
+    ``kernel`` is the private ``torch._fused_adam_`` (default: :data:`FUSED_KERNEL`, found at import);
+    when it is None every step goes through the public ``torch.optim.Adam`` instead (``backend``
+    says which: ``"private"`` or ``"torch.optim"``).
+    """
 
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 *, kernel=FUSED_KERNEL):
         self.params = [p for p in params if p.requires_grad]
         self.lr, self.betas, self.eps = lr, betas, eps
+        self.kernel = kernel
+        self.backend = "private" if kernel is not None else "torch.optim"
+        self._public = None if kernel is not None else _public_adam(self.params, lr, betas, eps)
+        if self._public is not None:
+            return
         self.exp_avgs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
         self.exp_avg_sqs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
         # torch.optim.Adam(fused=True) keeps the step count as a float32 tensor on the parameter's device.
@@ -31,20 +57,32 @@ class FusedAdam:
             p.grad = None
 
     def step(self) -> None:
-        import torch
-
+        if self._public is not None:
+            group = self._public.param_groups[0]
+            group["lr"], group["betas"] = self.lr, self.betas  # what OneCycle set for this step
+            self._public.step()
+            return
         with torch.no_grad():
             live = [i for i, p in enumerate(self.params) if p.grad is not None]
             if not live:
                 return
             steps = [self.steps[i] for i in live]
             torch._foreach_add_(steps, 1)
-            torch._fused_adam_(
+            self.kernel(
                 [self.params[i] for i in live], [self.params[i].grad for i in live],
                 [self.exp_avgs[i] for i in live], [self.exp_avg_sqs[i] for i in live], [], steps,
                 amsgrad=False, lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], weight_decay=0.0,
                 eps=self.eps, maximize=False, grad_scale=None, found_inf=None,
             )
+
+
+def _public_adam(params, lr: float, betas: tuple[float, float], eps: float):
+    """``torch.optim.Adam`` on ``params``: fused (the same kernel), or foreach where torch refuses fused
+    for their device."""
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True)
+    except RuntimeError:  # "`fused=True` requires all the params to be floating point Tensors of supported devices"
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, foreach=True)
 
 
 class OneCycle:

@@ -26,13 +26,9 @@ NO_GPU = not torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, trained_mlp, mnist_dir, cache_dir):
-    """The trained MLP with every format exported (read-only: copy it before changing anything)."""
-    from mnist_deploy.export.run import export_artifacts
-
-    folder = tmp_path_factory.mktemp("bench") / "artifacts"
-    shutil.copytree(trained_mlp, folder)
-    report = export_artifacts(artifacts=folder, data_dir=mnist_dir, cache_dir=cache_dir, allow_download=False)
+def exported(exported_mlp):
+    """The trained MLP with every format exported (conftest's; read-only: copy it before changing anything)."""
+    folder, report = exported_mlp
     manifest = load_manifest(folder)
     assert all(manifest["artifacts"][f]["status"] == "ok" for f in exportable()), report
     return folder

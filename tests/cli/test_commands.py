@@ -20,6 +20,8 @@ from mnist_deploy.cli import FORMAT_NAMES, MODEL_NAMES, cli
         (["train", "--model", "resnet"], "'resnet' is not one of"),
         (["train", "--device", "tpu"], "'tpu' is not one of"),
         (["train", "--lr", "abc"], "--lr"),
+        (["export", "--parity-images", "0"], "--parity-images"),
+        (["export", "--parity-images", "many"], "--parity-images"),
     ],
 )
 def test_bad_options_are_usage_errors(args, message):
@@ -48,6 +50,12 @@ def test_cli_names_mirror_the_registries():
 
     assert tuple(MODELS) == MODEL_NAMES
     assert exportable() == FORMAT_NAMES
+
+
+def test_help_texts_carry_no_names_from_history_or_frozen_figures():
+    for command in ("train", "export", "bench"):
+        text = CliRunner().invoke(cli, [command, "--help"]).output
+        assert "origin" not in text and " ms" not in text and "about 1 s" not in text, command
 
 
 def test_help_does_not_import_torch():

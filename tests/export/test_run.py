@@ -77,18 +77,15 @@ def _tamper_onnx(path: Path, delta: float = 1.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def mlp_exported(trained_mlp, tmp_path_factory, mnist_dir, cache_dir):
-    folder = tmp_path_factory.mktemp("export-mlp") / "artifacts"
-    shutil.copytree(trained_mlp, folder)
-    report = _export(folder, mnist_dir, cache_dir)
-    return folder, report
+def mlp_exported(exported_mlp):
+    return exported_mlp  # conftest's: every format, the full 10,000-image parity run (shared with bench, formats)
 
 
 @pytest.fixture(scope="module")
 def cnn_exported(trained_cnn, tmp_path_factory, mnist_dir, cache_dir):
     folder = tmp_path_factory.mktemp("export-cnn") / "artifacts"
     shutil.copytree(trained_cnn, folder)
-    report = _export(folder, mnist_dir, cache_dir)
+    report = _export(folder, mnist_dir, cache_dir, parity_images=1000)  # the full run per format is the MLP's
     return folder, report
 
 
@@ -364,9 +361,9 @@ def test_onnx_file_given_as_checkpoint(mlp_exported, tmp_path, mnist_dir, cache_
     assert not (tmp_path / "o").exists()
 
 
-def test_checkpoint_of_another_model(trained_mlp, trained_cnn, copy_artifacts, mnist_dir, cache_dir):
+def test_checkpoint_of_another_model(trained_mlp, quick_cnn, copy_artifacts, mnist_dir, cache_dir):
     folder = copy_artifacts(trained_mlp)
-    shutil.copyfile(trained_cnn / "mnist_model_state_dict.pth", folder / "mnist_model_state_dict.pth")
+    shutil.copyfile(quick_cnn / "mnist_model_state_dict.pth", folder / "mnist_model_state_dict.pth")
     before = _snapshot(folder)
     result = _cli("export", "--out", str(folder), mnist_dir=mnist_dir, cache_dir=cache_dir)
     assert result.exit_code == 2

@@ -25,13 +25,9 @@ LOADABLE = ("torchscript", "pt2", "onnx", "openvino")
 
 
 @pytest.fixture(scope="module")
-def exported(trained_mlp, tmp_path_factory, mnist_dir, cache_dir):
-    from mnist_deploy.export.run import export_artifacts
-
-    folder = tmp_path_factory.mktemp("faults") / "artifacts"
-    shutil.copytree(trained_mlp, folder)
-    report = export_artifacts(artifacts=folder, formats=list(LOADABLE), data_dir=mnist_dir, cache_dir=cache_dir,
-                              allow_download=False)
+def exported(exported_mlp):
+    """Conftest's MLP with every format exported (LOADABLE among them); read-only: copy it first."""
+    folder, report = exported_mlp
     assert report.ok, [r.error for r in report.failures]
     return folder
 
@@ -136,8 +132,8 @@ def test_temp_files_of_killed_exports_are_cleaned_up(exported, tmp_path, mnist_d
     stale[1].write_bytes(b"half")
     live = folder / f".export-pt2-{os.getppid()}.tmp"  # a running process's: kept
     live.mkdir()
-    report = export_artifacts(artifacts=folder, formats=["torchscript"], data_dir=mnist_dir, cache_dir=cache_dir,
-                              allow_download=False)
+    report = export_artifacts(artifacts=folder, formats=["torchscript"], parity_images=1000, data_dir=mnist_dir,
+                              cache_dir=cache_dir, allow_download=False)
     assert report.ok
     assert not any(p.exists() for p in stale) and live.exists()
     assert json.loads((folder / "manifest.json").read_text())["artifacts"]["torchscript"]["status"] == "ok"

@@ -177,3 +177,27 @@ def test_registry_entries_carry_everything():
         assert fmt.exportable == bool(fmt.files)
         formats.validate_options(fmt.default_options())
     assert formats.option_types()["opset"].default == formats.DEFAULT_OPSET
+
+
+def test_a_cold_start_note_comes_from_the_entry(folder, mnist_dir, cache_dir):
+    # What a cold start includes is the entry's to say (torch.compile's compilation); bench only asks.
+    from mnist_deploy.bench.run import run_bench
+    from mnist_deploy.export.run import export_artifacts
+
+    calls = []
+
+    def cold_start():
+        calls.append("after load")
+        return lambda: calls.append("after the first call") or "cold start includes a toy warm-up"
+
+    with formats.registered(dataclasses.replace(TOY, cold_start=cold_start, roofline=False)):
+        assert export_artifacts(artifacts=folder, formats=["numpy-mlp"], parity_images=500,
+                                **_data(mnist_dir, cache_dir)).ok
+        result = run_bench(artifacts=folder, runtimes="numpy", batch_sizes="1,2",
+                           device="cpu", warmup=1, min_time=0.005, min_calls=3, peak_sizes=(64,), threads=1,
+                           **_data(mnist_dir, cache_dir))
+    rows = [r for r in result["records"] if r["runtime"] == "numpy"]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert all(r["reason"] == "cold start includes a toy warm-up" for r in rows)
+    assert calls == ["after load", "after the first call"]
+    assert formats.FORMATS["torch.compile"].cold_start is not None and formats.FORMATS["onnx"].cold_start is None

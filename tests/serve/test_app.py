@@ -29,11 +29,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def model(served):
-    return load_model(artifacts=served, runtime="onnx")
-
-
-@pytest.fixture(scope="module")
 def digits(mnist_dir):
     return mnist_test_digits(mnist_dir, 16)
 

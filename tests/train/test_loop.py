@@ -159,6 +159,7 @@ def test_training_does_not_import_the_compiler_stack(tmp_path, mnist_dir, cache_
     assert out.stdout.strip().splitlines()[-1] == "False"
 
 
+@pytest.mark.slow
 def test_cnn_reaches_99_percent_in_5_epochs(trained_cnn):
     metrics = json.loads((trained_cnn / "metrics.json").read_text())
     manifest = json.loads((trained_cnn / "manifest.json").read_text())
