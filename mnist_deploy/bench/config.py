@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ..devices import DEVICE_CHOICES as TORCH_DEVICES
 from ..errors import InputError, RuntimeUnavailable
-from ..formats import FORMATS, Format, resolve
+from ..formats import FORMATS, Format, resolve, ruled_out
 
 DEFAULT_BATCH_SIZES = (1, 32, 256, 1024)
 DEVICE_CHOICES = (*(d for d in TORCH_DEVICES if d != "auto"), "all")  # bench: every device, or all
@@ -89,6 +89,10 @@ def plan_devices(device: str = "all") -> list[tuple[str, str | None]]:
         raise InputError(f"unknown device '{device}'; choose one of {', '.join(DEVICE_CHOICES)}")
     out = []
     for name in names:
+        ruled = ruled_out(None, name)
+        if ruled:
+            out.append((name, ruled))
+            continue
         try:
             resolve_device(name)
         except RuntimeUnavailable as exc:

@@ -38,6 +38,12 @@ router = APIRouter(prefix="/v2")
 PIXELS, INPUT = "pixels", "input"
 OUTPUTS = ("logits", "probabilities")
 _DTYPES = {"FP32": np.float32, "UINT8": np.uint8}
+# The binary tensor data extension marks its requests with this header (the JSON part's length).
+BINARY_HEADER = "inference-header-content-length"
+BINARY_UNSUPPORTED = (
+    "the binary tensor data extension is not supported (yet): send tensor data as JSON in the request body "
+    "(tritonclient: set_data_from_numpy(x, binary_data=False) on each InferInput and "
+    "InferRequestedOutput(name, binary_data=False) on each output)")
 
 
 class V2Error(Exception):
@@ -224,6 +230,8 @@ async def _infer(request: Request, name: str, version: str | None = None):
     service = _service(request)
     try:
         m = _model(service, name, version)
+        if BINARY_HEADER in request.headers:  # tritonclient's default: JSON then raw bytes, not valid JSON
+            raise V2Error(400, BINARY_UNSUPPORTED)
         body = _decoded(await request.body(), request.headers.get("content-encoding", ""), service.max_body_bytes)
         return _reply(await infer_batched(service, m, body))
     except V2Error as exc:
