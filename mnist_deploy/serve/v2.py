@@ -15,7 +15,8 @@ the model is loaded is 503. With no ``outputs`` only ``logits`` is returned: the
 model", and the exported model produces ``logits``; ``probabilities`` is computed here on request
 (MLServer does the same, docs/mlserver.md). Where the spec is silent: the model version is the
 manifest's ``model.version`` or ``"1"`` (a Triton repository's first version); the binary tensor
-extension is not supported (``extensions`` is empty), so clients send JSON data. An infer body may be
+extension is not supported (``extensions`` is empty), so clients send JSON data; a binary request
+(tritonclient's default, marked by ``Inference-Header-Content-Length``) gets a 400 saying so and how. An infer body may be
 compressed (``Content-Encoding: gzip`` or ``deflate``, as tritonclient's ``request_compression_algorithm``
 sends it and Triton and MLServer take it), held to the same size limit once decompressed.
 """
