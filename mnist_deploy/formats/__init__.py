@@ -55,8 +55,9 @@ for _fmt in (PYTORCH, TORCH_COMPILE, TORCHSCRIPT, ONNX, PT2, ONNX_INT8, OPENVINO
 
 __all__ = [
     "DEFAULT_OPSET", "DEFAULT_RUNTIME", "FORMATS", "FP32_PARITY", "METADATA_FILE", "REDUCED_PARITY",
-    "UNAVAILABLE_ENV", "ExportContext", "Format", "LoadError", "NoOptions", "OpenVINOPredictor", "OrtPredictor", "ParitySpec",
-    "Predictor", "TorchPredictor", "available", "build_options", "check_onnx", "exportable", "get_format", "load_eager",
-    "load_predictor", "model_from_state_dict", "onnx_opset_range", "option", "option_types", "packages",
-    "register", "registered", "resolve", "ruled_out", "unregister", "validate_options", "written_as",
+    "UNAVAILABLE_ENV", "ExportContext", "Format", "LoadError", "NoOptions", "OpenVINOPredictor", "OrtPredictor",
+    "ParitySpec", "Predictor", "TorchPredictor", "available", "build_options", "check_onnx", "exportable",
+    "get_format", "load_eager", "load_predictor", "model_from_state_dict", "onnx_opset_range", "option",
+    "option_types", "packages", "register", "registered", "resolve", "ruled_out", "unregister",
+    "validate_options", "written_as",
 ]
