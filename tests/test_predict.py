@@ -11,6 +11,7 @@ import zlib
 import numpy as np
 import pytest
 from _serving import mnist_test_digits, png_bytes
+from _tolerance import PROBABILITIES_ATOL
 from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
@@ -194,7 +195,7 @@ def test_eager_pytorch_and_onnx_agree(served, model, mnist_dir):
     images, _ = mnist_test_digits(mnist_dir, 200)
     eager = load_model(artifacts=served, runtime="pytorch")
     x = normalize(images)
-    np.testing.assert_allclose(eager.probabilities(x), model.probabilities(x), atol=1e-5)
+    np.testing.assert_allclose(eager.probabilities(x), model.probabilities(x), atol=PROBABILITIES_ATOL)
     assert model.entry["sha256"] and model.predictor.runtime == "onnxruntime"
 
 

@@ -106,6 +106,18 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def size_text(n: int | None) -> str:
+    """A file size for a table cell, in one convention everywhere (export, bench): SI decimal units,
+    ``kB`` = 1,000 bytes and ``MB`` = 1,000,000 (what ``ls --si`` prints), ``-`` for none."""
+    if n is None:
+        return "-"
+    if n >= 1_000_000:
+        return f"{n / 1e6:.2f} MB"
+    if n >= 1_000:
+        return f"{n / 1e3:.1f} kB"
+    return f"{n} B"
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

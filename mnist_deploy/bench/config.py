@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ..devices import DEVICE_CHOICES as TORCH_DEVICES
 from ..errors import InputError, RuntimeUnavailable
-from ..formats import FORMATS, MAX_EXPORTED_BATCH, Format, resolve, runtime_names
+from ..formats import FORMATS, MAX_EXPORTED_BATCH, Format, resolve, ruled_out, runtime_names
 
 DEFAULT_BATCH_SIZES = (1, 32, 256, 1024)
 # bench's --device: one device, or every one ("all"); train's and serve's "auto" means one device
@@ -84,6 +84,10 @@ def plan_devices(device: str = "all") -> list[tuple[str, str | None]]:
         raise InputError(f"unknown device '{device}'; choose one of {', '.join(BENCH_DEVICES)}")
     out = []
     for name in names:
+        ruled = ruled_out(None, name)
+        if ruled:
+            out.append((name, ruled))
+            continue
         try:
             resolve_device(name)
         except RuntimeUnavailable as exc:

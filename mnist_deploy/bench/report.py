@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..artifacts.files import atomic_path, atomic_write_json, atomic_write_text
+from ..artifacts.files import atomic_path, atomic_write_json, atomic_write_text, size_text
 
 OUTPUT_NAMES = ("bench.json", "bench.csv", "bench.md", "bench.png")
 RECORD_KEYS = (
@@ -31,15 +31,6 @@ def format_ms(v: float | None) -> str:
     if v is None:
         return "-"
     return f"{v:.3g}" if v < 100 else f"{v:.0f}"
-
-
-def _size_text(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, div in (("MB", 1e6), ("KB", 1e3)):
-        if n >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n} B"
 
 
 def _rate(v: float) -> str:
@@ -109,11 +100,30 @@ def verdict(result: dict) -> str:
 
 
 def table_rows(records: Sequence[dict]) -> list[list[str]]:
-    """The table's cells, best p50 per device and batch size marked with ``*``."""
+    """The table's cells, best p50 per device and batch size marked with ``*``.
+
+    Runtimes skipped or failed on one device for one and the same reason (every runtime on CUDA when
+    there is no GPU) are one row, ``every runtime`` or ``N runtimes``; the notes name them and the reason.
+    """
     best = {id(r) for r in best_rows(records).values()}
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r["status"] != "ok" and r["batch_size"] is None:
+            groups.setdefault((r["status"], r["device"], r["reason"]), []).append(r)
+    shown: set[tuple] = set()
     rows = []
     for r in records:
         ok = r["status"] == "ok"
+        group = groups.get((r["status"], r["device"], r["reason"]), []) if not ok else []
+        if len(group) > 1:
+            key = (r["status"], r["device"], r["reason"])
+            if key in shown:
+                continue
+            shown.add(key)
+            every = len(group) == sum(x["device"] == r["device"] for x in records)
+            name = "every runtime" if every else f"{len(group)} runtimes"
+            rows.append([name, r["device"], "-", *["-"] * 11, r["status"]])
+            continue
         rows.append([
             r["runtime"] + (" *" if id(r) in best else ""), r["device"],
             str(r["batch_size"]) if r["batch_size"] else "-",
@@ -122,7 +132,7 @@ def table_rows(records: Sequence[dict]) -> list[list[str]]:
             f"{r['gflops']:.1f}" if ok else "-",
             f"{r['pct_peak']:.0f}%" if ok and r["pct_peak"] is not None else "-",
             f"{100 * r['accuracy']:.2f}%" if r["accuracy"] is not None else "-",
-            _size_text(r["size_bytes"]),
+            size_text(r["size_bytes"]),
             f"{r['cold_start_ms']:.0f}" if r["cold_start_ms"] is not None else "-",
             r["status"],
         ])

@@ -50,22 +50,31 @@ PEAK_OVER_100 = "measured above the matmul peak: a measurement warning (the peak
 def check_artifacts(folder: Path, manifest: dict, names: Sequence[str], explicit: bool) -> dict[str, str]:
     """Verify every artifact the run will load before any timing; return {runtime: skip reason}.
 
-    A tampered or missing file is an error whichever way the runtime was chosen. A format that was
-    never exported (or whose export failed) is an error when named, a skipped row under ``all``.
+    A tampered or missing file is an error whichever way the runtime was chosen. A format whose
+    export failed is an error when named, a skipped row under ``all`` with the error export recorded.
+    One never exported is a skipped row with the availability check's reason when it cannot run here
+    (export skipped it for that reason; running export again would not help), else an error when
+    named and a skipped row under ``all``.
     """
     skip = {}
     entries = manifest.get("artifacts", {})
     verified_path(folder, "state_dict", manifest)
     for name in names:
-        key = by_runtime(name).key
+        fmt = by_runtime(name)
+        key = fmt.key
         if key == "state_dict":
             continue
-        why = entry_problem(entries.get(key))  # formats decides what a usable entry is, for every stage
+        entry = entries.get(key)
+        if entry is None and (cannot := fmt.unavailable("cpu")):  # export runs on CPU: why it skipped it
+            skip[name] = f"not exported: {cannot}"
+            continue
+        why = entry_problem(entry)  # formats decides what a usable entry is, for every stage
         if why is not None:
+            advice = "; run mnist-deploy export" if entry is None else ""
             if explicit:
                 raise ManifestError(f"{manifest_path(folder)}: '{key}' (runtime {name}) {why}; "
                                     f"run `mnist-deploy export --artifacts {folder} --format {key}` first")
-            skip[name] = f"artifact '{key}' {why}; run mnist-deploy export"
+            skip[name] = f"artifact '{key}' {why}{advice}"
             continue
         verified_path(folder, key, manifest)
     return skip
@@ -206,9 +215,9 @@ def run_bench(*, artifacts="artifacts", runtimes: str | Sequence[str] | None = N
                          threads=default_threads() if threads is None else threads, warmup=warmup,
                          min_time=min_time, min_calls=min_calls)
     config.validate()
-    plan = plan_devices(device)
     folder = Path(artifacts)
-    manifest = load_manifest(folder)
+    manifest = load_manifest(folder)  # before plan_devices: a wrong folder is refused before torch is imported
+    plan = plan_devices(device)
     skip = check_artifacts(folder, manifest, names, explicit)
     data = _load_data(manifest, data_dir, cache_dir, allow_download)
     progress = progress or (lambda _msg: None)
@@ -256,11 +265,14 @@ def _measure(plan, names, skip: dict[str, str], *, folder: Path, manifest: dict,
     peaks: dict[str, dict] = {}
     for dev, dev_reason in plan:
         first = _peak(dev, config, peak_sizes, progress, "before") if dev_reason is None else None
+        if dev_reason:  # one line for the device, not one per runtime (bench.json keeps a row each)
+            progress(f"{dev}: skipped every runtime: {dev_reason}")
         for name in names:
             fmt = by_runtime(name)
-            reason = dev_reason or skip.get(name) or fmt.unavailable(dev)
+            reason = dev_reason or fmt.unavailable(dev) or skip.get(name)
             if reason:
-                progress(f"{name} ({dev}): skipped: {reason}")
+                if not dev_reason:
+                    progress(f"{name} ({dev}): skipped: {reason}")
                 records.append(_row(fmt, dev, None, "skipped", reason, threads=config.threads))
                 continue
             records += _bench_runtime(fmt, dev, folder=folder, manifest=manifest, config=config, data=data,

@@ -57,6 +57,14 @@ def latency_stats(times_ns: np.ndarray, batch_size: int, flops_per_example: int)
     }
 
 
+def cpu_gemm_library() -> str:
+    """The library torch's CPU matmul runs on in this build, asked of torch rather than assumed: MKL in
+    the x86-64 wheels, something else (OpenBLAS, Arm's) on other builds."""
+    import torch
+
+    return "MKL" if torch.backends.mkl.is_available() else "BLAS"
+
+
 def measure_peak(device: str = "cpu", threads: int | None = None, *, sizes: Sequence[int] | None = None,
                  repeats: int = 5) -> dict:
     """The roofline reference: fp32 GFLOP/s of square matrix products, median of ``repeats`` calls.
@@ -99,7 +107,7 @@ def _peak_at(n: int, device: str, threads: int | None, repeats: int):
         return
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     with torch.inference_mode():
-        yield "torch.mm (MKL)", time_calls(lambda _: torch.mm(ta, tb), None, **timing)
+        yield f"torch.mm ({cpu_gemm_library()})", time_calls(lambda _: torch.mm(ta, tb), None, **timing)
     try:
         session = _ort_matmul_session(b, threads)
     except ImportError:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifacts.files import size_text
 from ..errors import ExportError, MnistDeployError, first_line
 
 PARITY_BATCH_SIZES = (1, 10_000)
@@ -253,7 +254,7 @@ class ExportReport:
         for r in self.results:
             p = r.parity or {}
             rows.append([
-                r.format, r.file, _size(r.size_bytes),
+                r.format, r.file, size_text(r.size_bytes),
                 "-" if r.export_seconds is None else f"{r.export_seconds:.2f} s",
                 "-" if p.get("max_abs_diff") is None else f"{p['max_abs_diff']:.2e}",
                 _pct(p.get("agreement")), _pct(p.get("accuracy")), _verdict(r),
@@ -285,12 +286,6 @@ def _verdict(r: FormatResult) -> str:
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
 def format_table(header: list[str], rows: list[list[str]], markdown: bool = False) -> str:

@@ -23,6 +23,8 @@ import numpy as np
 from ..errors import InputError, MnistDeployError, RuntimeUnavailable, first_line
 
 DEFAULT_RUNTIME = "onnx"  # what predict and serve load when no --runtime is given
+UNAVAILABLE_ENV = "MNIST_DEPLOY_UNAVAILABLE"  # formats / devices to treat as missing: "openvino-bf16,cuda"
+RULABLE_DEVICES = ("cuda",)  # the devices that variable may rule out (CPU is every format's fallback)
 METADATA_FILE = "mnist_deploy.json"  # inside .pt / .pt2 archives: the same metadata as the ONNX props
 MAX_EXPORTED_BATCH = 1 << 20  # the largest batch an exported artifact's dynamic batch axis declares
 
@@ -197,7 +199,12 @@ class Format:
         return self.options()
 
     def unavailable(self, device: str = "cpu") -> str | None:
+        """Why this format cannot run on ``device`` here (or None): ruled out by $MNIST_DEPLOY_UNAVAILABLE,
+        a device it does not run on, a package that is missing, or the entry's own check."""
         kind = device.split(":", 1)[0]
+        ruled = ruled_out(self, kind)
+        if ruled:
+            return ruled
         if kind not in self.devices:
             return f"{self.name} runs on {', '.join(self.devices)}, not {kind}"
         missing = [p for p in self.packages if importlib.util.find_spec(p.replace("-", "_")) is None]
@@ -259,6 +266,44 @@ def format_names() -> tuple[str, ...]:
 def runtime_names() -> tuple[str, ...]:
     """Every format's runtime name, in registry order: bench's row names (``onnxruntime``, ``torch.export``...)."""
     return tuple(f.runtime for f in FORMATS.values())
+
+
+def ruled_out_names() -> tuple[str, ...]:
+    """The names in $MNIST_DEPLOY_UNAVAILABLE (format names, runtime names, aliases, or ``cuda``),
+    normalised to lower case. A name that means nothing is an :class:`InputError`: a typo must not
+    quietly leave a format in."""
+    raw = os.environ.get(UNAVAILABLE_ENV, "")
+    names = tuple(dict.fromkeys(n.strip().lower() for n in raw.split(",") if n.strip()))
+    known = {*RULABLE_DEVICES}
+    for fmt in FORMATS.values():
+        known.update((fmt.name, fmt.runtime, *fmt.aliases))
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InputError(f"{UNAVAILABLE_ENV}={raw}: unknown name {', '.join(map(repr, unknown))}; use format "
+                         f"names ({', '.join(FORMATS)}) or {', '.join(RULABLE_DEVICES)}, comma-separated")
+    return names
+
+
+def ruled_out(fmt: Format | None, device: str = "cpu") -> str | None:
+    """The one-line reason when $MNIST_DEPLOY_UNAVAILABLE rules out ``fmt`` (or, with ``fmt=None``,
+    the device ``device``) here, else None. Runs as if the capability were missing: on a fleet where
+    a format must not be used, or in CI to test the "missing" path on a machine that has it."""
+    names = ruled_out_names()
+    if not names:
+        return None
+    kind = device.split(":", 1)[0].lower()
+    hit = kind if kind in names else None
+    if fmt is not None and hit is None:
+        hit = next((n for n in names if n in (fmt.name, fmt.runtime, *fmt.aliases)), None)
+    if hit is None:
+        return None
+    return f"ruled out by {UNAVAILABLE_ENV}={os.environ[UNAVAILABLE_ENV].strip()}"
+
+
+def available(device: str = "cpu", names: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The formats among ``names`` (default: every registered one) that can run on ``device`` here,
+    by each entry's own availability check: what tests expect to see exported, measured and served."""
+    return tuple(n for n in (FORMATS if names is None else names) if FORMATS[n].unavailable(device) is None)
 
 
 def exportable() -> tuple[str, ...]:

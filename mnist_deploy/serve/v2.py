@@ -15,7 +15,8 @@ the model is loaded is 503. With no ``outputs`` only ``logits`` is returned: the
 model", and the exported model produces ``logits``; ``probabilities`` is computed here on request
 (MLServer does the same, docs/mlserver.md). Where the spec is silent: the model version is the
 manifest's ``model.version`` or ``"1"`` (a Triton repository's first version); the binary tensor
-extension is not supported (``extensions`` is empty), so clients send JSON data. An infer body may be
+extension is not supported (``extensions`` is empty), so clients send JSON data; a binary request
+(tritonclient's default, marked by ``Inference-Header-Content-Length``) gets a 400 saying so and how. An infer body may be
 compressed (``Content-Encoding: gzip`` or ``deflate``, as tritonclient's ``request_compression_algorithm``
 sends it and Triton and MLServer take it), held to the same size limit once decompressed.
 """
@@ -38,6 +39,12 @@ router = APIRouter(prefix="/v2")
 PIXELS, INPUT = "pixels", "input"
 OUTPUTS = ("logits", "probabilities")
 _DTYPES = {"FP32": np.float32, "UINT8": np.uint8}
+# The binary tensor data extension marks its requests with this header (the JSON part's length).
+BINARY_HEADER = "inference-header-content-length"
+BINARY_UNSUPPORTED = (
+    "the binary tensor data extension is not supported (yet): send tensor data as JSON in the request body "
+    "(tritonclient: set_data_from_numpy(x, binary_data=False) on each InferInput and "
+    "InferRequestedOutput(name, binary_data=False) on each output)")
 
 
 class V2Error(Exception):
@@ -224,6 +231,8 @@ async def _infer(request: Request, name: str, version: str | None = None):
     service = _service(request)
     try:
         m = _model(service, name, version)
+        if BINARY_HEADER in request.headers:  # tritonclient's default: JSON then raw bytes, not valid JSON
+            raise V2Error(400, BINARY_UNSUPPORTED)
         body = _decoded(await request.body(), request.headers.get("content-encoding", ""), service.max_body_bytes)
         return _reply(await infer_batched(service, m, body))
     except V2Error as exc:

@@ -18,11 +18,17 @@ from mnist_deploy.bench import report as bench_report
 from mnist_deploy.bench import run as bench
 from mnist_deploy.cli import cli
 from mnist_deploy.errors import InputError, IntegrityError, ManifestError
-from mnist_deploy.formats import FORMATS, exportable
+from mnist_deploy.formats import FORMATS, available, exportable
 
 FAST = {"warmup": 1, "min_time": 0.005, "min_calls": 3, "peak_sizes": (256,), "threads": 1}
 FAST_CLI = ["--warmup", "1", "--min-time", "0.005", "--threads", "1", "--no-download", "-q"]
 NO_GPU = not torch.cuda.is_available()
+
+
+def _cannot(runtime: str) -> str | None:
+    """Why a runtime cannot run on this CPU (the registry's own check), or None: the expected rows
+    follow the machine (no bf16 in OpenVINO on an AVX2 CPU, $MNIST_DEPLOY_UNAVAILABLE)."""
+    return bench.unavailable_reason(runtime, "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +36,9 @@ def exported(exported_mlp):
     """The trained MLP with every format exported (conftest's; read-only: copy it before changing anything)."""
     folder, report = exported_mlp
     manifest = load_manifest(folder)
-    assert all(manifest["artifacts"][f]["status"] == "ok" for f in exportable()), report
+    here = available("cpu", exportable())
+    assert all(manifest["artifacts"][f]["status"] == "ok" for f in here), report
+    assert not set(exportable()) - set(here) & set(manifest["artifacts"])  # skipped ones are not recorded
     return folder
 
 
@@ -61,8 +69,12 @@ def test_every_file_runtime_measured_and_outputs_written(exported, tmp_path, mni
                              data_dir=mnist_dir, cache_dir=cache_dir, allow_download=False,
                              progress=messages.append, **FAST)
     assert result["settings"]["batch_sizes"] == [1, 8] and result["settings"]["threads"] == 1
-    cpu = [r for r in result["records"] if r["device"] == "cpu"]
-    assert {(r["runtime"], r["batch_size"]) for r in cpu} == {(n, b) for n in names for b in (1, 8)}
+    here = [n for n in names if not _cannot(n)]
+    cpu = [r for r in result["records"] if r["device"] == "cpu" and r["runtime"] in here]
+    assert {(r["runtime"], r["batch_size"]) for r in cpu} == {(n, b) for n in here for b in (1, 8)}
+    missing = [r for r in result["records"] if r["device"] == "cpu" and r["runtime"] not in here]
+    assert {(r["runtime"], r["status"], r["reason"]) for r in missing} == {
+        (n, "skipped", _cannot(n)) for n in names if n not in here}  # one row each, the check's reason
     manifest = load_manifest(exported)
     eager_acc = _ok(result, "pytorch", 1)[0]["accuracy"]
     assert eager_acc == pytest.approx(manifest["metrics"]["accuracy"], abs=1e-9)
@@ -89,10 +101,13 @@ def test_every_file_runtime_measured_and_outputs_written(exported, tmp_path, mni
     assert len(peak["measurements_gflops"]) == 2 and peak["gflops"] == max(peak["measurements_gflops"])
     assert any("before the rows" in m for m in messages) and any("after the rows" in m for m in messages)
     ov = {r["runtime"]: r for r in cpu if r["runtime"].startswith("openvino")}
-    assert ov["openvino"]["precision"] == "f32" and ov["openvino-bf16"]["precision"] == "bf16"
-    assert {r["performance_mode"] for r in ov.values()} == {"LATENCY"}
-    assert ov["openvino-bf16"]["variant_of"] == "openvino"
-    assert set(peak["candidates"]) == {"torch.mm (MKL) 256", "onnxruntime MatMul (MLAS) 256"}
+    for runtime, precision in (("openvino", "f32"), ("openvino-bf16", "bf16")):
+        assert runtime not in here or ov[runtime]["precision"] == precision
+    assert {r["performance_mode"] for r in ov.values()} <= {"LATENCY"}
+    assert "openvino-bf16" not in here or ov["openvino-bf16"]["variant_of"] == "openvino"
+    from mnist_deploy.bench.timing import cpu_gemm_library
+
+    assert set(peak["candidates"]) == {f"torch.mm ({cpu_gemm_library()}) 256", "onnxruntime MatMul (MLAS) 256"}
     env = result["environment"]
     for key in ("cpu", "cores", "threads", "os", "python", "torch", "onnx", "onnxruntime",
                 "execution_providers", "gpu", "git_commit", "load_average_before"):
@@ -118,6 +133,44 @@ def test_every_file_runtime_measured_and_outputs_written(exported, tmp_path, mni
     assert best[("cpu", 1)]["p50_ms"] == min(r["p50_ms"] for r in cpu if r["batch_size"] == 1)
 
 
+def test_a_device_that_is_missing_is_one_progress_line_and_one_table_row(exported, monkeypatch, mnist_dir,
+                                                                          cache_dir):
+    """No CUDA (here: ruled out, so the test runs on GPU machines too): one line, one row, one note;
+    bench.json keeps a record per runtime."""
+    monkeypatch.setenv("MNIST_DEPLOY_UNAVAILABLE", "cuda")
+    messages = []
+    result = bench.run_bench(artifacts=exported, runtimes="eager,onnx,torchscript", batch_sizes="1", device="all",
+                             data_dir=mnist_dir, cache_dir=cache_dir, allow_download=False,
+                             progress=messages.append, **FAST)
+    why = "ruled out by MNIST_DEPLOY_UNAVAILABLE=cuda"
+    assert [m for m in messages if "cuda" in m] == [f"cuda: skipped every runtime: {why}"]
+    cuda = [r for r in result["records"] if r["device"] == "cuda"]
+    assert sorted(r["runtime"] for r in cuda) == ["onnxruntime", "pytorch", "torchscript"]
+    assert all(r["status"] == "skipped" and r["reason"] == why for r in cuda)
+    for text in (bench_report.format_table(result), bench_report.format_markdown(result)):
+        rows = [line for line in text.splitlines() if "cuda" in line and line != result["verdict"]]
+        assert len(rows) == 2, rows  # the row group and its note
+        assert "every runtime" in rows[0] and "skipped" in rows[0]
+        assert "skipped on cuda: " in rows[1] and rows[1].endswith(why)
+    assert result["verdict"].count("cuda") == 1
+
+
+def test_one_size_unit_in_the_export_and_bench_tables():
+    from mnist_deploy.artifacts.files import size_text
+    from mnist_deploy.export.parity import ExportReport, FormatResult
+
+    assert [size_text(n) for n in (None, 999, 1000, 438_123, 999_999, 1_000_000, 2_345_678)] == [
+        "-", "999 B", "1.0 kB", "438.1 kB", "1000.0 kB", "1.00 MB", "2.35 MB"]
+    export_table = ExportReport("a", "0" * 64, "mlp", 0.98, results=[
+        FormatResult("onnx", "mnist_model.onnx", "ok", size_bytes=438_123)]).table()
+    row = dict.fromkeys(bench_report.RECORD_KEYS)
+    row.update(runtime="onnxruntime", format="onnx", device="cpu", batch_size=None, status="skipped",
+               reason="x", size_bytes=438_123)
+    bench_cells = bench_report.table_rows([row])[0]
+    assert "438.1 kB" in export_table and "438.1 kB" in bench_cells
+    assert "KB" not in export_table + " ".join(bench_cells)
+
+
 def test_best_marking_and_sorting():
     rows = [
         {"runtime": "a", "device": "cpu", "batch_size": 1, "status": "ok", "p50_ms": 2.0},
@@ -137,7 +190,8 @@ def test_cli_default_runtimes_with_torch_compile(exported, tmp_path, mnist_dir, 
                                    "cpu", "--out", str(out), *FAST_CLI, *_data_args(mnist_dir, cache_dir)])
     assert res.exit_code == 0, res.output
     data = json.loads((out / "bench.json").read_text())
-    assert {r["runtime"] for r in data["records"] if r["status"] == "ok"} == set(bench.runtime_names())
+    assert {r["runtime"] for r in data["records"] if r["status"] == "ok"} == {
+        n for n in bench.runtime_names() if not _cannot(n)}
     compiled = [r for r in data["records"] if r["runtime"] == "torch.compile"]
     assert all("compilation" in r["reason"] for r in compiled)
     marked = [line.split("  ")[0] for line in res.stdout.splitlines() if line.split("  ")[0].endswith(" *")]
@@ -208,8 +262,29 @@ def test_failed_export_is_skipped_under_all(private):
     manifest = load_manifest(private)
     manifest["artifacts"]["pt2"].update(status="failed", error="parity: max |diff| 3.1 > 1e-4")
     skip = bench.check_artifacts(private, manifest, bench.runtime_names(), explicit=False)
-    assert skip == {"torch.export": "artifact 'pt2' export failed (parity: max |diff| 3.1 > 1e-4); "
-                                    "run mnist-deploy export"}
+    # the reason export recorded, not advice to run the export that just failed again
+    assert skip == {"torch.export": "artifact 'pt2' export failed (parity: max |diff| 3.1 > 1e-4)",
+                    **{n: f"not exported: {_cannot(n)}" for n in bench.runtime_names()
+                       if bench.by_runtime(n).exportable and _cannot(n)}}
+
+
+def test_a_format_export_skipped_carries_the_availability_reason(trained_mlp, monkeypatch, tmp_path, mnist_dir,
+                                                                 cache_dir):
+    """Export skips a format that cannot run here; bench says why, not "never exported; run export"."""
+    monkeypatch.setenv("MNIST_DEPLOY_UNAVAILABLE", "onnx-int8")
+    manifest = load_manifest(trained_mlp)
+    why = "ruled out by MNIST_DEPLOY_UNAVAILABLE=onnx-int8"
+    for explicit in (False, True):  # named or under all: a skipped row with the reason, not an error
+        skip = bench.check_artifacts(trained_mlp, manifest, ("pytorch", "onnxruntime-int8"), explicit=explicit)
+        assert skip == {"onnxruntime-int8": f"not exported: {why}"}
+    messages = []
+    result = bench.run_bench(artifacts=trained_mlp, runtimes="eager,onnx-int8", batch_sizes="1", device="cpu",
+                             data_dir=mnist_dir, cache_dir=cache_dir, allow_download=False,
+                             progress=messages.append, **FAST)
+    row, = [r for r in result["records"] if r["runtime"] == "onnxruntime-int8"]
+    assert row["status"] == "skipped" and row["reason"] == why
+    assert f"onnxruntime-int8 (cpu): skipped: {why}" in messages
+    assert not any("never exported" in m for m in messages)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +320,19 @@ def test_missing_artifact_file_refused(private, mnist_dir, cache_dir):
 def test_no_manifest(tmp_path):
     res = CliRunner().invoke(cli, ["bench", "--artifacts", str(tmp_path / "nothing"), "-q"])
     assert res.exit_code == 2 and "no manifest" in res.stderr
+
+
+def test_no_manifest_refused_before_the_runtimes_are_imported(tmp_path):
+    """The folder is checked first: no torch, ONNX Runtime or OpenVINO import (seconds) before the error."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom mnist_deploy.cli import cli\n"
+            f"res = CliRunner().invoke(cli, ['bench', '--artifacts', {str(tmp_path / 'nothing')!r}, '-q'])\n"
+            "heavy = sorted(m for m in ('torch', 'onnxruntime', 'openvino', 'onnx') if m in sys.modules)\n"
+            "print(res.exit_code, heavy, res.stderr.strip())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.startswith("2 [] error: ") and "no manifest" in out.stdout, out.stdout + out.stderr
 
 
 @pytest.mark.parametrize(("args", "message"), [

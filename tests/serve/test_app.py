@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 from _serving import mnist_test_digits, png_bytes, serve_process
+from _tolerance import PROBABILITIES_ATOL
 from click.testing import CliRunner
 from PIL import Image
 from starlette.testclient import TestClient
@@ -69,8 +70,8 @@ def test_json_pixels_predict_like_the_model(any_client, model, digits):
         body = r.json()
         assert set(body) == {"digit", "confidence", "probabilities", "runtime", "latency_ms"}
         assert body["digit"] == int(p.argmax()) and body["runtime"] == "onnx"
-        np.testing.assert_allclose(body["probabilities"], p, atol=1e-6)
-        assert body["confidence"] == pytest.approx(p.max(), abs=1e-6)
+        np.testing.assert_allclose(body["probabilities"], p, atol=PROBABILITIES_ATOL)
+        assert body["confidence"] == pytest.approx(p.max(), abs=PROBABILITIES_ATOL)
         assert 0 <= body["latency_ms"] < 10_000
     assert (expected.argmax(1) == labels).mean() > 0.9
 
@@ -101,7 +102,7 @@ def test_batch_json_and_multipart(client, model, digits):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["count"] == len(images) == len(body["predictions"]) and body["runtime"] == "onnx"
-    np.testing.assert_allclose([p["probabilities"] for p in body["predictions"]], expected, atol=1e-6)
+    np.testing.assert_allclose([p["probabilities"] for p in body["predictions"]], expected, atol=PROBABILITIES_ATOL)
     files = [("files", (f"d{i}.png", png_bytes(a), "image/png")) for i, a in enumerate(images[:3])]
     r = client.post("/predict/batch", files=files)
     assert r.status_code == 200, r.text

@@ -1,7 +1,8 @@
 """DynamicBatcher: batching of concurrent callers, its limits, its delay, errors and shutdown.
 
-The oracle is the model function called on each request alone: whatever the batcher groups, every
-caller must get exactly the rows that call gives.
+The oracle is the model function on each request's own rows: whatever the batcher groups, every
+caller must get those rows, to within the float32 rounding of another summation order (a BLAS picks
+other kernels for other batch shapes), and never another caller's or another row's.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import time
 
 import numpy as np
 import pytest
-from numpy.testing import assert_allclose
 
+from mnist_deploy.serve import batching
 from mnist_deploy.serve.batching import BatcherClosed, DynamicBatcher
 
 RNG = np.random.default_rng(0)
@@ -21,8 +22,32 @@ W = RNG.standard_normal((784, 10)).astype(np.float32)
 B = RNG.standard_normal(10).astype(np.float32)
 
 
+def assert_rows(y: np.ndarray, x: np.ndarray) -> None:
+    """``y`` is ``x @ W + B`` row for row, whatever batch the rows were computed in.
+
+    A logit is a sum of n = 785 float32 terms (784 products and the bias). Summed in float32 in any
+    order, as a BLAS does it (other kernels, blockings and FMA use for other batch shapes), the result
+    is within gamma_n * sum|terms| of the exact sum, gamma_n = n u / (1 - n u), u = eps / 2 (Higham,
+    Accuracy and Stability of Numerical Algorithms, 2nd ed., section 3.1); the exact sum is computed
+    here in float64, where the products of float32 values are exact. So two summation orders (a row
+    alone, the row in a batch) agree to twice that, whatever the BLAS: about 0.03 here on logits of
+    magnitude ~15, while another row's logits differ by ~10 (independent random rows), so a row
+    answered with a neighbour's logits, or rows in the wrong order, fail by orders of magnitude.
+    A fixed atol cannot say this: 1e-5 was broken by another BLAS's order (2.9e-5 on an AMD EPYC).
+    """
+    assert y.shape == (len(x), 10) and y.dtype == np.float32
+    x64, w64, b64 = x.astype(np.float64), W.astype(np.float64), B.astype(np.float64)
+    n, u = x.shape[1] + 1, np.finfo(np.float32).eps / 2
+    bound = n * u / (1 - n * u) * (np.abs(x64) @ np.abs(w64) + np.abs(b64))
+    err = np.abs(y.astype(np.float64) - (x64 @ w64 + b64))
+    assert (err <= bound).all(), (
+        f"rows are not their own: max |diff| {err.max():.3g} where float32 summation allows at most "
+        f"{bound.max():.3g} (a mixed-up row, not rounding)")
+
+
 class Model:
-    """A linear layer (row-wise, so batching cannot change a row's result) that records its calls."""
+    """A linear layer (row-wise, so batching cannot change a row's result beyond the float32 rounding
+    of another summation order) that records its calls."""
 
     def __init__(self, fail_on_nan: bool = False) -> None:
         self.calls: list[int] = []
@@ -43,10 +68,8 @@ def run(coro):
     return asyncio.run(coro)
 
 
-@pytest.mark.parametrize("run_in_thread", [False, True], ids=["inline", "thread"])
-@pytest.mark.parametrize("delay_us", [0, 2000])
-def test_concurrent_callers_share_calls_and_get_their_own_rows(run_in_thread, delay_us):
-    model = Model()
+def _concurrent_callers(model, run_in_thread: bool, delay_us: int):
+    """60 callers of 1-5 rows each, arriving in no particular order: (their inputs, what each got)."""
     sizes = [random.Random(i).randint(1, 5) for i in range(60)]
     inputs = [rows(n, seed) for seed, n in enumerate(sizes)]
 
@@ -60,13 +83,79 @@ def test_concurrent_callers_share_calls_and_get_their_own_rows(run_in_thread, de
         await b.close()
         return out
 
-    outputs = run(main())
+    return inputs, run(main())
+
+
+@pytest.mark.parametrize("run_in_thread", [False, True], ids=["inline", "thread"])
+@pytest.mark.parametrize("delay_us", [0, 2000])
+def test_concurrent_callers_share_calls_and_get_their_own_rows(run_in_thread, delay_us):
+    model = Model()
+    inputs, outputs = _concurrent_callers(model, run_in_thread, delay_us)
     for x, y in zip(inputs, outputs, strict=True):
-        assert y.shape == (len(x), 10)
-        assert_allclose(y, x @ W + B, rtol=1e-5, atol=1e-5)
-    assert sum(model.calls) == sum(sizes)
+        assert_rows(y, x)
+    assert sum(model.calls) == sum(len(x) for x in inputs)
     assert len(model.calls) < len(inputs)
     assert max(model.calls) <= 32
+
+
+def test_other_summation_orders_pass_the_row_check():
+    """Two float32 summation orders of the same rows (sequential, forwards and backwards: no BLAS
+    involved) differ by far more than the old fixed atol of 1e-5, and both pass the derived bound."""
+    x = rows(64, 7)
+    terms = x[:, :, None] * W[None]  # float32 products, (64, 784, 10)
+    forwards = np.cumsum(terms, axis=1, dtype=np.float32)[:, -1] + B
+    backwards = np.cumsum(terms[:, ::-1], axis=1, dtype=np.float32)[:, -1] + B
+    assert np.abs(forwards - backwards).max() > 1e-5
+    assert_rows(forwards, x)
+    assert_rows(backwards, x)
+    assert_rows(x @ W + B, x)  # and this BLAS, whatever kernel it picks
+
+
+class _MixedUp(Model):
+    """A model with a row bug in batches of more than one row: ``how`` says which."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = super().__call__(x)
+        if len(y) < 2:
+            return y
+        if self.how == "neighbour":  # the last row answered with its neighbour's logits
+            y[-1] = y[-2]
+        elif self.how == "swapped":  # two rows swapped
+            y[[0, 1]] = y[[1, 0]]
+        elif self.how == "shuffled":
+            y = y[np.random.default_rng(len(y)).permutation(len(y))]
+        return y
+
+
+class _ReversedConcat:
+    """numpy, except that ``concatenate`` joins the callers in reverse order: a batcher that slices the
+    answers in the order it queued the callers hands each one another caller's rows."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def concatenate(arrays, *args, **kwargs):
+        return np.concatenate(list(arrays)[::-1], *args, **kwargs)
+
+
+@pytest.mark.parametrize("bug", ["neighbour", "swapped", "shuffled", "callers-swapped"])
+def test_the_row_check_catches_mixed_up_rows(monkeypatch, bug):
+    """The tolerance is not so loose that a mix-up passes: inject each bug, the check must fail."""
+    if bug == "callers-swapped":
+        monkeypatch.setattr(batching, "np", _ReversedConcat())
+        model = Model()
+    else:
+        model = _MixedUp(bug)
+    inputs, outputs = _concurrent_callers(model, run_in_thread=False, delay_us=2000)
+    assert max(model.calls) > 1  # batches were formed, so the bug was hit
+    with pytest.raises(AssertionError, match="rows are not their own"):
+        for x, y in zip(inputs, outputs, strict=True):
+            assert_rows(y, x)
 
 
 def test_delay_zero_takes_what_is_queued_in_one_call():
@@ -116,7 +205,7 @@ def test_a_batch_never_splits_a_request_across_calls():
     assert model.calls == [6, 6, 3]
     assert elapsed < 5.0
     for x, y in zip(inputs, outputs, strict=True):
-        assert_allclose(y, x @ W + B, rtol=1e-5, atol=1e-5)
+        assert_rows(y, x)
 
 
 def test_delay_is_waited_for_and_bounded():
@@ -152,7 +241,7 @@ def test_oversized_request_runs_alone():
 
     out = run(main())
     assert model.calls == [1, 10, 2]
-    assert_allclose(out[1], big @ W + B, rtol=1e-5, atol=1e-5)
+    assert_rows(out[1], big)
 
 
 def test_preferred_size_dispatches_at_once_and_cuts_the_batch_when_the_delay_runs_out():
@@ -191,7 +280,7 @@ def test_an_exception_reaches_its_batch_only():
     assert model.calls == [2, 2, 1]
     assert isinstance(out[0], FloatingPointError) and isinstance(out[1], FloatingPointError)
     for x, y in zip(inputs[2:], out[2:], strict=True):
-        assert_allclose(y, x @ W + B, rtol=1e-5, atol=1e-5)
+        assert_rows(y, x)
     assert after.shape == (1, 10)
 
 
@@ -221,7 +310,7 @@ def test_a_cancelled_caller_does_not_disturb_the_others():
 
     y = run(main())
     assert model.calls == [1]
-    assert_allclose(y, rows(1, 1) @ W + B, rtol=1e-5, atol=1e-5)
+    assert_rows(y, rows(1, 1))
 
 
 def test_close_drains_pending_requests_then_refuses_new_ones():

@@ -16,6 +16,7 @@ import anyio
 import numpy as np
 import pytest
 from _serving import mnist_test_digits, png_bytes
+from _tolerance import PROBABILITIES_ATOL
 from click.testing import CliRunner
 from PIL import Image
 from starlette.testclient import TestClient
@@ -214,7 +215,7 @@ def test_serve_and_predict_read_mean_and_std_from_the_manifest(served, digit, tm
     assert not np.allclose(want, default, atol=1e-3)  # the test can tell the two apart
     with TestClient(create_app(model=m)) as c:
         got = c.post("/predict", json={"pixels": digit.ravel().tolist()}).json()["probabilities"]
-    np.testing.assert_allclose(got, want, atol=2e-6)
+    np.testing.assert_allclose(got, want, atol=PROBABILITIES_ATOL)
     (tmp_path / "d.png").write_bytes(png_bytes(digit))
     rec = predict_files([tmp_path / "d.png"], model=m)[0]
     x = normalize_pixels(mnist_image(tmp_path / "d.png"), mean=0.5, std=0.25)

@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 from _serving import mnist_test_digits, serve_process
+from _tolerance import LOGITS_ATOL, PROBABILITIES_ATOL
 from starlette.testclient import TestClient
 
 from mnist_deploy.data.mnist import manifest_normalization, normalize_pixels
@@ -73,14 +74,14 @@ def test_a_burst_is_batched_answers_match_and_a_bad_request_fails_alone(served, 
                 assert r.status_code == 200, r.text
                 want = _softmax(oracle(images[i]))
                 assert r.json()["digit"] == int(want.argmax())
-                np.testing.assert_allclose(r.json()["probabilities"], want, atol=2e-6)
+                np.testing.assert_allclose(r.json()["probabilities"], want, atol=PROBABILITIES_ATOL)
             for i, r in enumerate(answers[BURST:]):
                 if i == 5:
                     assert r.status_code == 400 and "UINT8" in r.json()["error"], r.text
                     continue
                 assert r.status_code == 200, r.text
                 assert r.json()["id"] == f"r{i}"
-                np.testing.assert_allclose(r.json()["outputs"][0]["data"], oracle(images[i]), atol=1e-5)
+                np.testing.assert_allclose(r.json()["outputs"][0]["data"], oracle(images[i]), atol=LOGITS_ATOL)
             metrics = httpx.get(url + "/metrics").text
             sizes = _samples(metrics, "mnist_deploy_batch_size")
             queued = _samples(metrics, "mnist_deploy_batch_queue_seconds")
@@ -100,7 +101,7 @@ def test_batching_off_by_default_and_on_in_process(served, mnist_dir, oracle):
         assert c.app.service.batcher is not None and c.app.service.batcher.max_batch_size == 8
         r = c.post("/predict", json={"pixels": images[0].ravel().tolist()})
         assert r.status_code == 200
-        np.testing.assert_allclose(r.json()["probabilities"], _softmax(oracle(images[0])), atol=2e-6)
+        np.testing.assert_allclose(r.json()["probabilities"], _softmax(oracle(images[0])), atol=PROBABILITIES_ATOL)
         assert _samples(c.get("/metrics").text, "mnist_deploy_batch_size")["count"] == 1
 
 
@@ -136,11 +137,11 @@ def test_uploads_and_predict_batch_join_the_batches(served, mnist_dir):
             assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
             for r, want in zip(answers[:8], want_up, strict=True):
                 assert r.json()["digit"] == want["digit"]
-                np.testing.assert_allclose(r.json()["probabilities"], want["probabilities"], atol=2e-6)
+                np.testing.assert_allclose(r.json()["probabilities"], want["probabilities"], atol=PROBABILITIES_ATOL)
             for r, want in zip(answers[8:], want_rows, strict=True):
                 assert r.json()["count"] == 2
                 for got, exp in zip(r.json()["predictions"], want["predictions"], strict=True):
-                    np.testing.assert_allclose(got["probabilities"], exp["probabilities"], atol=2e-6)
+                    np.testing.assert_allclose(got["probabilities"], exp["probabilities"], atol=PROBABILITIES_ATOL)
             metrics = httpx.get(url + "/metrics").text
             sizes = _samples(metrics, "mnist_deploy_batch_size")
             queued = _samples(metrics, "mnist_deploy_batch_queue_seconds")

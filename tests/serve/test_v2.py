@@ -3,6 +3,8 @@ real `mnist-deploy serve` process, results compared with the PyTorch model (the 
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import numpy as np
 import pytest
@@ -110,3 +112,31 @@ def test_v2_errors(server, torch_model):
     assert r.status_code == 200, r.text
     assert [o["name"] for o in r.json()["outputs"]] == ["logits"]
     assert "/predict" in httpx.get(f"{url}/openapi.json").json()["paths"]  # the other routes are still there
+
+
+def test_binary_tensor_request_says_what_to_send_instead(server, triton, torch_model, digits):
+    """tritonclient's default (binary_data=True) sends the JSON header, then raw tensor bytes, with an
+    Inference-Header-Content-Length header: the error names the unsupported extension and the fix."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    name = torch_model.manifest["model"]["name"]
+    x = normalize_pixels(digits[0][:2])
+    tensor = httpclient.InferInput("input", [2, 784], "FP32")
+    tensor.set_data_from_numpy(x)  # the client's default: binary tensor data
+    with pytest.raises(InferenceServerException) as caught:
+        triton.infer(name, [tensor])
+    text = str(caught.value)
+    assert "400" in text and "binary tensor data extension is not supported" in text
+    assert "binary_data=False" in text and "UTF-8" not in text
+    # The same bytes by hand: the JSON header then the raw float32 data, as the extension defines it.
+    header = json.dumps({"inputs": [{"name": "input", "shape": [2, 784], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    r = httpx.post(f"{server[0]}/v2/models/{name}/infer", content=header + x.astype(np.float32).tobytes(),
+                   headers={"Inference-Header-Content-Length": str(len(header)),
+                            "Content-Type": "application/octet-stream"})
+    assert r.status_code == 400 and "binary tensor data extension is not supported" in r.json()["error"]
+    # The advice works: JSON inputs and outputs are answered.
+    tensor.set_data_from_numpy(x, binary_data=False)
+    result = triton.infer(name, [tensor], outputs=[httpclient.InferRequestedOutput("logits", binary_data=False)])
+    np.testing.assert_allclose(result.as_numpy("logits"), torch_model.logits(x), atol=1e-4, rtol=1e-4)
