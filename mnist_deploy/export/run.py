@@ -224,6 +224,7 @@ def _export_one(fmt: Format, source: Source, ctx: ExportContext, config: ExportC
         staging.mkdir()
         ctx.workdir = staging
         staged = [staging / f for f in fmt.files]
+        ctx.recorded = {}
         t0 = time.perf_counter()
         try:
             fmt.export(copy.deepcopy(source.model).eval(), staged[0], options, ctx)
@@ -238,6 +239,7 @@ def _export_one(fmt: Format, source: Source, ctx: ExportContext, config: ExportC
         if missing:
             raise ExportError(f"{fmt.name}: the exporter did not write {', '.join(missing)}")
         result.export_seconds = time.perf_counter() - t0
+        base.update(ctx.recorded)  # what the exporter says about how it was made (compiler, target ISA)
         result.size_bytes = sum(p.stat().st_size for p in staged)
         if config.parity:
             from ..formats import load_predictor

@@ -9,6 +9,7 @@ or look up this table and never branch on a format's name; adding a runtime is a
 
 from __future__ import annotations
 
+from .aoti_family import AOTI, AOTI_CPP, TORCHSCRIPT_CPP
 from .base import (
     DEFAULT_RUNTIME,
     FORMATS,
@@ -47,11 +48,12 @@ from .torch_family import (
     model_from_state_dict,
 )
 
-for _fmt in (PYTORCH, TORCH_COMPILE, TORCHSCRIPT, ONNX, PT2, ONNX_INT8, OPENVINO_F32, OPENVINO_BF16):
+for _fmt in (PYTORCH, TORCH_COMPILE, TORCHSCRIPT, ONNX, PT2, ONNX_INT8, OPENVINO_F32, OPENVINO_BF16, AOTI,
+             TORCHSCRIPT_CPP, AOTI_CPP):
     register(_fmt)
 
 __all__ = [
-    "DEFAULT_OPSET", "DEFAULT_RUNTIME", "FORMATS", "FP32_PARITY", "METADATA_FILE", "REDUCED_PARITY",
+    "AOTI", "AOTI_CPP", "TORCHSCRIPT_CPP", "DEFAULT_OPSET", "DEFAULT_RUNTIME", "FORMATS", "FP32_PARITY", "METADATA_FILE", "REDUCED_PARITY",
     "ExportContext", "Format", "LoadError", "NoOptions", "OpenVINOPredictor", "OrtPredictor", "ParitySpec",
     "Predictor", "TorchPredictor", "build_options", "check_onnx", "exportable", "get_format", "load_eager",
     "load_predictor", "model_from_state_dict", "onnx_opset_range", "option", "option_types", "packages",
