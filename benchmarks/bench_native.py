@@ -28,10 +28,11 @@ import numpy as np
 KINDS = {"torchscript-cpp": "torchscript", "aoti-cpp": "aoti"}
 
 
-def bare_loop(exe: Path, kind: str, model: str, x_path: str, threads: int, warmup: int, min_time: float) -> dict:
+def bare_loop(exe: Path, kind: str, model: str, x_path: str, shape: str, threads: int, warmup: int,
+              min_time: float) -> dict:
     """The runner's own one-shot bench in a fresh process: JSON with p50_ms and bare_loop_mean_ms."""
     out = subprocess.run([str(exe), "bench", "--kind", kind, "--model", model, "--input", x_path,
-                          "--shape", "1,1,28,28", "--threads", str(threads), "--warmup", str(warmup),
+                          "--shape", shape, "--threads", str(threads), "--warmup", str(warmup),
                           "--min-time", str(min_time), "--min-calls", "20"],
                          check=True, capture_output=True, text=True, timeout=600).stdout
     return json.loads(out)
@@ -56,7 +57,9 @@ def main() -> None:
     manifest = load_manifest(args.artifacts)
     exe = ensure_runner(progress=print)
     splits, _ = load_splits(args.data_dir, allow_download=False)
-    x = np.ascontiguousarray(splits["test"].images.numpy()[:1], dtype=np.float32)  # what bench times at batch 1
+    input_shape = tuple(manifest["model"]["input_shape"])
+    x = np.ascontiguousarray(splits["test"].images.numpy()[:1].reshape(1, *input_shape), dtype=np.float32)
+    shape = ",".join(map(str, (1, *input_shape)))  # what bench times at batch 1
     with tempfile.NamedTemporaryFile(suffix=".f32", delete=False) as fh:
         fh.write(x.tobytes())
         x_path = fh.name
@@ -73,7 +76,7 @@ def main() -> None:
                 row = result["records"][0]
                 if row["status"] != "ok":
                     sys.exit(f"{runtime}: {row['status']}: {row['reason']}")
-                bare = bare_loop(exe, KINDS[runtime], model, x_path, args.threads, args.warmup, args.min_time)
+                bare = bare_loop(exe, KINDS[runtime], model, x_path, shape, args.threads, args.warmup, args.min_time)
                 rows.append((row["p50_ms"], row["n_calls"], bare["p50_ms"], bare["n_calls"], bare["bare_loop_mean_ms"]))
             print(f"\n{runtime}")
             print(f"{'repeat':<8}{'bench p50 (ms)':>16}{'calls':>9}{'bare p50 (ms)':>16}{'calls':>9}"

@@ -90,7 +90,8 @@ def test_cpp_predictor_matches_python_at_odd_batch_sizes(native_exported, mnist_
     from mnist_deploy.data.mnist import load_splits
 
     splits, _ = load_splits(mnist_dir, cache_dir=cache_dir, allow_download=False)
-    x = splits["test"].images[:300].numpy().reshape(-1, 1, 28, 28).astype(np.float32)
+    shape = tuple(load_manifest(native_exported)["model"]["input_shape"])
+    x = splits["test"].images[:300].numpy().reshape(-1, *shape).astype(np.float32)
     ref = load_predictor("torchscript", verified_path(native_exported, "torchscript"))(x)
     for name in ("torchscript-cpp", "aoti-cpp"):
         predictor = load_predictor(name, verified_path(native_exported, name), threads=1)
@@ -203,17 +204,19 @@ def test_bench_rows_are_timed_by_the_runner(native_exported, mnist_dir, cache_di
 
 def test_runner_one_shot_modes(native_exported, tmp_path, mnist_dir, cache_dir):
     exe = native.ensure_runner()
-    x = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
+    shape = tuple(load_manifest(native_exported)["model"]["input_shape"])
+    dims = ",".join(map(str, shape))
+    x = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
     (tmp_path / "x.f32").write_bytes(x.tobytes())
     model = verified_path(native_exported, "aoti-cpp")
     subprocess.run([str(exe), "run", "--kind", "aoti", "--model", str(model), "--input", str(tmp_path / "x.f32"),
-                    "--shape", "2,1,28,28", "--output", str(tmp_path / "y.f32")], check=True, capture_output=True)
+                    "--shape", f"2,{dims}", "--output", str(tmp_path / "y.f32")], check=True, capture_output=True)
     got = np.frombuffer((tmp_path / "y.f32").read_bytes(), dtype=np.float32).reshape(2, 10)
     ref = load_predictor("aoti", verified_path(native_exported, "aoti"))(x)
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
     out = subprocess.run([str(exe), "bench", "--kind", "torchscript", "--model",
                           str(verified_path(native_exported, "torchscript-cpp")), "--input", str(tmp_path / "x.f32"),
-                          "--shape", "1,1,28,28", "--warmup", "2", "--min-time", "0.01", "--min-calls", "5",
+                          "--shape", f"1,{dims}", "--warmup", "2", "--min-time", "0.01", "--min-calls", "5",
                           "--threads", "1"], check=True, capture_output=True, text=True).stdout
     stats = json.loads(out)
     assert stats["n_calls"] >= 5 and stats["threads"] == 1 and stats["p50_ms"] > 0 and stats["bare_loop_mean_ms"] > 0
