@@ -91,6 +91,12 @@ def build_target() -> dict:
     machine = platform.machine()
     native = march is None and machine in ("x86_64", "AMD64", "aarch64", "arm64")
     flags = ([f"-march={march}"] if march else ["-march=native"] if native else []) + arch_flags
+    try:  # the kernels' optimisation flags as inductor builds them (-O3 -ffast-math ...); a private helper
+        from torch._inductor.cpp_builder import _get_optimization_cflags
+
+        flags = list(dict.fromkeys(["-" + f for f in _get_optimization_cflags(compiler)[0]] + flags))
+    except Exception:  # noqa: BLE001  (moved or changed: the march and ISA flags above still say the target)
+        pass
     required = {f for f in map(_flag_to_cpuinfo, arch_flags) if f}
     if native:  # -march=native may use every extension this CPU has
         required |= cpu_flags() & (X86_ISA_FLAGS | ARM_ISA_FLAGS)
