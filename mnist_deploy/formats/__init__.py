@@ -53,7 +53,8 @@ for _fmt in (PYTORCH, TORCH_COMPILE, TORCHSCRIPT, ONNX, PT2, ONNX_INT8, OPENVINO
     register(_fmt)
 
 __all__ = [
-    "AOTI", "AOTI_CPP", "TORCHSCRIPT_CPP", "DEFAULT_OPSET", "DEFAULT_RUNTIME", "FORMATS", "FP32_PARITY", "METADATA_FILE", "REDUCED_PARITY",
+    "AOTI", "AOTI_CPP", "DEFAULT_OPSET", "DEFAULT_RUNTIME", "FORMATS", "FP32_PARITY", "METADATA_FILE",
+    "REDUCED_PARITY", "TORCHSCRIPT_CPP",
     "ExportContext", "Format", "LoadError", "NoOptions", "OpenVINOPredictor", "OrtPredictor", "ParitySpec",
     "Predictor", "TorchPredictor", "build_options", "check_onnx", "exportable", "get_format", "load_eager",
     "load_predictor", "model_from_state_dict", "onnx_opset_range", "option", "option_types", "packages",
