@@ -227,9 +227,11 @@ def _export_one(fmt: Format, source: Source, ctx: ExportContext, config: ExportC
         staging.mkdir()
         ctx.workdir = staging
         staged = [staging / f for f in fmt.files]
+        ctx.recorded = {}
         t0 = time.perf_counter()
         _run_exporter(fmt, source, staged, options, ctx)
         result.export_seconds = time.perf_counter() - t0
+        base.update(ctx.recorded)  # what the exporter says about how it was made (compiler, target ISA)
         result.size_bytes = sum(p.stat().st_size for p in staged)
         result.parity = _gate(fmt, staged[0], source, config, data, reference, reference_accuracy)
         if result.parity.get("passed") is False:

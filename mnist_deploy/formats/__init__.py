@@ -9,6 +9,7 @@ or look up this table and never branch on a format's name; adding a runtime is a
 
 from __future__ import annotations
 
+from .aoti_family import AOTI, AOTI_CPP, TORCHSCRIPT_CPP
 from .artifact import artifact_path, entry_problem, entry_usable, open_artifact
 from .base import (
     DEFAULT_RUNTIME,
@@ -55,12 +56,13 @@ from .torch_family import (
     model_from_state_dict,
 )
 
-for _fmt in (PYTORCH, TORCH_COMPILE, TORCHSCRIPT, ONNX, PT2, ONNX_INT8, OPENVINO_F32, OPENVINO_BF16):
+for _fmt in (PYTORCH, TORCH_COMPILE, TORCHSCRIPT, ONNX, PT2, ONNX_INT8, OPENVINO_F32, OPENVINO_BF16, AOTI,
+             TORCHSCRIPT_CPP, AOTI_CPP):
     register(_fmt)
 
 __all__ = [
-    "DEFAULT_OPSET", "DEFAULT_RUNTIME", "EXTRA_FORMATS", "FORMATS", "FP32_PARITY", "MAX_EXPORTED_BATCH", "METADATA_FILE",
-    "REDUCED_PARITY", "UNAVAILABLE_ENV",
+    "AOTI", "AOTI_CPP", "DEFAULT_OPSET", "DEFAULT_RUNTIME", "EXTRA_FORMATS", "FORMATS", "FP32_PARITY",
+    "MAX_EXPORTED_BATCH", "METADATA_FILE", "REDUCED_PARITY", "TORCHSCRIPT_CPP", "UNAVAILABLE_ENV",
     "ExportContext", "Format", "LoadError", "NoOptions", "OpenVINOPredictor", "OrtPredictor", "ParitySpec",
     "Predictor", "TorchPredictor", "artifact_path", "available", "build_options", "check_onnx", "entry_problem",
     "entry_usable", "exportable", "format_names", "get_format", "load_eager", "load_predictor", "model_from_state_dict",

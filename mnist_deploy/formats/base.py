@@ -62,6 +62,11 @@ class Predictor:
     def finish(self, out: Any) -> np.ndarray:
         raise NotImplementedError
 
+    # A runtime that runs outside this process can time its own calls there, as its users would see
+    # them: ``time_calls(prepared, *, warmup, min_time, min_calls, sync)`` returns per-call ns like
+    # bench.timing.time_calls, and the bench uses it instead of timing ``run`` from Python.
+    time_calls: Callable[..., np.ndarray] | None = None
+
     def sync(self) -> None:
         """Block until queued work is done (CUDA); a no-op on CPU."""
 
@@ -142,6 +147,7 @@ class ExportContext:
     workdir: Path | None = None  # where intermediate files may go (the export's staging folder)
     calibration: Callable[[int], np.ndarray] | None = None  # n -> float32 training images (INT8 calibration)
     passed: dict[str, Path] = field(default_factory=dict)  # formats that passed in this run -> their main file
+    recorded: dict[str, Any] = field(default_factory=dict)  # what the exporter adds to its manifest entry
 
 
 # ---------------------------------------------------------------------------------------------

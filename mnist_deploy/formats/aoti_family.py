@@ -1,0 +1,275 @@
+"""AOTInductor and the C++ runtimes.
+
+``aoti``: ``torch.export`` then ``torch._inductor.aoti_compile_and_package`` into one ``.pt2`` package
+(the compiled shared library with the weights inside, a dynamic batch dimension), loaded in Python with
+``aoti_load_package``. The package is machine code for the CPU that compiled it (inductor compiles
+with ``-march=native`` and picks a vector ISA): the compiler, its flags, the ISA and the CPU flags the
+code may use are recorded in the package's metadata and in the manifest entry, and a package is
+refused, in one line, on a CPU that lacks any of those flags (read from ``/proc/cpuinfo``).
+
+``torchscript-cpp`` and ``aoti-cpp``: the same files run by the C++ runner (``native/``,
+:mod:`.native`), where a C++ service would run them. Each is exported as a byte-for-byte copy of the
+file its Python format just proved (or made afresh when exported alone), gated on parity in C++, and
+timed by the runner's own loop.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import zipfile
+from functools import cache
+from pathlib import Path
+
+from ..errors import ExportError, IntegrityError, RuntimeUnavailable
+from .base import ExportContext, Format, NoOptions, Predictor, first_line, quiet
+from .torch_family import TorchPredictor, TorchScriptOptions, _export_torchscript
+
+TORCH = ("torch",)
+METADATA_PREFIX = "mnist_deploy."
+# x86 instruction-set extensions as /proc/cpuinfo spells them: what -march=native may emit code for.
+X86_ISA_FLAGS = frozenset("""
+    sse sse2 ssse3 sse4_1 sse4_2 sse4a popcnt abm lzcnt bmi1 bmi2 adx aes pclmulqdq vpclmulqdq vaes gfni sha_ni
+    avx avx2 fma fma4 f16c movbe xsave xsaveopt xsavec xsaves rdrand rdseed clflushopt clwb cx16 lahf_lm
+    avx512f avx512dq avx512cd avx512bw avx512vl avx512ifma avx512vbmi avx512_vbmi2 avx512_vnni avx512_bitalg
+    avx512_vpopcntdq avx512_bf16 avx512_fp16 avx_vnni avx_vnni_int8 avx_ifma amx_tile amx_bf16 amx_int8
+    amx_fp16 movdiri movdir64b serialize waitpkg
+""".split())
+ARM_ISA_FLAGS = frozenset("asimd fphp asimdhp asimddp asimdfhm sve sve2 bf16 i8mm svebf16 svei8mm".split())
+# gcc's -m flags whose /proc/cpuinfo name differs from the flag without its "-m"
+_GCC_TO_CPUINFO = {"avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16",
+                   "avx512vbmi2": "avx512_vbmi2", "avx512bitalg": "avx512_bitalg",
+                   "avx512vpopcntdq": "avx512_vpopcntdq", "avxvnni": "avx_vnni", "amx-tile": "amx_tile",
+                   "amx-bf16": "amx_bf16", "amx-int8": "amx_int8", "amx-fp16": "amx_fp16", "sse4.1": "sse4_1",
+                   "sse4.2": "sse4_2", "sha": "sha_ni", "pclmul": "pclmulqdq", "rdrnd": "rdrand"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU, the compiler, the target.
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags from /proc/cpuinfo (``flags`` on x86, ``Features`` on Arm); empty if unreadable."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def _flag_to_cpuinfo(flag: str) -> str | None:
+    """``-mavx512vnni`` -> ``avx512_vnni``; None for a flag that is not an ISA extension (-march=...)."""
+    if not flag.startswith("-m") or "=" in flag:
+        return None
+    name = flag[2:]
+    return _GCC_TO_CPUINFO.get(name, name.replace("-", "_").replace(".", "_"))
+
+
+def build_target() -> dict:
+    """What an AOTI compile here targets: compiler, flags, vector ISA and the CPU flags its code may use."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor import cpu_vec_isa
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    compiler = get_cpp_compiler()
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = version.splitlines()[0] if version else ""
+    except (OSError, subprocess.TimeoutExpired):
+        version = ""
+    isa = cpu_vec_isa.pick_vec_isa()
+    arch_flags = [f for f in dict.fromkeys(isa.build_arch_flags().split()) if f]
+    march = inductor_config.cpp.march
+    machine = platform.machine()
+    native = march is None and machine in ("x86_64", "AMD64", "aarch64", "arm64")
+    flags = ([f"-march={march}"] if march else ["-march=native"] if native else []) + arch_flags
+    try:  # the kernels' optimisation flags as inductor builds them (-O3 -ffast-math ...); a private helper
+        from torch._inductor.cpp_builder import _get_optimization_cflags
+
+        flags = list(dict.fromkeys(["-" + f for f in _get_optimization_cflags(compiler)[0]] + flags))
+    except Exception:  # noqa: BLE001  (moved or changed: the march and ISA flags above still say the target)
+        pass
+    required = {f for f in map(_flag_to_cpuinfo, arch_flags) if f}
+    if native:  # -march=native may use every extension this CPU has
+        required |= cpu_flags() & (X86_ISA_FLAGS | ARM_ISA_FLAGS)
+    return {"compiler": compiler, "compiler_version": version, "flags": flags, "target_isa": str(isa) or "scalar",
+            "machine": machine, "required_cpu_flags": sorted(required)}
+
+
+def check_cpu(path: Path, required: list[str] | tuple[str, ...], isa: str = "") -> None:
+    """Refuse a package whose code needs CPU flags this CPU lacks (it would die of SIGILL)."""
+    have = cpu_flags()
+    if not required:
+        return
+    if not have:
+        raise RuntimeUnavailable(f"{path}: compiled for {isa or 'a specific CPU'}, and this machine's CPU flags "
+                                 "cannot be read (/proc/cpuinfo) to check it can run it")
+    missing = sorted(set(required) - have)
+    if missing:
+        raise RuntimeUnavailable(f"{path}: compiled for {isa or 'another CPU'}; this CPU lacks "
+                                 f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}; "
+                                 "re-export it on this machine (mnist-deploy export --format aoti)")
+
+
+def package_metadata(path: Path) -> dict[str, str]:
+    """The metadata AOTInductor wrote into the package (ours under ``mnist_deploy.``), read without loading it."""
+    out: dict[str, str] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                if name.endswith("wrapper_metadata.json"):
+                    out.update(json.loads(zf.read(name)))
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise IntegrityError(f"{path}: not a readable AOTInductor package ({first_line(exc)})") from None
+    return out
+
+
+def _target_in_package(path: Path) -> dict:
+    """The build target a package records (what :func:`build_target` said when it was compiled)."""
+    meta = package_metadata(path)
+    return {"compiler": meta.get(METADATA_PREFIX + "compiler", ""),
+            "flags": meta.get(METADATA_PREFIX + "flags", "").split(),
+            "target_isa": meta.get(METADATA_PREFIX + "target_isa", meta.get("AOTI_CPU_ISA", "")),
+            "required_cpu_flags": sorted(meta.get(METADATA_PREFIX + "required_cpu_flags", "").split())}
+
+
+def _check_package_cpu(path: Path) -> None:
+    meta = package_metadata(path)
+    required = meta.get(METADATA_PREFIX + "required_cpu_flags", "").split()
+    check_cpu(path, required, meta.get(METADATA_PREFIX + "target_isa", meta.get("AOTI_CPU_ISA", "")))
+
+
+def _aoti_available(device: str) -> str | None:
+    if not sys.platform.startswith("linux"):
+        return f"AOTInductor packages are built and run here on Linux only, not {sys.platform}"
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except ImportError:
+        return "this torch has no AOTInductor (torch._inductor.cpp_builder)"
+    except Exception as exc:  # inductor raises its own InvalidCxxCompiler
+        return f"AOTInductor needs a C++ compiler: {first_line(exc)}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# aoti: the package, in Python.
+
+
+def _export_aoti(model, path: Path, options, ctx: ExportContext) -> None:
+    import torch
+
+    target = build_target()
+    metadata = {**{k: str(v) for k, v in ctx.metadata.items()},
+                METADATA_PREFIX + "required_cpu_flags": " ".join(target["required_cpu_flags"]),
+                METADATA_PREFIX + "target_isa": target["target_isa"],
+                METADATA_PREFIX + "flags": " ".join(target["flags"]),
+                METADATA_PREFIX + "compiler": f"{target['compiler']} ({target['compiler_version']})"}
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    with quiet():
+        try:
+            program = torch.export.export(model, (ctx.example,), dynamic_shapes=({0: batch},), strict=False)
+        except Exception as exc:
+            raise ExportError(f"torch.export failed: {first_line(exc)}") from None
+        try:
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(path), inductor_configs={"aot_inductor.metadata": metadata})
+        except OSError:
+            raise
+        except Exception as exc:  # inductor raises CppCompileError, InvalidCxxCompiler...
+            raise ExportError(f"AOTInductor compile failed: {first_line(exc)}") from None
+    ctx.recorded.update({"aoti": target})
+
+
+def _load_aoti(path: Path, *, device: str, threads: int | None, manifest: dict) -> Predictor:
+    import torch
+
+    _check_package_cpu(path)
+    with quiet():
+        compiled = torch._inductor.aoti_load_package(str(path))
+    return TorchPredictor(compiled, "aotinductor", device, threads)
+
+
+def _verify_aoti(path: Path, entry: dict) -> None:
+    """verify's extra checks: the package names the recorded state_dict and target, and this CPU runs it."""
+    meta = package_metadata(path)
+    if meta.get("source_state_dict_sha256") != entry.get("source_state_dict_sha256"):
+        raise IntegrityError(f"{path}: its metadata names another source state_dict "
+                             f"({str(meta.get('source_state_dict_sha256'))[:12]}...)")
+    recorded = (entry.get("aoti") or {}).get("required_cpu_flags")
+    packaged = meta.get(METADATA_PREFIX + "required_cpu_flags", "").split()
+    if recorded is not None and sorted(recorded) != sorted(packaged):
+        raise IntegrityError(f"{path}: the package's target CPU flags are not the ones the manifest recorded")
+    _check_package_cpu(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# torchscript-cpp and aoti-cpp: the same files, run by the C++ runner.
+
+
+def _native_available(device: str) -> str | None:
+    from .native import unavailable
+
+    return unavailable()
+
+
+def _copy_or_export(source: str, export):
+    """An exporter that copies the file ``source`` just proved in this run (so C++ is gated on those
+    very bytes), or exports afresh when ``source`` was not exported in this run."""
+
+    def write(model, path: Path, options, ctx: ExportContext) -> None:
+        from .native import ensure_runner
+
+        passed = ctx.passed.get(source)
+        if passed is not None and Path(passed).is_file():
+            shutil.copyfile(passed, path)
+            ctx.recorded["copy_of"] = source
+            if source == "aoti":
+                ctx.recorded["aoti"] = _target_in_package(path)
+        else:
+            export(model, path, options, ctx)
+        ensure_runner()  # build the runner now (once), so a build failure fails this export in one line
+
+    return write
+
+
+def _native_loader(kind: str, runtime: str):
+    def load(path: Path, *, device: str, threads: int | None, manifest: dict) -> Predictor:
+        from .native import NativePredictor
+
+        if kind == "aoti":
+            _check_package_cpu(path)
+        return NativePredictor(path, kind, runtime, threads)
+
+    return load
+
+
+AOTI = Format(
+    "aoti", "aotinductor",
+    "AOTInductor package (torch.export + aoti_compile_and_package), machine code for this CPU; run in Python",
+    files=("mnist_model_aoti.pt2",), load=_load_aoti, export=_export_aoti, devices=("cpu",), packages=TORCH,
+    available=_aoti_available, check=_verify_aoti, aliases=("aotinductor",),
+)
+TORCHSCRIPT_CPP = Format(
+    "torchscript-cpp", "torchscript-cpp",
+    "The TorchScript file run from C++ (torch::jit::load in the mnist_runner process)",
+    files=("mnist_model_torchscript_cpp.pt",), load=_native_loader("torchscript", "torchscript-cpp"),
+    export=_copy_or_export("torchscript", _export_torchscript), options=TorchScriptOptions, devices=("cpu",),
+    packages=TORCH, available=_native_available,
+)
+AOTI_CPP = Format(
+    "aoti-cpp", "aoti-cpp",
+    "The AOTInductor package run from C++ (AOTIModelPackageLoader in the mnist_runner process)",
+    files=("mnist_model_aoti_cpp.pt2",), load=_native_loader("aoti", "aoti-cpp"),
+    export=_copy_or_export("aoti", _export_aoti), options=NoOptions, devices=("cpu",), packages=TORCH,
+    available=lambda device: _aoti_available(device) or _native_available(device), check=_verify_aoti,
+)
