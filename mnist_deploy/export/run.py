@@ -192,7 +192,8 @@ def export_artifacts(*, artifacts="artifacts", checkpoint=None, formats=None, at
     import torch
 
     ctx = ExportContext(example=torch.from_numpy(data.images[:2].copy()),
-                        metadata=artifact_metadata(source.manifest, source.sha256), calibration=data.calibration)
+                        metadata=artifact_metadata(source.manifest, source.sha256), calibration=data.calibration,
+                        tuning=data.tuning)
     report = ExportReport(out, source.sha256, source.manifest["model"]["name"], reference_accuracy)
     for name in names:
         fmt = get_format(name)
@@ -223,6 +224,7 @@ def _export_one(fmt: Format, source: Source, ctx: ExportContext, config: ExportC
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         ctx.workdir = staging
+        ctx.criteria, ctx.notes = criteria, {}
         staged = [staging / f for f in fmt.files]
         t0 = time.perf_counter()
         try:
@@ -238,6 +240,8 @@ def _export_one(fmt: Format, source: Source, ctx: ExportContext, config: ExportC
         if missing:
             raise ExportError(f"{fmt.name}: the exporter did not write {', '.join(missing)}")
         result.export_seconds = time.perf_counter() - t0
+        base.update(ctx.notes)  # what the exporter recorded (INT8: the ladder, the CPU's 8-bit path)
+        result.notes = dict(ctx.notes)
         result.size_bytes = sum(p.stat().st_size for p in staged)
         if config.parity:
             from ..formats import load_predictor

@@ -234,5 +234,25 @@ def climb(prepared: Path, workdir: Path, first: QuantConfig, *, calibration: Cal
     return done()
 
 
+def climb_for_export(model, prepared: Path, folder: Path, first: QuantConfig, ctx, *, ladder: bool,
+                     load: Callable[[Path], Callable[[np.ndarray], np.ndarray]]) -> LadderResult:
+    """:func:`climb` with what an export context provides: calibration images, held-out training images
+    (never test images) whose fp32 logits ``model`` gives, and the gate's criteria."""
+    from ..errors import ExportError
+    from .torch_family import load_eager
+
+    images = ctx.calibration(first.calibration_size) if ctx.calibration else None
+    if images is None or len(images) == 0:
+        raise ExportError("static INT8 quantization needs calibration images")
+    if ctx.tuning is None:  # no held-out images given: the first configuration, unscored
+        tuning, ladder = (images[:1], np.zeros(1, dtype=np.int64)), False
+    else:
+        tuning = ctx.tuning(TUNING_IMAGES)
+    reference = load_eager(model)(tuning[0])
+    criteria = ctx.criteria or {"min_agreement": 0.995, "max_accuracy_drop": 0.003}
+    return climb(prepared, folder, first, calibration=ctx.calibration, tuning=tuning, reference=reference,
+                 criteria=criteria, load=load, ladder=ladder)
+
+
 __all__ = ["METHODS", "QUANTIZED_OPS", "TUNING_IMAGES", "WEIGHT_TYPES", "LadderResult", "QuantConfig", "Rung",
-           "climb", "quantizable_layers", "quantize_onnx"]
+           "climb", "climb_for_export", "quantizable_layers", "quantize_onnx"]
