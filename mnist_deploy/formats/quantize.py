@@ -70,8 +70,13 @@ def quantizable_layers(model_path: Path) -> list[str]:
 def quantize_onnx(prepared: Path, out: Path, config: QuantConfig, images: np.ndarray, input_name: str = "input") -> None:
     """Quantize the pre-processed fp32 model ``prepared`` to ``out`` (QDQ, per channel) with ``config``,
     calibrated on ``images``."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
-        quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                "entropy": CalibrationMethod.Entropy}
