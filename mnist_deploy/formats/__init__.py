@@ -36,7 +36,7 @@ from .base import (
     written_as,
 )
 from .onnx_family import DEFAULT_OPSET, ONNX, ONNX_INT8, OrtPredictor, check_onnx, onnx_opset_range
-from .openvino_family import OPENVINO_BF16, OPENVINO_F32, OpenVINOPredictor
+from .openvino_family import OPENVINO_BF16, OPENVINO_F32, OPENVINO_INT8, OpenVINOPredictor
 from .torch_family import (
     PT2,
     PYTORCH,
@@ -47,7 +47,7 @@ from .torch_family import (
     model_from_state_dict,
 )
 
-for _fmt in (PYTORCH, TORCH_COMPILE, TORCHSCRIPT, ONNX, PT2, ONNX_INT8, OPENVINO_F32, OPENVINO_BF16):
+for _fmt in (PYTORCH, TORCH_COMPILE, TORCHSCRIPT, ONNX, PT2, ONNX_INT8, OPENVINO_F32, OPENVINO_BF16, OPENVINO_INT8):
     register(_fmt)
 
 __all__ = [

@@ -216,7 +216,7 @@ def _export_onnx_int8(model, path: Path, options: Int8Options, ctx: ExportContex
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from .cpu_int8 import int8_path
-    from .quantize import QuantConfig, climb_for_export
+    from .quantize import QuantConfig, climb, gate, quantizable_layers, quantize_onnx, tuning_data
 
     folder = ctx.workdir or path.parent
     fp32 = folder / f".{path.name}.fp32.tmp.onnx"
@@ -233,10 +233,20 @@ def _export_onnx_int8(model, path: Path, options: Int8Options, ctx: ExportContex
             if options.quantization == "dynamic":
                 quantize_dynamic(str(prep), str(path), weight_type=QuantType.QInt8)
             else:
+                if ctx.calibration is None:
+                    raise ExportError("static INT8 quantization needs calibration images")
                 first = QuantConfig(method=options.calibration_method, calibration_size=options.calibration_size,
                                     weights=options.int8_weights)
-                ladder = climb_for_export(model, prep, folder, first, ctx, ladder=options.accuracy_control == "on",
-                                          load=lambda p: OrtPredictor(p, "onnxruntime-int8", precision="int8"))
+
+                def write(config: QuantConfig, stem: Path) -> Path:
+                    out = stem.with_suffix(".onnx")
+                    quantize_onnx(prep, out, config, ctx.calibration(config.calibration_size))
+                    return out
+
+                tuning, reference = tuning_data(model, ctx)
+                ladder = climb(first, quantize=write, workdir=folder, layers=quantizable_layers(prep), tuning=tuning,
+                               reference=reference, criteria=gate(ctx), ladder=options.accuracy_control == "on",
+                               load=lambda p: OrtPredictor(p, "onnxruntime-int8", precision="int8"))
                 shutil.move(ladder.path, path)
                 notes.update(ladder.to_dict())
         ctx.notes["int8"] = notes

@@ -171,62 +171,68 @@ def _score(predict: Callable[[np.ndarray], np.ndarray], images, labels, referenc
     return agreement, drop, passed
 
 
-def climb(prepared: Path, workdir: Path, first: QuantConfig, *, calibration: Callable[[int], np.ndarray],
-          tuning: tuple[np.ndarray, np.ndarray], reference: np.ndarray, criteria: dict,
-          load: Callable[[Path], Callable[[np.ndarray], np.ndarray]], ladder: bool = True) -> LadderResult:
+def climb(first: QuantConfig, *, quantize: Callable[[QuantConfig, Path], Path], workdir: Path, layers: list[str],
+          tuning: tuple[np.ndarray, np.ndarray] | None, reference: np.ndarray | None, criteria: dict,
+          load: Callable[[Path], Callable[[np.ndarray], np.ndarray]], methods: tuple[str, ...] = METHODS,
+          ladder: bool = True) -> LadderResult:
     """Try ``first``, then the ladder's rungs until one passes ``criteria`` on the ``tuning`` images
     (held-out training images and labels; ``reference`` their fp32 logits). Returns the chosen rung (the
     first that passed, else the best scored) with its file, every rung tried and the layer sensitivities.
-    ``load(path)`` gives a callable float32 batch -> logits (ONNX Runtime)."""
-    images, labels = tuning
+
+    ``quantize(config, stem)`` writes one configuration next to ``stem`` and returns its main file;
+    ``load(path)`` gives a callable float32 batch -> logits in the format's runtime; ``layers`` are the
+    quantizable layers by the names ``QuantConfig.fp32_layers`` takes; ``methods`` the calibration
+    methods the quantizer offers. Without ``tuning`` only ``first`` is written, unscored."""
     rungs: list[Rung] = []
     files: dict[int, Path] = {}
 
     def attempt(step: str, config: QuantConfig) -> Rung:
         rung = Rung(step, config)
-        path = workdir / f".rung{len(rungs)}.onnx"
         t0 = time.perf_counter()
         try:
-            quantize_onnx(prepared, path, config, calibration(config.calibration_size))
-            rung.agreement, rung.accuracy_drop, rung.passed = _score(load(path), images, labels, reference, criteria)
+            path = quantize(config, workdir / f".rung{len(rungs)}")
             files[len(rungs)] = path
+            if tuning is not None:
+                rung.agreement, rung.accuracy_drop, rung.passed = _score(load(path), *tuning, reference, criteria)
         except Exception as exc:  # a calibration method can fail on a model (e.g. an empty histogram)
             rung.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         rung.seconds = time.perf_counter() - t0
         rungs.append(rung)
         return rung
 
+    def best_scored() -> Rung:
+        return max((r for r in rungs if r.agreement is not None), key=lambda r: r.agreement, default=rungs[0])
+
     def done() -> LadderResult:
-        scored = [i for i, r in enumerate(rungs) if r.agreement is not None]
-        if not scored:
+        written = [i for i in files if tuning is None or rungs[i].agreement is not None]
+        if not written:
             raise RuntimeError("every quantization configuration failed: " + "; ".join(str(r.error) for r in rungs))
-        passed = [i for i in scored if rungs[i].passed]
-        best = passed[0] if passed else max(scored, key=lambda i: (rungs[i].agreement, -i))
+        passed = [i for i in written if rungs[i].passed]
+        best = passed[0] if passed else max(written, key=lambda i: (rungs[i].agreement or 0.0, -i))
         for i, p in files.items():
             if i != best:
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
+                for f in p.parent.glob(p.stem + ".*"):
+                    with contextlib.suppress(FileNotFoundError):
+                        f.unlink()
         return LadderResult(rungs[best], rungs, sensitivity, tuned, files[best])
 
     sensitivity: dict[str, float] = {}
-    tuned = {"images": int(len(images)), "source": "training images outside the calibration set",
-             "margin": TUNING_MARGIN}
-    if attempt("first", first).passed or not ladder:
+    tuned = {"images": int(len(tuning[0])) if tuning is not None else 0,
+             "source": "training images outside the calibration set", "margin": TUNING_MARGIN}
+    if attempt("first", first).passed or not ladder or tuning is None:
         return done()
-    for method in METHODS:
+    for method in methods:
         if method != first.method and attempt(f"method {method}", replace(first, method=method)).passed:
             return done()
-    best = max((r for r in rungs if r.agreement is not None), key=lambda r: r.agreement, default=rungs[0])
-    larger = replace(best.config, calibration_size=best.config.calibration_size * LARGER_CALIBRATION)
+    base = best_scored().config
+    larger = replace(base, calibration_size=base.calibration_size * LARGER_CALIBRATION)
     if attempt(f"calibration {larger.calibration_size}", larger).passed:
         return done()
-    best = max((r for r in rungs if r.agreement is not None), key=lambda r: r.agreement, default=rungs[0])
-    base = best.config
-    layers = quantizable_layers(prepared)
-    # Sensitivity of a layer: how much agreement comes back when it alone stays fp32.
-    base_agreement = best.agreement or 0.0
+    best = best_scored()
+    base, base_agreement = best.config, best.agreement or 0.0
     if len(layers) < 2:
         return done()  # keeping its one layer in fp32 is no quantization at all
+    # A layer's sensitivity: the agreement that comes back when it alone stays fp32.
     for layer in layers:
         rung = attempt(f"fp32 {layer} (sensitivity)", replace(base, fp32_layers=(layer,)))
         sensitivity[layer] = (rung.agreement - base_agreement) if rung.agreement is not None else 0.0
@@ -239,25 +245,20 @@ def climb(prepared: Path, workdir: Path, first: QuantConfig, *, calibration: Cal
     return done()
 
 
-def climb_for_export(model, prepared: Path, folder: Path, first: QuantConfig, ctx, *, ladder: bool,
-                     load: Callable[[Path], Callable[[np.ndarray], np.ndarray]]) -> LadderResult:
-    """:func:`climb` with what an export context provides: calibration images, held-out training images
-    (never test images) whose fp32 logits ``model`` gives, and the gate's criteria."""
-    from ..errors import ExportError
+def tuning_data(model, ctx) -> tuple[tuple[np.ndarray, np.ndarray] | None, np.ndarray | None]:
+    """The held-out training images and labels an export context offers (never test images), with the
+    fp32 model's logits on them; (None, None) when it offers none."""
+    if ctx.tuning is None:
+        return None, None
     from .torch_family import load_eager
 
-    images = ctx.calibration(first.calibration_size) if ctx.calibration else None
-    if images is None or len(images) == 0:
-        raise ExportError("static INT8 quantization needs calibration images")
-    if ctx.tuning is None:  # no held-out images given: the first configuration, unscored
-        tuning, ladder = (images[:1], np.zeros(1, dtype=np.int64)), False
-    else:
-        tuning = ctx.tuning(TUNING_IMAGES)
-    reference = load_eager(model)(tuning[0])
-    criteria = ctx.criteria or {"min_agreement": 0.995, "max_accuracy_drop": 0.003}
-    return climb(prepared, folder, first, calibration=ctx.calibration, tuning=tuning, reference=reference,
-                 criteria=criteria, load=load, ladder=ladder)
+    tuning = ctx.tuning(TUNING_IMAGES)
+    return tuning, load_eager(model)(tuning[0])
+
+
+def gate(ctx) -> dict:
+    return ctx.criteria or {"min_agreement": 0.995, "max_accuracy_drop": 0.003}
 
 
 __all__ = ["METHODS", "QUANTIZED_OPS", "TUNING_IMAGES", "WEIGHT_TYPES", "LadderResult", "QuantConfig", "Rung",
-           "climb", "climb_for_export", "quantizable_layers", "quantize_onnx"]
+           "climb", "gate", "quantizable_layers", "tuning_data", "quantize_onnx"]
