@@ -43,6 +43,10 @@ def test_default_int8_passes_and_records_its_8_bit_path_and_rungs(exported, name
     assert q["cpu_int8_path"] == int8_path() and q["cpu_int8_path"]["path"] in PATHS
     assert q["rungs"] and q["rungs"][0]["step"] == "first" and q["chosen"]["passed"]
     assert q["tuned_on"]["images"] > 0
+    if name == "openvino-int8":  # read back from the compiled model: its quantized layers run in 8 bits
+        applied = entry["parity"]["applied"]
+        assert applied["precision"] == "int8 (f32 elsewhere)" and applied["int8_ops"] > 0
+        assert q["quantizer"].startswith("nncf ")
     table = report.table()
     assert f"{name}: 8-bit path here {int8_path()['path']}" in table and "rung 1 first" in table
 
