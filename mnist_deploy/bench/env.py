@@ -101,6 +101,7 @@ def collect_environment(threads: int, devices: Sequence[str] = ("cpu",)) -> dict
             env[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             env[pkg] = None
+    env["cpu_int8_path"] = _safe(_int8_path)  # VNNI / AVX512 / AVX2 / ARM-dotprod / ...: where INT8 rows ran
     env["torch_cpu_capability"] = _safe(lambda: torch.backends.cpu.get_cpu_capability())
     env["torch_parallel"] = _safe(lambda: torch.__config__.parallel_info().splitlines()[-1].split(":")[-1].strip())
     env["execution_providers"] = _safe(lambda: __import__("onnxruntime").get_available_providers())
@@ -109,6 +110,12 @@ def collect_environment(threads: int, devices: Sequence[str] = ("cpu",)) -> dict
     env["cuda"] = torch.version.cuda
     env.update(_git())
     return env
+
+
+def _int8_path() -> dict:
+    from ..formats.cpu_int8 import int8_path
+
+    return int8_path()
 
 
 def _safe(fn):

@@ -166,7 +166,9 @@ def _caption(result: dict, marker: str = "*") -> str:
                       if p.get("gflops") else f"{dev} matmul peak not measured ({p.get('error')})"
                       for dev, p in result["peak"].items())
     s = result["settings"]
-    return (f"{model['name']} ({model['flops_per_example']:,} FLOP/image) on {env['cpu']}, {env['cores']} cores, "
+    int8 = (env.get("cpu_int8_path") or {}).get("path")
+    return (f"{model['name']} ({model['flops_per_example']:,} FLOP/image) on {env['cpu']}"
+            f"{f' (8-bit path {int8})' if int8 else ''}, {env['cores']} cores, "
             f"{env['threads']} threads{', GPU ' + env['gpu'] if env.get('gpu') else ''}; torch {env['torch']}, "
             f"{_versions(env)}; warm-up {s['warmup']} calls, min time {s['min_time']} s per row. "
             f"{peaks}. Latency is one call; images/s and GFLOP/s are total images over total timed time; "

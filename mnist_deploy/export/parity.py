@@ -220,6 +220,7 @@ class FormatResult:
     export_seconds: float | None = None
     parity: dict | None = None
     error: str | None = None
+    notes: dict | None = None  # what the exporter recorded (INT8: the chosen rung, every rung's score)
 
     @property
     def ok(self) -> bool:
@@ -259,7 +260,9 @@ class ExportReport:
                 "-" if p.get("max_abs_diff") is None else f"{p['max_abs_diff']:.2e}",
                 _pct(p.get("agreement")), _pct(p.get("accuracy")), _verdict(r),
             ])
-        return format_table(header, rows, markdown=markdown)
+        table = format_table(header, rows, markdown=markdown)
+        lines = [line for r in self.results for line in int8_lines(r)]
+        return "\n".join([table, *(f"- {line}" if markdown else line for line in lines)])
 
     def to_dict(self) -> dict:
         return {
@@ -272,6 +275,31 @@ class ExportReport:
             "results": [asdict(r) for r in self.results],
             "parity_path": str(self.parity_path) if self.parity_path else None,
         }
+
+
+def int8_lines(r: FormatResult) -> list[str]:
+    """The INT8 story of one format: the CPU's 8-bit path, each ladder rung's score on the held-out
+    training images, the rung chosen and the layers kept in fp32."""
+    q = (r.notes or {}).get("int8")
+    if not q:
+        return []
+    from ..formats.cpu_int8 import describe
+
+    lines = [f"{r.format}: 8-bit path here {describe(q.get('cpu_int8_path'))}"]
+    rungs = q.get("rungs") or []
+    if rungs:
+        tuned = q.get("tuned_on") or {}
+        lines[0] += (f"; tuned on {tuned.get('images', '?')} held-out training images (gate + "
+                     f"{100 * tuned.get('margin', 0):.1f} pt margin), verdict above on the test images")
+        for i, rung in enumerate(rungs, 1):
+            score = ("error: " + str(rung["error"])) if rung.get("error") else (
+                f"agreement {100 * rung['agreement']:.2f}%, accuracy drop {100 * rung['accuracy_drop']:+.2f} pt")
+            mark = "chosen" if rung["step"] == q.get("chosen_step") and rung["config"] == q["chosen"]["config"] \
+                else ("pass" if rung["passed"] else "miss")
+            lines.append(f"  rung {i} {rung['step']}: {rung['label']}: {score} [{mark}]")
+        kept = q.get("fp32_layers") or []
+        lines.append(f"  fp32 layers: {', '.join(kept) if kept else 'none'}")
+    return lines
 
 
 def _verdict(r: FormatResult) -> str:
@@ -314,6 +342,7 @@ __all__ = [
     "FormatResult",
     "compare_logits",
     "format_table",
+    "int8_lines",
     "judge",
     "parity_check",
     "run_batched",

@@ -178,7 +178,8 @@ def export_artifacts(config: ExportConfig | None = None, *, artifacts="artifacts
     import torch
 
     ctx = ExportContext(example=torch.from_numpy(data.images[:2].copy()),
-                        metadata=artifact_metadata(source.manifest, source.sha256), calibration=data.calibration)
+                        metadata=artifact_metadata(source.manifest, source.sha256), calibration=data.calibration,
+                        tuning=data.tuning)
     report = ExportReport(out, source.sha256, source.manifest["model"]["name"], reference_accuracy,
                           test_images=len(data.labels))
     for name in config.selected():
@@ -226,12 +227,13 @@ def _export_one(fmt: Format, source: Source, ctx: ExportContext, config: ExportC
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         ctx.workdir = staging
+        ctx.criteria, ctx.notes = config.criteria(fmt), {}
         staged = [staging / f for f in fmt.files]
-        ctx.recorded = {}
         t0 = time.perf_counter()
         _run_exporter(fmt, source, staged, options, ctx)
         result.export_seconds = time.perf_counter() - t0
-        base.update(ctx.recorded)  # what the exporter says about how it was made (compiler, target ISA)
+        base.update(ctx.notes)  # what the exporter recorded (AOTI: compiler, target ISA; INT8: the ladder, 8-bit path)
+        result.notes = dict(ctx.notes)
         result.size_bytes = sum(p.stat().st_size for p in staged)
         result.parity = _gate(fmt, staged[0], source, config, data, reference, reference_accuracy)
         if result.parity.get("passed") is False:

@@ -135,8 +135,19 @@ def load_source(checkpoint: Path) -> Source:
 class EvalData:
     images: np.ndarray  # float32 (N, *input_shape)
     labels: np.ndarray
-    train_images: Any = None  # the training images, flat (for INT8 calibration)
+    train_images: Any = None  # the training images, flat (for INT8 calibration and tuning)
     shape: tuple[int, ...] = (784,)
+    train_labels: Any = None
+    trained_on: int | None = None  # the model saw the first N training images only (train --subset)
+
+    def _split(self) -> tuple[np.ndarray, np.ndarray]:
+        """(calibration pool, tuning pool): disjoint training indices, fixed by a seed. The tuning pool is
+        taken from images the model did not train on when it trained on a subset."""
+        n = len(self.train_images)
+        order = np.random.default_rng(0).permutation(n)
+        unseen = order[order >= self.trained_on] if self.trained_on and self.trained_on < n else order[:0]
+        tuning = unseen[:TUNING_POOL] if len(unseen) >= TUNING_POOL // 2 else order[n - TUNING_POOL :]
+        return np.setdiff1d(order, tuning, assume_unique=True), tuning
 
     def head(self, n: int | None) -> EvalData:
         """The first ``n`` test images and labels (all of them for None); the calibration images stay."""
@@ -145,10 +156,24 @@ class EvalData:
         return dataclasses.replace(self, images=self.images[:n], labels=self.labels[:n])
 
     def calibration(self, n: int) -> np.ndarray:
-        """``n`` training images, the same ones for the same ``n`` (a fixed seed)."""
-        train = self.train_images
-        idx = np.random.default_rng(0).choice(len(train), size=min(n, len(train)), replace=False)
-        return np.ascontiguousarray(train[np.sort(idx)].reshape(-1, *self.shape), dtype=np.float32)
+        """``n`` training images, the same ones for the same ``n`` (a fixed seed), never tuning images."""
+        pool, _ = self._split()
+        idx = np.random.default_rng(0).choice(pool, size=min(n, len(pool)), replace=False)
+        return np.ascontiguousarray(self.train_images[np.sort(idx)].reshape(-1, *self.shape), dtype=np.float32)
+
+    def tuning_indices(self, n: int) -> np.ndarray:
+        """Indices into the *training* split of the held-out images an exporter may tune on."""
+        _, pool = self._split()
+        return np.sort(pool[: min(n, len(pool))])
+
+    def tuning(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` held-out training images and their labels: outside every calibration set, never test images."""
+        idx = self.tuning_indices(n)
+        images = np.ascontiguousarray(self.train_images[idx].reshape(-1, *self.shape), dtype=np.float32)
+        return images, np.asarray(self.train_labels[idx])
+
+
+TUNING_POOL = 10_000
 
 
 def load_eval_data(manifest: dict, data_dir, cache_dir, allow_download: bool) -> EvalData:
@@ -158,7 +183,9 @@ def load_eval_data(manifest: dict, data_dir, cache_dir, allow_download: bool) ->
     shape = tuple(manifest["model"].get("input_shape") or (784,))
     test = splits["test"]
     images = test.images.numpy().reshape(len(test), *shape).astype(np.float32, copy=False)
-    return EvalData(np.ascontiguousarray(images), test.labels.numpy(), splits["train"].images.numpy(), shape)
+    subset = (manifest.get("training") or {}).get("subset")
+    return EvalData(np.ascontiguousarray(images), test.labels.numpy(), splits["train"].images.numpy(), shape,
+                    splits["train"].labels.numpy(), int(subset) if subset else None)
 
 
 def reference_logits(model, images: np.ndarray) -> np.ndarray:

@@ -121,11 +121,27 @@ def _verify_one(out: Path, key: str, entry: dict, manifest: dict, sd_sha: str, d
         if item.parity["passed"]:
             item.checks.append("parity")
         else:
-            item.problems.append("parity failed: " + "; ".join(item.parity["reasons"]))
+            item.problems.append("parity failed: " + "; ".join(item.parity["reasons"]) + _int8_context(entry))
     except MnistDeployError as exc:
         item.problems.append(str(exc))
     item.ok = not item.problems
     return item
+
+
+def _int8_context(entry: dict) -> str:
+    """For an INT8 artifact that passed at export and fails here: say so, and name both CPUs' 8-bit paths
+    (a file quantized with 8-bit weights predicts differently where ``vpmaddubsw`` saturates)."""
+    recorded = (entry.get("int8") or {}).get("cpu_int8_path")
+    if recorded is None or not (entry.get("parity") or {}).get("passed"):
+        return ""
+    from ..formats.cpu_int8 import describe, int8_path
+
+    here = int8_path()
+    at = (entry.get("parity") or {}).get("agreement")
+    passed = f"it passed at export (agreement {100 * at:.2f}%)" if at is not None else "it passed at export"
+    same = "the same path" if here.get("path") == recorded.get("path") else "another path"
+    return (f". INT8 results depend on the CPU's 8-bit arithmetic: {passed} on a CPU whose 8-bit path is "
+            f"{describe(recorded)}; this CPU's is {describe(here)} ({same})")
 
 
 __all__ = ["VerifyItem", "VerifyReport", "verify_artifacts"]

@@ -44,7 +44,7 @@ from .base import (
     written_as,
 )
 from .onnx_family import DEFAULT_OPSET, ONNX, ONNX_INT8, OrtPredictor, check_onnx, onnx_opset_range
-from .openvino_family import OPENVINO_BF16, OPENVINO_F32, OpenVINOPredictor
+from .openvino_family import OPENVINO_BF16, OPENVINO_F32, OPENVINO_INT8, OpenVINOPredictor
 from .torch_family import (
     EXTRA_FORMATS,
     PT2,
@@ -56,8 +56,8 @@ from .torch_family import (
     model_from_state_dict,
 )
 
-for _fmt in (PYTORCH, TORCH_COMPILE, TORCHSCRIPT, ONNX, PT2, ONNX_INT8, OPENVINO_F32, OPENVINO_BF16, AOTI,
-             TORCHSCRIPT_CPP, AOTI_CPP):
+for _fmt in (PYTORCH, TORCH_COMPILE, TORCHSCRIPT, ONNX, PT2, ONNX_INT8, OPENVINO_F32, OPENVINO_BF16, OPENVINO_INT8,
+             AOTI, TORCHSCRIPT_CPP, AOTI_CPP):
     register(_fmt)
 
 __all__ = [

@@ -187,7 +187,7 @@ def _export_aoti(model, path: Path, options, ctx: ExportContext) -> None:
             raise
         except Exception as exc:  # inductor raises CppCompileError, InvalidCxxCompiler...
             raise ExportError(f"AOTInductor compile failed: {first_line(exc)}") from None
-    ctx.recorded.update({"aoti": target})
+    ctx.notes.update({"aoti": target})
 
 
 def _load_aoti(path: Path, *, device: str, threads: int | None, manifest: dict) -> Predictor:
@@ -232,9 +232,9 @@ def _copy_or_export(source: str, export):
         passed = ctx.passed.get(source)
         if passed is not None and Path(passed).is_file():
             shutil.copyfile(passed, path)
-            ctx.recorded["copy_of"] = source
+            ctx.notes["copy_of"] = source
             if source == "aoti":
-                ctx.recorded["aoti"] = _target_in_package(path)
+                ctx.notes["aoti"] = _target_in_package(path)
         else:
             export(model, path, options, ctx)
         ensure_runner()  # build the runner now (once), so a build failure fails this export in one line

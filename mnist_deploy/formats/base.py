@@ -147,7 +147,11 @@ class ExportContext:
     workdir: Path | None = None  # where intermediate files may go (the export's staging folder)
     calibration: Callable[[int], np.ndarray] | None = None  # n -> float32 training images (INT8 calibration)
     passed: dict[str, Path] = field(default_factory=dict)  # formats that passed in this run -> their main file
-    recorded: dict[str, Any] = field(default_factory=dict)  # what the exporter adds to its manifest entry
+    # n -> (float32 images, labels): held-out training images, disjoint from every calibration set and never
+    # test images, on which an exporter may tune (the INT8 accuracy ladder); the verdict stays on the test set.
+    tuning: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None
+    criteria: dict | None = None  # the parity criteria the format being exported will be judged by
+    notes: dict = field(default_factory=dict)  # what the exporter records for this format (into its manifest entry)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,7 +49,15 @@ class OnnxOptions:
 class Int8Options(OnnxOptions):
     quantization: str = option("static", "onnx-int8: static QDQ calibrated on training images, or dynamic "
                                "(activation ranges computed at run time).", choices=("static", "dynamic"))
-    calibration_size: int = option(500, "onnx-int8 static: number of training images to calibrate on.", minimum=1)
+    calibration_size: int = option(500, "INT8 static: number of training images to calibrate on.", minimum=1)
+    calibration_method: str = option("minmax", "INT8 static: how activation ranges are calibrated (the first "
+                                     "rung of the accuracy ladder).", choices=("minmax", "percentile", "entropy"))
+    int8_weights: str = option("s7", "onnx-int8 static: s7: 7-bit signed weights (exact on every CPU); s8: 8-bit "
+                               "signed weights (int16 saturation on x86 without VNNI); u8: u8 x u8.",
+                               choices=("s7", "s8", "u8"))
+    accuracy_control: str = option("on", "INT8 static: when the first configuration misses the gate on held-out "
+                                   "training images, climb the ladder (calibration method, size, fp32 layers).",
+                                   choices=("on", "off"))
 
 
 class OrtPredictor(Predictor):
@@ -203,25 +211,12 @@ def _load_onnx_int8(path: Path, *, device: str, threads: int | None, manifest: d
     return OrtPredictor(path, "onnxruntime-int8", device, threads, precision="int8")
 
 
-class _Calibration:
-    """Feeds calibration images to ONNX Runtime's static quantizer in batches."""
-
-    def __init__(self, input_name: str, images: np.ndarray, batch: int = 50) -> None:
-        self._batches = iter([{input_name: images[i : i + batch]} for i in range(0, len(images), batch)])
-
-    def get_next(self):
-        return next(self._batches, None)
-
-
 def _export_onnx_int8(model, path: Path, options: Int8Options, ctx: ExportContext) -> None:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
+    from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from .cpu_int8 import int8_path
+    from .quantize import QuantConfig, climb, gate, quantizable_layers, quantize_onnx, tuning_data
 
     folder = ctx.workdir or path.parent
     fp32 = folder / f".{path.name}.fp32.tmp.onnx"
@@ -232,20 +227,29 @@ def _export_onnx_int8(model, path: Path, options: Int8Options, ctx: ExportContex
             shutil.copyfile(passed, fp32)  # quantize the fp32 model that just passed, not a re-export
         else:
             _write_onnx_fp32(model, fp32, OnnxOptions(options.opset, options.onnx_exporter), ctx)
+        notes = {"cpu_int8_path": int8_path()}
         with quiet():
             quant_pre_process(str(fp32), str(prep), skip_symbolic_shape=True)
             if options.quantization == "dynamic":
                 quantize_dynamic(str(prep), str(path), weight_type=QuantType.QInt8)
             else:
-                images = ctx.calibration(options.calibration_size) if ctx.calibration else None
-                if images is None or len(images) == 0:
+                if ctx.calibration is None:
                     raise ExportError("static INT8 quantization needs calibration images")
-                reader = _Calibration("input", np.ascontiguousarray(images, dtype=np.float32))
-                CalibrationDataReader.register(type(reader))
-                quantize_static(
-                    str(prep), str(path), reader, quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-                )
+                first = QuantConfig(method=options.calibration_method, calibration_size=options.calibration_size,
+                                    weights=options.int8_weights)
+
+                def write(config: QuantConfig, stem: Path) -> Path:
+                    out = stem.with_suffix(".onnx")
+                    quantize_onnx(prep, out, config, ctx.calibration(config.calibration_size))
+                    return out
+
+                tuning, reference = tuning_data(model, ctx)
+                ladder = climb(first, quantize=write, workdir=folder, layers=quantizable_layers(prep), tuning=tuning,
+                               reference=reference, criteria=gate(ctx), ladder=options.accuracy_control == "on",
+                               load=lambda p: OrtPredictor(p, "onnxruntime-int8", precision="int8"))
+                shutil.move(ladder.path, path)
+                notes.update(ladder.to_dict())
+        ctx.notes["int8"] = notes
         import onnx
 
         proto = onnx.load(str(path))

@@ -8,14 +8,16 @@ it, and each predictor reads back the precision and performance mode the compile
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import RuntimeUnavailable
-from .base import REDUCED_PARITY, ExportContext, Format, Predictor, quiet
+from ..errors import ExportError, RuntimeUnavailable
+from .base import REDUCED_PARITY, ExportContext, Format, Predictor, option, quiet
 
 OPENVINO = ("openvino",)
+NNCF = ("openvino", "nncf")
 PERFORMANCE_MODE = "LATENCY"  # one synchronous request per call, like every other runtime here
 
 
@@ -40,6 +42,10 @@ class OpenVINOPredictor(Predictor):
             "threads": int(self.compiled.get_property("INFERENCE_NUM_THREADS")),
             "streams": int(self.compiled.get_property("NUM_STREAMS")),
         }
+        if runtime.endswith("int8"):
+            # The hint is the precision of what stays unquantized; say what the quantized layers run in.
+            self.details["int8_ops"] = _int8_ops(self.compiled)
+            self.details["precision"] = f"int8 ({self.details['precision']} elsewhere)"
 
     def prepare(self, x: np.ndarray):
         return np.ascontiguousarray(x, dtype=np.float32)
@@ -50,6 +56,15 @@ class OpenVINOPredictor(Predictor):
 
     def finish(self, out) -> np.ndarray:
         return np.array(out.get_output_tensor(0).data, dtype=np.float32)
+
+
+def _int8_ops(compiled) -> int | None:
+    """How many operations of the compiled model execute in i8/u8 (read back, not assumed)."""
+    try:
+        ops = compiled.get_runtime_model().get_ordered_ops()
+        return sum(1 for op in ops if str(op.get_rt_info()["runtimePrecision"].astype(str)) in ("i8", "u8"))
+    except Exception:  # an optional fact: older OpenVINO versions name it otherwise
+        return None
 
 
 def _text(value) -> str:
@@ -71,6 +86,81 @@ def _export_ir(model, path: Path, options, ctx: ExportContext) -> None:
             ov_model.set_rt_info(json.dumps(ctx.metadata, sort_keys=True), ["mnist_deploy"])
         # Keep the weights f32: save_model halves them to fp16 unless told not to.
         ov.save_model(ov_model, str(path), compress_to_fp16=False)
+
+
+@dataclass(frozen=True)
+class OpenVINOInt8Options:
+    calibration_size: int = option(500, "INT8 static: number of training images to calibrate on.", minimum=1)
+    calibration_method: str = option("minmax", "INT8 static: how activation ranges are calibrated (the first "
+                                     "rung of the accuracy ladder).", choices=("minmax", "percentile", "entropy"))
+    accuracy_control: str = option("on", "INT8 static: when the first configuration misses the gate on held-out "
+                                   "training images, climb the ladder (calibration method, size, fp32 layers).",
+                                   choices=("on", "off"))
+
+
+# NNCF's activation range estimators for our calibration methods (entropy: its histogram-based one).
+_NNCF_RANGES = {"minmax": "MINMAX", "percentile": "MEAN_QUANTILE", "entropy": "HISTOGRAM"}
+
+
+def _quantize_ir(ov_model, stem: Path, config, images: np.ndarray) -> Path:
+    """``nncf.quantize`` on the IR: 7-bit weights on every layer (NNCF's overflow fix, so CPUs whose
+    ``vpmaddubsw`` saturates compute what VNNI computes), layers named in ``config.fp32_layers`` kept fp32."""
+    import nncf
+    import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    advanced = AdvancedQuantizationParameters(
+        overflow_fix=OverflowFix.ENABLE if config.weights == "s7" else OverflowFix.DISABLE,
+        activations_range_estimator_params=getattr(RangeEstimatorParametersSet, _NNCF_RANGES[config.method]))
+    items = [images[i : i + 1] for i in range(len(images))]
+    scope = nncf.IgnoredScope(names=list(config.fp32_layers)) if config.fp32_layers else None
+    quantized = nncf.quantize(ov_model.clone(), nncf.Dataset(items), subset_size=len(items), ignored_scope=scope,
+                              advanced_parameters=advanced)
+    out = stem.with_suffix(".xml")
+    ov.save_model(quantized, str(out), compress_to_fp16=False)
+    return out
+
+
+def _export_ir_int8(model, path: Path, options: OpenVINOInt8Options, ctx: ExportContext) -> None:
+    import contextlib
+    import io
+    import logging
+
+    import nncf
+    import openvino as ov
+
+    from .cpu_int8 import int8_path
+    from .quantize import QuantConfig, climb, gate, tuning_data
+
+    if ctx.calibration is None:
+        raise ExportError("static INT8 quantization needs calibration images")
+    with quiet():
+        ov_model = ov.convert_model(model, example_input=ctx.example)
+        shape = list(ov_model.input(0).get_partial_shape())
+        ov_model.reshape({0: ov.PartialShape([-1, *shape[1:]])})
+    layers = [op.get_friendly_name() for op in ov_model.get_ordered_ops()
+              if op.get_type_name() in ("MatMul", "Convolution")]
+    first = QuantConfig(method=options.calibration_method, calibration_size=options.calibration_size, weights="s7")
+
+    def write(config, stem: Path) -> Path:
+        return _quantize_ir(ov_model, stem, config, ctx.calibration(config.calibration_size))
+
+    tuning, reference = tuning_data(model, ctx)
+    nncf.set_log_level(logging.ERROR)
+    sink = io.StringIO()  # NNCF draws progress bars
+    with quiet(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        ladder = climb(first, quantize=write, workdir=ctx.workdir or path.parent, layers=layers, tuning=tuning,
+                       reference=reference, criteria=gate(ctx), ladder=options.accuracy_control == "on",
+                       load=lambda p: OpenVINOPredictor(p, "openvino-int8", "f32"))
+    chosen = ladder.path
+    ir = ov.Core().read_model(str(chosen))
+    if ctx.metadata:
+        ir.set_rt_info(json.dumps(ctx.metadata, sort_keys=True), ["mnist_deploy"])
+    ov.save_model(ir, str(path), compress_to_fp16=False)
+    for f in chosen.parent.glob(chosen.stem + ".*"):
+        f.unlink()
+    ctx.notes["int8"] = {"cpu_int8_path": int8_path(), "quantizer": f"nncf {nncf.__version__}", **ladder.to_dict()}
 
 
 def _loader(runtime: str, precision: str):
@@ -104,4 +194,11 @@ OPENVINO_BF16 = Format(
     files=("mnist_model_openvino_bf16.xml", "mnist_model_openvino_bf16.bin"), load=_loader("openvino-bf16", "bf16"),
     export=_export_ir, parity=REDUCED_PARITY, devices=("cpu",), packages=OPENVINO, available=_cpu_has("bf16"),
     roofline=False, variant_of="openvino",
+)
+OPENVINO_INT8 = Format(
+    "openvino-int8", "openvino-int8", "OpenVINO IR quantized to INT8 with NNCF (7-bit weights, calibrated), "
+    "run with OpenVINO Runtime (f32 for what stays unquantized)",
+    files=("mnist_model_openvino_int8.xml", "mnist_model_openvino_int8.bin"), load=_loader("openvino-int8", "f32"),
+    export=_export_ir_int8, options=OpenVINOInt8Options, parity=REDUCED_PARITY, devices=("cpu",), packages=NNCF,
+    available=_cpu_has("int8"), roofline=False, variant_of="openvino",
 )

@@ -67,3 +67,12 @@ def test_collect_environment_records_versions_and_the_commit():
     assert env["git_commit"] is None or len(env["git_commit"]) == 40
     load = loadavg()
     assert load is None or len(load) == 3
+
+
+def test_environment_records_the_8_bit_path():
+    """The bench environment block names the CPU's 8-bit path (where every INT8 row was measured)."""
+    from mnist_deploy.formats.cpu_int8 import PATHS, int8_path
+
+    env = collect_environment(threads=1)
+    assert env["cpu_int8_path"] == int8_path()
+    assert env["cpu_int8_path"]["path"] in PATHS
