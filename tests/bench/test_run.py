@@ -133,26 +133,26 @@ def test_every_file_runtime_measured_and_outputs_written(exported, tmp_path, mni
     assert best[("cpu", 1)]["p50_ms"] == min(r["p50_ms"] for r in cpu if r["batch_size"] == 1)
 
 
-def test_a_device_that_is_missing_is_one_progress_line_and_one_table_row(exported, monkeypatch, mnist_dir,
+def test_a_device_that_is_missing_is_one_progress_line_and_one_table_row(served, monkeypatch, mnist_dir,
                                                                           cache_dir):
     """No CUDA (here: ruled out, so the test runs on GPU machines too): one line, one row, one note;
     bench.json keeps a record per runtime."""
     monkeypatch.setenv("MNIST_DEPLOY_UNAVAILABLE", "cuda")
     messages = []
-    result = bench.run_bench(artifacts=exported, runtimes="eager,onnx,torchscript", batch_sizes="1", device="all",
+    result = bench.run_bench(artifacts=served, runtimes="eager,onnx", batch_sizes="1", device="all",
                              data_dir=mnist_dir, cache_dir=cache_dir, allow_download=False,
                              progress=messages.append, **FAST)
     why = "ruled out by MNIST_DEPLOY_UNAVAILABLE=cuda"
     assert [m for m in messages if "cuda" in m] == [f"cuda: skipped every runtime: {why}"]
     cuda = [r for r in result["records"] if r["device"] == "cuda"]
-    assert sorted(r["runtime"] for r in cuda) == ["onnxruntime", "pytorch", "torchscript"]
+    assert sorted(r["runtime"] for r in cuda) == ["onnxruntime", "pytorch"]
     assert all(r["status"] == "skipped" and r["reason"] == why for r in cuda)
     for text in (bench_report.format_table(result), bench_report.format_markdown(result)):
         rows = [line for line in text.splitlines() if "cuda" in line and line != result["verdict"]]
         assert len(rows) == 2, rows  # the row group and its note
         assert "every runtime" in rows[0] and "skipped" in rows[0]
         assert "skipped on cuda: " in rows[1] and rows[1].endswith(why)
-    assert result["verdict"].count("cuda") == 1
+    assert result["verdict"].count("Skipped on cuda: every runtime") == 1
 
 
 def test_one_size_unit_in_the_export_and_bench_tables():
