@@ -102,21 +102,28 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def run_server(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-               access_log: bool = False, max_connections: int | None = None,
-               request_timeout: float = REQUEST_TIMEOUT, loop: str = "uvloop") -> None:
-    """Serve ``app`` with uvicorn (httptools, and ``loop``: uvloop or asyncio's own) until interrupted.
+def uvicorn_config(app, *, log_level: str = "info", access_log: bool = False, max_connections: int | None = None,
+                   request_timeout: float = REQUEST_TIMEOUT, loop: str = "uvloop", **kwargs):
+    """The ``uvicorn.Config`` every server process runs: httptools with the limits of :mod:`.connections`,
+    and ``loop`` (uvloop or asyncio's own)."""
+    import uvicorn
+
+    log_accept_errors_once()
+    protocol = guarded_protocol(max_connections=max_connections or default_max_connections(),
+                                request_timeout=request_timeout)
+    return uvicorn.Config(app, log_level=log_level, access_log=access_log, server_header=False,
+                          timeout_keep_alive=KEEP_ALIVE_TIMEOUT, lifespan="on", http=protocol, loop=loop, **kwargs)
+
+
+def run_server(app, *, host: str = "127.0.0.1", port: int = 8000, **settings) -> None:
+    """Serve ``app`` with uvicorn until interrupted (``settings``: see :func:`uvicorn_config`).
 
     At most ``max_connections`` open connections (default: what the file-descriptor limit allows);
     a request must arrive whole within ``request_timeout`` seconds (see :mod:`.connections`).
     """
     import uvicorn
 
-    log_accept_errors_once()
-    protocol = guarded_protocol(max_connections=max_connections or default_max_connections(),
-                                request_timeout=request_timeout)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log, server_header=False,
-                timeout_keep_alive=KEEP_ALIVE_TIMEOUT, lifespan="on", http=protocol, loop=loop)
+    uvicorn.Server(uvicorn_config(app, host=host, port=port, **settings)).run()
 
 
 def is_loopback(host: str) -> bool:

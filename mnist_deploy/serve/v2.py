@@ -38,6 +38,7 @@ router = APIRouter(prefix="/v2")
 PIXELS, INPUT = "pixels", "input"
 OUTPUTS = ("logits", "probabilities")
 _DTYPES = {"FP32": np.float32, "UINT8": np.uint8}
+INPUT_SLACK = 1e-3  # of the normalised range: room for a client's rounding, none for 3e38
 
 
 class V2Error(Exception):
@@ -87,11 +88,21 @@ def _model(service: Service, name: str, version: str | None) -> LoadedModel:
     return m
 
 
-def metadata(m: LoadedModel) -> dict:
+def input_range(service: Service, m: LoadedModel) -> tuple[float, float]:
+    """The values an ``input`` (FP32, normalised) tensor may hold: normalised pixels 0 and 255, widened by
+    :data:`INPUT_SLACK` of the span so that a client's own float rounding is never refused."""
+    lo, hi = (float(v) for v in service.normalize(m, np.array([[0.0] * 783 + [255.0]], np.float32))[0, [0, -1]])
+    slack = INPUT_SLACK * (hi - lo)
+    return lo - slack, hi + slack
+
+
+def metadata(service: Service, m: LoadedModel) -> dict:
+    lo, hi = input_range(service, m)
     shape = [-1, *m.input_shape]
     return {
         "name": model_name(m), "versions": [model_version(m)], "platform": f"mnist-deploy/{m.runtime}",
-        "inputs": [{"name": INPUT, "datatype": "FP32", "shape": shape},
+        "inputs": [{"name": INPUT, "datatype": "FP32", "shape": shape,
+                    "parameters": {"min": round(lo, 6), "max": round(hi, 6)}},
                    {"name": PIXELS, "datatype": "UINT8", "shape": [-1, 28, 28]}],
         "outputs": [{"name": name, "datatype": "FP32", "shape": [-1, 10]} for name in OUTPUTS],
     }
@@ -128,6 +139,10 @@ def _tensor(spec: Any, service: Service, m: LoadedModel) -> np.ndarray:
     if not np.isfinite(x).all():
         raise InputError(f"input '{name}': data must be finite numbers")
     if name == INPUT:
+        lo, hi = input_range(service, m)
+        if ((x < lo) | (x > hi)).any():  # 3e38 is finite, but the model's logits would not be
+            raise InputError(f"input '{name}': FP32 data must be normalised pixels, in {lo:.4f}..{hi:.4f} "
+                             "(the model's metadata states the range)")
         return x
     if arr.dtype.kind == "f" and not np.array_equal(x, np.round(x)):
         raise InputError(f"input '{name}': UINT8 data must be integers")
@@ -144,22 +159,34 @@ def parse_infer(service: Service, m: LoadedModel, body: bytes) -> tuple[dict, li
         raise InputError('expected {"inputs": [one tensor: "input" (FP32) or "pixels" (UINT8)]}')
     if (b"true" in body or b"false" in body) and has_bool(req["inputs"]):
         raise InputError("tensor data must be numbers, got booleans (true/false) among them")
-    wanted = req.get("outputs") or [{"name": "logits"}]
-    if not isinstance(wanted, list) or not all(isinstance(o, dict) and o.get("name") in OUTPUTS for o in wanted):
-        raise InputError(f"outputs must be a list of {{\"name\": ...}} with names from {list(OUTPUTS)}")
-    return req, wanted, _tensor(req["inputs"][0], service, m)
+    if "id" in req and not isinstance(req["id"], str):
+        raise InputError("id must be a string (it is echoed in the response)")
+    return req, _outputs(req.get("outputs")), _tensor(req["inputs"][0], service, m)
+
+
+def _outputs(wanted: Any) -> list[str]:
+    """The output names asked for, each at most once: the response is at most len(OUTPUTS) tensors."""
+    if wanted is None or wanted == []:
+        return ["logits"]
+    names = [o.get("name") for o in wanted if isinstance(o, dict)] if isinstance(wanted, list) else None
+    if names is None or len(names) != len(wanted) or not all(n in OUTPUTS for n in names):
+        raise InputError(f'outputs must be a list of {{"name": ...}} with names from {list(OUTPUTS)}')
+    if len(set(names)) != len(names):
+        raise InputError(f"outputs names each output at most once, got {len(names)} entries for "
+                         f"{len(set(names))} names")
+    return names
 
 
 def answer(m: LoadedModel, req: dict, wanted: list, logits: np.ndarray) -> dict:
     """The response dict (the spec's $inference_response) for the request's logits."""
     out = []
-    for o in wanted:
-        if o["name"] == "logits":
+    for name in wanted:
+        if name == "logits":
             y = logits
         else:
             z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
             y = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-        out.append({"name": o["name"], "datatype": "FP32", "shape": [int(logits.shape[0]), 10],
+        out.append({"name": name, "datatype": "FP32", "shape": [int(logits.shape[0]), 10],
                     "data": y.astype(np.float32).ravel().tolist()})
     reply = {"model_name": model_name(m), "model_version": model_version(m), "outputs": out}
     if "id" in req:
@@ -207,7 +234,7 @@ async def ready(request: Request):
 
 async def _metadata(request: Request, name: str, version: str | None = None):
     try:
-        return _reply(metadata(_model(_service(request), name, version)))
+        return _reply(metadata(_service(request), _model(_service(request), name, version)))
     except V2Error as exc:
         return _reply({"error": str(exc)}, exc.status)
 
