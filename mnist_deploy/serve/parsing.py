@@ -1,9 +1,8 @@
 """Request parsing: JSON bodies and uploaded files into Python values, with typed errors.
 
-Nothing here knows a status code; :mod:`.app` maps the error types to them (:data:`STATUS`):
-a body that is not JSON is :class:`BadRequest` (400), a wrong Content-Type is
-:class:`UnsupportedMedia` (415), and JSON of the wrong shape or values is an
-:class:`~mnist_deploy.errors.InputError` (422).
+Nothing here knows a status code: each error class carries its own (:mod:`mnist_deploy.errors`): a
+body that is not JSON is :class:`BadRequest` (400), a wrong Content-Type is :class:`UnsupportedMedia`
+(415), and JSON of the wrong shape or values is an :class:`~mnist_deploy.errors.InputError` (422).
 """
 
 from __future__ import annotations
@@ -12,22 +11,10 @@ from typing import Any
 
 import orjson
 
-from ..errors import InputError, first_line
+from ..errors import BadRequest, InputError, NotFound, UnsupportedMedia, first_line
 
 UNSUPPORTED = ("Content-Type must be application/json (pixels), multipart/form-data (an image file in the "
                "field 'file') or image/* (the image as the body); got {!r}")
-
-
-class BadRequest(InputError):
-    """The body cannot be read at all: empty, not UTF-8, not JSON."""
-
-
-class UnsupportedMedia(InputError):
-    """The Content-Type is not one the route reads."""
-
-
-class NotFound(InputError):
-    """The request names something this server does not have (a model, a static file)."""
 
 
 def dumps(obj: Any) -> bytes:

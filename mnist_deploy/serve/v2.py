@@ -9,7 +9,8 @@ shape with batch -1, already normalised (what an exported model takes: the same 
 be sent); or ``pixels``, UINT8 raw 0..255 values ``[-1, 28, 28]`` (``[-1, 784]`` is accepted too),
 normalised here with the manifest's mean and std. Outputs: ``logits`` FP32 ``[-1, 10]``, and
 ``probabilities`` FP32 ``[-1, 10]`` when asked for in ``outputs``. Tensor ``data`` is row-major,
-flat or nested. Errors are 400 ``{"error": "..."}``, an unknown model or version 404.
+flat or nested. Errors are 400 ``{"error": "..."}``, an unknown model or version 404 (the typed errors
+of :mod:`mnist_deploy.errors`, answered by the server's one handler, :func:`.routes.error_reply`).
 Readiness false is 400 (the spec: "a 4xx status code indicates false"); inference or metadata before
 the model is loaded is 503. With no ``outputs`` only ``logits`` is returned: the spec says "all outputs produced by the
 model", and the exported model produces ``logits``; ``probabilities`` is computed here on request
@@ -29,22 +30,16 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from ..errors import InputError
-from ..predict import LoadedModel
-from .parsing import BadRequest, dumps, has_bool, loads
-from .service import BatcherClosed, NotReady, Service
+from ..errors import BadRequest, InputError, NotFound, NotReady, PayloadTooLarge
+from ..predict import LoadedModel, softmax
+from .parsing import dumps, has_bool, loads
+from .service import Service
 
 router = APIRouter(prefix="/v2")
 PIXELS, INPUT = "pixels", "input"
 OUTPUTS = ("logits", "probabilities")
 _DTYPES = {"FP32": np.float32, "UINT8": np.uint8}
 INPUT_SLACK = 1e-3  # of the normalised range: room for a client's rounding, none for 3e38
-
-
-class V2Error(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def _decoded(body: bytes, encoding: str, limit: int) -> bytes:
@@ -56,11 +51,11 @@ def _decoded(body: bytes, encoding: str, limit: int) -> bytes:
     try:
         out = d.decompress(body, limit + 1)
     except zlib.error:
-        raise V2Error(400, f"request body is not valid {encoding} data") from None
+        raise BadRequest(f"request body is not valid {encoding} data") from None
     if len(out) > limit:
-        raise V2Error(413, f"request body is over the limit of {limit:,} bytes once decompressed")
+        raise PayloadTooLarge(f"request body is over the limit of {limit:,} bytes once decompressed")
     if not d.eof:
-        raise V2Error(400, f"request body is truncated {encoding} data")
+        raise BadRequest(f"request body is truncated {encoding} data")
     return out
 
 
@@ -77,14 +72,11 @@ def model_version(m: LoadedModel) -> str:
 
 
 def _model(service: Service, name: str, version: str | None) -> LoadedModel:
-    try:
-        m = service.ready()
-    except NotReady:
-        raise V2Error(503, "model not loaded yet") from None
+    m = service.ready()
     if name != model_name(m):
-        raise V2Error(404, f"unknown model '{name}'; this server serves '{model_name(m)}'")
+        raise NotFound(f"unknown model '{name}'; this server serves '{model_name(m)}'")
     if version not in (None, "", model_version(m)):
-        raise V2Error(404, f"unknown version '{version}' of model '{name}'; it has version '{model_version(m)}'")
+        raise NotFound(f"unknown version '{version}' of model '{name}'; it has version '{model_version(m)}'")
     return m
 
 
@@ -181,11 +173,7 @@ def answer(m: LoadedModel, req: dict, wanted: list, logits: np.ndarray) -> dict:
     """The response dict (the spec's $inference_response) for the request's logits."""
     out = []
     for name in wanted:
-        if name == "logits":
-            y = logits
-        else:
-            z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-            y = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        y = logits if name == "logits" else softmax(logits)
         out.append({"name": name, "datatype": "FP32", "shape": [int(logits.shape[0]), 10],
                     "data": y.astype(np.float32).ravel().tolist()})
     reply = {"model_name": model_name(m), "model_version": model_version(m), "outputs": out}
@@ -194,16 +182,10 @@ def answer(m: LoadedModel, req: dict, wanted: list, logits: np.ndarray) -> dict:
     return reply
 
 
-def infer(service: Service, m: LoadedModel, body: bytes) -> dict:
-    """An inference request body -> the response dict, with one direct model call."""
+async def infer(service: Service, m: LoadedModel, body: bytes) -> dict:
+    """An inference request body -> the response dict; the model call is the rows' place in the next batch."""
     req, wanted, x = parse_infer(service, m, body)
-    return answer(m, req, wanted, service.logits(m, x))
-
-
-async def infer_batched(service: Service, m: LoadedModel, body: bytes) -> dict:
-    """:func:`infer` with the model call in the next dynamic batch when batching is on."""
-    req, wanted, x = parse_infer(service, m, body)
-    return answer(m, req, wanted, await service.batched_logits(m, x))
+    return answer(m, req, wanted, await service.infer(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,37 +210,31 @@ async def live(request: Request):
 
 @router.get("/health/ready", summary="v2: readiness", tags=["v2"])
 async def ready(request: Request):
-    ok = _service(request).model is not None
+    ok = _service(request).health() is not None  # loaded, and not draining
     return _reply({"ready": ok}, 200 if ok else 400)  # the spec: 200 is true, a 4xx is false
 
 
 async def _metadata(request: Request, name: str, version: str | None = None):
-    try:
-        return _reply(metadata(_service(request), _model(_service(request), name, version)))
-    except V2Error as exc:
-        return _reply({"error": str(exc)}, exc.status)
+    service = _service(request)
+    return _reply(metadata(service, _model(service, name, version)))
 
 
 async def _ready(request: Request, name: str, version: str | None = None):
+    service = _service(request)
     try:
-        m = _model(_service(request), name, version)
-    except V2Error as exc:  # a 4xx is "not ready" (the spec); an unknown model stays 404
-        return _reply({"error": str(exc)}, 400 if exc.status == 503 else exc.status)
+        m = _model(service, name, version)  # an unknown model stays 404
+    except NotReady as exc:
+        return _reply({"error": str(exc)}, 400)  # a 4xx is "not ready" (the spec)
+    if service.draining:
+        return _reply({"error": "the server is shutting down"}, 400)
     return _reply({"name": model_name(m), "ready": True})
 
 
 async def _infer(request: Request, name: str, version: str | None = None):
     service = _service(request)
-    try:
-        m = _model(service, name, version)
-        body = _decoded(await request.body(), request.headers.get("content-encoding", ""), service.max_body_bytes)
-        return _reply(await infer_batched(service, m, body))
-    except V2Error as exc:
-        return _reply({"error": str(exc)}, exc.status)
-    except BatcherClosed as exc:
-        return _reply({"error": str(exc)}, 503)
-    except (BadRequest, InputError) as exc:
-        return _reply({"error": str(exc)}, 400)
+    m = _model(service, name, version)
+    body = _decoded(await request.body(), request.headers.get("content-encoding", ""), service.max_body_bytes)
+    return _reply(await infer(service, m, body))
 
 
 for _suffix in ("", "/versions/{version}"):
@@ -269,4 +245,4 @@ for _suffix in ("", "/versions/{version}"):
     router.add_api_route("/models/{name}" + _suffix + "/infer", _infer, methods=["POST"], tags=["v2"],
                          summary="v2: inference")
 
-__all__ = ["answer", "infer", "infer_batched", "metadata", "parse_infer", "router"]
+__all__ = ["answer", "infer", "input_range", "metadata", "parse_infer", "router"]

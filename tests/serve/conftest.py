@@ -14,20 +14,22 @@ import pytest
 
 
 @contextlib.contextmanager
-def live_server(app, **config) -> Iterator[str]:
+def live_server(app, **settings) -> Iterator[str]:
     """Serve ``app`` with uvicorn (httptools, the guarded protocol) on a free loopback port; yield its URL.
 
     Real sockets and the real HTTP stack, in a thread of this process, so a test can look at the app's
     state too. Stopped (gracefully) when the block exits."""
     import uvicorn
 
+    from mnist_deploy.serve import ServeConfig
     from mnist_deploy.serve.app import uvicorn_config
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
-    server = uvicorn.Server(uvicorn_config(app, **{"log_level": "warning", "loop": "asyncio", **config}))
+    config = ServeConfig(log_level="warning", loop="asyncio").replace(**settings)
+    server = uvicorn.Server(uvicorn_config(app, config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

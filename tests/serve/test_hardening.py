@@ -191,7 +191,7 @@ def test_train_predict_and_serve_normalise_to_the_same_bits(model):
 
     values = np.resize(np.arange(256), 784)  # every pixel value
     train = data.normalize(values.astype(np.uint8).reshape(1, 28, 28))  # what the cached tensors hold
-    served_x = Service(model, max_body_bytes=1, max_image_pixels=1, max_batch=1).normalize(
+    served_x = Service(model).normalize(
         model, pixels_to_array(values.tolist()))
     image_x = data.normalize_pixels(values.astype(np.float32))  # predict_image's last step
     assert train.dtype == served_x.dtype == image_x.dtype == np.float32
