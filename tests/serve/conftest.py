@@ -37,6 +37,7 @@ def live_server(app, **settings) -> Iterator[str]:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise AssertionError("the live server did not start")
         time.sleep(0.02)
+    app.live_server = server  # a test may start the drain itself: server.should_exit = True
     try:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
