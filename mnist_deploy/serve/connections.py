@@ -79,98 +79,106 @@ class _Refusals:
             self.refusing, self.count = False, 0
 
 
+class _Guarded:
+    """The limits and the drain, mixed in before uvicorn's ``HttpToolsProtocol`` (see :func:`guarded_protocol`)."""
+
+    _max_connections: int
+    _request_timeout: float
+    _drain_timeout: float
+    _refusals: _Refusals
+    _refused = False
+    _deadline: asyncio.TimerHandle | None = None
+    _waiting = True  # no complete request since the connection opened or the last response
+    _draining = False
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        open_now = len(self.server_state.connections)
+        if open_now >= self._max_connections:
+            self._refused = True
+            self._refusals.refused(open_now)
+            transport.abort()  # no lingering close: the descriptor is freed now
+            return
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc) -> None:
+        if self._refused:
+            return
+        self._disarm()
+        super().connection_lost(exc)
+        self._refusals.closed(len(self.server_state.connections))
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiting and self._deadline is None:
+            self._arm()
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        if self._draining and self.cycle is not None:
+            self.cycle.keep_alive = False  # answered with Connection: close, then closed
+
+    def on_message_complete(self) -> None:
+        self._waiting = False
+        self._disarm()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._waiting = not self.pipeline  # a pipelined request is complete already
+
+    def shutdown(self) -> None:
+        """The server's drain has begun (uvicorn calls this on every open connection)."""
+        self._draining = True
+        drain = self._drain_timeout
+        self.loop.call_later(max(0.0, drain - min(1.0, drain / 10)), self._drain_expired)
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False  # being handled: answered, with Connection: close
+        else:
+            self.loop.call_later(min(DRAIN_IDLE_GRACE, drain / 2), self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        idle = self.cycle is None or self.cycle.response_complete
+        if idle and self._deadline is None and not self.transport.is_closing():
+            self.transport.close()  # nothing received since the last answer
+        # else a request arrived during the grace: it is answered, with Connection: close
+
+    def _drain_expired(self) -> None:
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
+            self.transport.write(_DRAIN_RESPONSE)  # the app would not answer before the process exits
+            self.transport.close()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self._request_timeout, self._expire)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing() or not self._waiting:
+            return
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.write(_TIMEOUT_RESPONSE)  # headers incomplete: nothing else was sent
+        elif not self.cycle.response_started:
+            self.cycle.keep_alive = False
+            self.transport.write(_TIMEOUT_RESPONSE)  # the body never came: the app sees a disconnect
+        self.transport.close()
+
+
 def guarded_protocol(*, max_connections: int, request_timeout: float,
                      drain_timeout: float = 30.0) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol with the limits and the drain above (pass it as ``uvicorn.Config(http=...)``)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    refusals = _Refusals(max_connections)
-
-    class GuardedHttpToolsProtocol(HttpToolsProtocol):
-        _refused = False
-        _deadline: asyncio.TimerHandle | None = None
-        _waiting = True  # no complete request since the connection opened or the last response
-        _draining = False
-
-        def connection_made(self, transport) -> None:  # type: ignore[override]
-            open_now = len(self.server_state.connections)
-            if open_now >= max_connections:
-                self._refused = True
-                refusals.refused(open_now)
-                transport.abort()  # no lingering close: the descriptor is freed now
-                return
-            super().connection_made(transport)
-            self._arm()
-
-        def connection_lost(self, exc) -> None:
-            if self._refused:
-                return
-            self._disarm()
-            super().connection_lost(exc)
-            refusals.closed(len(self.server_state.connections))
-
-        def data_received(self, data: bytes) -> None:
-            if self._waiting and self._deadline is None:
-                self._arm()
-            super().data_received(data)
-
-        def on_headers_complete(self) -> None:
-            super().on_headers_complete()
-            if self._draining and self.cycle is not None:
-                self.cycle.keep_alive = False  # answered with Connection: close, then closed
-
-        def on_message_complete(self) -> None:
-            self._waiting = False
-            self._disarm()
-            super().on_message_complete()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._waiting = not self.pipeline  # a pipelined request is complete already
-
-        def shutdown(self) -> None:
-            """The server's drain has begun (uvicorn calls this on every open connection)."""
-            self._draining = True
-            self.loop.call_later(max(0.0, drain_timeout - min(1.0, drain_timeout / 10)), self._drain_expired)
-            if self.cycle is not None and not self.cycle.response_complete:
-                self.cycle.keep_alive = False  # being handled: answered, with Connection: close
-            else:
-                self.loop.call_later(min(DRAIN_IDLE_GRACE, drain_timeout / 2), self._close_if_idle)
-
-        def _close_if_idle(self) -> None:
-            idle = self.cycle is None or self.cycle.response_complete
-            if idle and self._deadline is None and not self.transport.is_closing():
-                self.transport.close()  # nothing received since the last answer
-            # else a request arrived during the grace: it is answered, with Connection: close
-
-        def _drain_expired(self) -> None:
-            if self.transport.is_closing():
-                return
-            if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
-                self.transport.write(_DRAIN_RESPONSE)  # the app would not answer before the process exits
-                self.transport.close()
-
-        def _arm(self) -> None:
-            self._disarm()
-            self._deadline = self.loop.call_later(request_timeout, self._expire)
-
-        def _disarm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
-
-        def _expire(self) -> None:
-            self._deadline = None
-            if self.transport.is_closing() or not self._waiting:
-                return
-            if self.cycle is None or self.cycle.response_complete:
-                self.transport.write(_TIMEOUT_RESPONSE)  # headers incomplete: nothing else was sent
-            elif not self.cycle.response_started:
-                self.cycle.keep_alive = False
-                self.transport.write(_TIMEOUT_RESPONSE)  # the body never came: the app sees a disconnect
-            self.transport.close()
-
-    return GuardedHttpToolsProtocol
+    return type("GuardedHttpToolsProtocol", (_Guarded, HttpToolsProtocol), {
+        "_max_connections": max_connections, "_request_timeout": request_timeout, "_drain_timeout": drain_timeout,
+        "_refusals": _Refusals(max_connections)})
 
 
 class _OnceFilter(logging.Filter):
