@@ -7,8 +7,10 @@ Routes (each model route also under ``/versions/{version}``):
 The model takes one of two inputs, both listed in its metadata: ``input``, FP32 of the model's
 shape with batch -1, already normalised (what an exported model takes: the same tensor Triton would
 be sent); or ``pixels``, UINT8 raw 0..255 values ``[-1, 28, 28]`` (``[-1, 784]`` is accepted too),
-normalised here with the manifest's mean and std. Outputs: ``logits`` FP32 ``[-1, 10]``, and
-``probabilities`` FP32 ``[-1, 10]`` when asked for in ``outputs``. Tensor ``data`` is row-major,
+normalised here with the manifest's mean and std. ``input`` values must lie in the range normalised
+pixels have (stated in the metadata's ``parameters``: a 3e38 would make the logits non-finite).
+Outputs: ``logits`` FP32 ``[-1, 10]``, and ``probabilities`` FP32 ``[-1, 10]`` when asked for in
+``outputs`` (each name at most once, so an answer is at most two tensors). Tensor ``data`` is row-major,
 flat or nested. Errors are 400 ``{"error": "..."}``, an unknown model or version 404 (the typed errors
 of :mod:`mnist_deploy.errors`, answered by the server's one handler, :func:`.routes.error_reply`).
 Readiness false is 400 (the spec: "a 4xx status code indicates false"); inference or metadata before
