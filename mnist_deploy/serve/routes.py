@@ -87,7 +87,7 @@ BATCH_BODY = {
 ERRORS = {code: {"description": text, "content": {"application/json": {"example": {"detail": text}}}}
           for code, text in ((400, "malformed body"), (413, "body over the size limit"),
                              (415, "unsupported Content-Type"), (422, "invalid pixels or image"),
-                             (503, "model not loaded yet"))}
+                             (503, "model not loaded yet, or the server is shutting down"))}
 
 # ---------------------------------------------------------------------------------------------
 # Routes.
