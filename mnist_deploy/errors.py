@@ -1,4 +1,7 @@
-"""Typed errors. The CLI turns each into one line on stderr and an exit code."""
+"""Typed errors. Each class carries what it means to both front ends: ``exit_code`` for the CLI (one
+line on stderr and that exit code) and ``http_status`` for the server (one handler maps every route's
+errors through it; see :mod:`mnist_deploy.serve.routes`). Expected client errors are 4xx; a failure of
+this machine or its files that reaches a request is 5xx."""
 
 from __future__ import annotations
 
@@ -11,9 +14,11 @@ def first_line(exc: BaseException) -> str:
 
 
 class MnistDeployError(Exception):
-    """Base class for expected failures; ``exit_code`` is what the CLI exits with."""
+    """Base class for expected failures; ``exit_code`` is what the CLI exits with, ``http_status`` what
+    the server answers."""
 
     exit_code = 1
+    http_status = 500
 
 
 class DataError(MnistDeployError):
@@ -56,9 +61,47 @@ class RuntimeUnavailable(MnistDeployError):
     """A runtime or device is not available on this machine (missing package, no GPU)."""
 
     exit_code = 2
+    http_status = 503
 
 
 class InputError(MnistDeployError):
     """User input (an image, a pixel array, an option value) is invalid."""
 
     exit_code = 2
+    http_status = 422
+
+
+class BadRequest(InputError):
+    """A request body cannot be read at all: empty, not UTF-8, not JSON, not valid compressed data."""
+
+    http_status = 400
+
+
+class NotFound(InputError):
+    """A request names something this server does not have (a model, a version, a static file)."""
+
+    http_status = 404
+
+
+class PayloadTooLarge(InputError):
+    """A request body is over the size limit (as sent, or once decompressed)."""
+
+    http_status = 413
+
+
+class UnsupportedMedia(InputError):
+    """A request's Content-Type is not one the route reads."""
+
+    http_status = 415
+
+
+class NotReady(MnistDeployError):
+    """The server's model is not loaded yet."""
+
+    http_status = 503
+
+
+class BatcherClosed(MnistDeployError):
+    """The batcher is closed (the server is shutting down): the request was not run."""
+
+    http_status = 503

@@ -41,6 +41,15 @@ EAGER_RUNTIME = "pytorch"
 # Models.
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Logit rows -> float64 probability rows summing to 1 (the one softmax: predict and serve use it)."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
 @dataclass
 class LoadedModel:
     """A model loaded for prediction, with what the manifest says about it."""
@@ -60,11 +69,7 @@ class LoadedModel:
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """float32 (N, 784) normalised -> softmax probabilities (N, 10), float64 rows summing to 1."""
-        z = self.logits(x).astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        np.exp(z, out=z)
-        z /= z.sum(axis=1, keepdims=True)
-        return z
+        return softmax(self.logits(x))
 
 
 def load_model(*, artifacts: str | os.PathLike = "artifacts", runtime: str = DEFAULT_RUNTIME,
@@ -172,5 +177,5 @@ def predict_files(inputs: Sequence[str | os.PathLike], *, artifacts: str | os.Pa
 __all__ = [
     "DEFAULT_RUNTIME", "EAGER_RUNTIME", "MAX_IMAGE_PIXELS", "LoadedModel", "check_image_header", "expand_inputs",
     "load_model", "mnist_image", "normalize_pixels", "pixels_to_array", "predict_files", "preprocess_image",
-    "top_k",
+    "softmax", "top_k",
 ]

@@ -88,56 +88,62 @@ def predict_cmd(ctx, inputs, runtime, artifacts, top_k, device, threads, as_json
 @click.option("--loop", type=click.Choice(["uvloop", "asyncio"]), default="uvloop", show_default=True,
               help="Event loop. uvloop serves more requests per core; asyncio's own is fairer when one process is "
                    "saturated (uvloop's p99 grows to hundreds of ms there; measured, README, Serving).")
+@click.option("--drain-timeout", type=click.FloatRange(0.1, 3600), default=30.0, show_default=True,
+              help="On SIGTERM or Ctrl-C: seconds to answer the requests already received (readiness turns 503 at "
+                   "once); what is still unanswered then gets a 503.")
 @click.option("--access-log", is_flag=True, help="Log every request (costs throughput).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 def serve_cmd(host, port, runtime, artifacts, device, workers, reuse_port, threads, max_batch_size, max_queue_delay_us,
-              preferred_batch_sizes, max_body, max_connections, request_timeout, loop, access_log, log_level) -> None:
+              preferred_batch_sizes, max_body, max_connections, request_timeout, loop, drain_timeout, access_log,
+              log_level) -> None:
     """Serve the model over HTTP until Ctrl-C: a drawing page at /, POST /predict, /docs, /metrics.
 
     The artifact is loaded once, after its sha256 is checked against the manifest. Endpoints:
     POST /predict (JSON {"pixels": [784 values 0..255]} or a multipart image in 'file'),
     POST /predict/batch, GET /health, GET /model, GET /metrics (Prometheus), GET /docs (OpenAPI).
     """
+    from ..errors import InputError
     from ..predict import load_model
-    from ..serve import create_app, is_loopback, run_server
+    from ..serve import ServeConfig, create_app, is_loopback, run_server
     from ..serve.workers import run_workers, threads_per_worker, usable_cores
 
     workers = workers or usable_cores()
-    threads = threads_per_worker(workers, threads)
     try:
         preferred = tuple(int(p) for p in preferred_batch_sizes.replace(" ", "").split(",") if p)
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {preferred_batch_sizes!r}",
                                  param_hint="--preferred-batch-sizes") from None
-    if preferred and (max_batch_size <= 1 or not all(1 <= p <= max_batch_size for p in preferred)):
-        raise click.BadParameter(f"preferred sizes must lie in 1..--max-batch-size ({max_batch_size}), got "
-                                 f"{list(preferred)}", param_hint="--preferred-batch-sizes")
+    try:
+        config = ServeConfig(
+            artifacts=artifacts, runtime=runtime, device=device, threads=threads_per_worker(workers, threads),
+            host=host, port=port, workers=workers, reuse_port=reuse_port, max_body_bytes=max_body,
+            max_connections=max_connections, request_timeout=request_timeout, max_batch_size=max_batch_size,
+            max_queue_delay_us=max_queue_delay_us, preferred_batch_sizes=preferred, loop=loop,
+            access_log=access_log, log_level=log_level, drain_timeout=drain_timeout)
+    except InputError as exc:
+        raise click.BadParameter(str(exc), param_hint="--preferred-batch-sizes") from None
     # Loaded here once even with several workers: a bad artifact is one clear error before anything starts.
-    model = load_model(artifacts=artifacts, runtime=runtime, device=device, threads=threads)
-    batching = {"max_batch_size": max_batch_size, "max_queue_delay_us": max_queue_delay_us,
-                "preferred_batch_sizes": preferred}
-    sha = str(model.entry.get("sha256") or "")[:12]
-    where = f"page http://{host}:{port}/  API docs http://{host}:{port}/docs" if port else "port chosen below"
-    how = f"{workers} worker{'s' if workers > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}, " + (
-        f"batching up to {max_batch_size} within {max_queue_delay_us} us" if max_batch_size > 1 else "no batching")
-    click.echo(f"serving {model.manifest['model']['name']} from {artifacts} with {runtime} ({model.predictor.runtime}"
-               f", {model.device}, sha256 {sha}...; {how}); {where}", err=True)
+    model = load_model(artifacts=artifacts, runtime=runtime, device=device, threads=config.threads)
+    click.echo(_banner(config, model), err=True)
     if not is_loopback(host):
         click.secho(f"warning: listening on {host}: other machines can reach this server (no authentication)",
                     fg="yellow", err=True)
-    server = {"log_level": log_level, "access_log": access_log, "max_connections": max_connections,
-              "request_timeout": request_timeout, "loop": loop}
     if workers == 1:
-        run_server(create_app(model=model, max_body_bytes=max_body, **batching), host=host, port=port, **server)
+        run_server(create_app(config, model=model), config)
         return
     del model
-    app_kwargs = {"artifacts": artifacts, "runtime": runtime, "device": device, "threads": threads,
-                  "max_body_bytes": max_body, **batching}
     try:
-        run_workers(workers=workers, host=host, port=port, app_kwargs=app_kwargs, reuse_port=reuse_port,
-                    announce=lambda line: click.echo(line, err=True), **server)
+        run_workers(config, announce=lambda line: click.echo(line, err=True))
     except (OSError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
+def _banner(config, model) -> str:
+    c = config
+    sha = str(model.entry.get("sha256") or "")[:12]
+    where = f"page http://{c.host}:{c.port}/  API docs http://{c.host}:{c.port}/docs" if c.port else "port chosen below"
+    how = f"{c.workers} worker{'s' if c.workers > 1 else ''} x {c.threads} thread{'s' if c.threads > 1 else ''}, " + (
+        f"batching up to {c.max_batch_size} within {c.max_queue_delay_us} us" if c.batching else "no batching")
+    return (f"serving {model.manifest['model']['name']} from {c.artifacts} with {c.runtime} ({model.predictor.runtime}"
+            f", {model.device}, sha256 {sha}...; {how}); {where}")

@@ -12,12 +12,15 @@ The modules, bottom up:
 * :mod:`.parsing` -- JSON bodies and uploads into Python values, with typed errors;
 * :mod:`.metrics` -- prometheus_client counters and histograms (summed across worker processes),
   labels from fixed sets;
-* :mod:`.service` -- the model, limits, metrics and the optional dynamic batcher
-  (:mod:`mnist_deploy.batching`) behind one object that knows nothing of HTTP;
-* :mod:`.routes` -- the route handlers, at module level, and the error-to-status table;
+* :mod:`.config` -- :class:`ServeConfig`, every setting, typed, from the CLI to each worker;
+* :mod:`.batching` -- the dynamic batcher, and its pass-through twin for batching off;
+* :mod:`.service` -- the model, limits, metrics and the batcher behind one object that knows
+  nothing of HTTP;
+* :mod:`.routes` -- the route handlers, at module level, and the one error-to-answer mapping;
+* :mod:`.v2` -- the Open Inference Protocol (REST) onto the same service;
 * :mod:`.guard` -- plain ASGI around the app: body limit, metrics, the JSON fast path;
-* :mod:`.connections` -- below ASGI: bounded connections and request deadlines (slowloris);
-* :mod:`.app` -- :func:`create_app` and :func:`run_server` (one process);
+* :mod:`.connections` -- below ASGI: bounded connections, request deadlines (slowloris), the drain;
+* :mod:`.app` -- :func:`create_app` and :func:`serve` (one process);
 * :mod:`.workers` -- :func:`run_workers`: N spawned uvicorn processes on one port, the metrics folder.
 
 The JSON path is kept lean on purpose, and measured (2 CPUs, MLP, ONNX Runtime, 1 thread): the body
@@ -33,10 +36,10 @@ fastapi is imported by these modules at their top; the CLI imports this package 
 
 from __future__ import annotations
 
-from .app import MAX_BODY_BYTES, REQUEST_TIMEOUT, create_app, is_loopback, run_server
+from .app import create_app, is_loopback, run_server, serve
+from .config import MAX_BATCH, MAX_BODY_BYTES, REQUEST_TIMEOUT, ServeConfig
 from .metrics import Metrics
-from .routes import MAX_BATCH
 from .workers import run_workers
 
-__all__ = ["MAX_BATCH", "MAX_BODY_BYTES", "REQUEST_TIMEOUT", "Metrics", "create_app", "is_loopback", "run_server",
-           "run_workers"]
+__all__ = ["MAX_BATCH", "MAX_BODY_BYTES", "REQUEST_TIMEOUT", "Metrics", "ServeConfig", "create_app", "is_loopback",
+           "run_server", "run_workers", "serve"]

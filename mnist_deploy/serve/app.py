@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from importlib import resources
 
 import anyio
 from fastapi import FastAPI
 
-from ..data.images import MAX_IMAGE_PIXELS
-from ..formats import DEFAULT_RUNTIME
 from ..predict import LoadedModel, load_model
+from .config import MAX_BODY_BYTES, REQUEST_TIMEOUT, ServeConfig
 from .connections import default_max_connections, guarded_protocol, log_accept_errors_once
 from .guard import Guard
-from .routes import HANDLERS, IMAGE_DECODERS, MAX_BATCH, STATIC_FILES, router
-from .service import Service
+from .routes import HANDLERS, IMAGE_DECODERS, STATIC_FILES, router
+from .service import Service, bound_image_metadata
 from .v2 import router as v2_router
 
-MAX_BODY_BYTES = 1 << 20  # 1 MiB
-REQUEST_TIMEOUT = 10.0  # seconds for a request to arrive whole (headers and body)
 KEEP_ALIVE_TIMEOUT = 5  # seconds an idle kept-alive connection stays open
 
 
@@ -35,34 +34,34 @@ def _routes(*routers) -> tuple[str, ...]:
     return tuple(paths)
 
 
-def create_app(*, model: LoadedModel | None = None, artifacts="artifacts", runtime: str = DEFAULT_RUNTIME,
-               device: str = "cpu", threads: int | None = 1, max_body_bytes: int = MAX_BODY_BYTES,
-               max_image_pixels: int = MAX_IMAGE_PIXELS, max_batch: int = MAX_BATCH, fast_path: bool = True,
-               max_batch_size: int = 0, max_queue_delay_us: int = 0, preferred_batch_sizes: tuple[int, ...] = ()):
-    """The ASGI app. Serves ``model`` if given, else loads ``artifacts`` for ``runtime`` at startup.
+def create_app(config: ServeConfig | None = None, *, model: LoadedModel | None = None, fast_path: bool = True,
+               **settings):
+    """The ASGI app. Serves ``model`` if given, else loads ``config.artifacts`` for ``config.runtime`` at startup.
 
-    ``max_batch_size`` > 1 turns dynamic batching on for JSON ``/predict`` and v2 infer (see
-    :class:`~mnist_deploy.batching.DynamicBatcher`); 0 or 1 leaves every request its own model call.
-
-    ``/health`` answers 503 until the model is loaded. The returned object is the FastAPI app
-    wrapped in :class:`.guard.Guard` (body limit, metrics, the JSON fast path unless ``fast_path``
-    is False); the FastAPI app itself is its ``.fastapi`` and the service its ``.service``.
+    ``settings`` are :class:`.config.ServeConfig` fields that override ``config`` (or the defaults):
+    ``max_body_bytes``, ``max_batch_size`` (> 1 turns dynamic batching on for every route, see
+    :class:`~.batching.DynamicBatcher`), ... ``/health`` answers 503 until the model is loaded. The
+    returned object is the FastAPI app wrapped in :class:`.guard.Guard` (body limit, metrics, the JSON
+    fast path unless ``fast_path`` is False); the FastAPI app itself is its ``.fastapi`` and the
+    service its ``.service``.
     """
     from .. import __version__
+
+    config = (config or ServeConfig()).replace(**settings)
+    bound_image_metadata()
 
     async def lifespan(app):
         service = app.state.service
         if service.model is None:
             service.model = await anyio.to_thread.run_sync(
-                lambda: load_model(artifacts=artifacts, runtime=runtime, device=device, threads=threads))
-        if max_batch_size > 1:
-            service.start_batching(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
-                                   preferred_batch_sizes=tuple(preferred_batch_sizes))
+                lambda: load_model(artifacts=config.artifacts, runtime=config.runtime, device=config.device,
+                                   threads=config.threads))
+        service.start()
         freeze_startup_objects()
         try:
             yield
         finally:
-            await service.stop_batching()
+            await service.stop()
 
     app = FastAPI(
         title="mnist-deploy", version=__version__, lifespan=lifespan,
@@ -73,8 +72,7 @@ def create_app(*, model: LoadedModel | None = None, artifacts="artifacts", runti
     app.include_router(v2_router)
     for kind, handler in HANDLERS:
         app.add_exception_handler(kind, handler)
-    service = Service(model, max_body_bytes=max_body_bytes, max_image_pixels=max_image_pixels, max_batch=max_batch,
-                      routes=_routes(app, router, v2_router))
+    service = Service(model, config, routes=_routes(app, router, v2_router))
     static_dir = resources.files("mnist_deploy") / "static"
     app.state.service = service
     app.state.decoders = anyio.CapacityLimiter(IMAGE_DECODERS)
@@ -102,21 +100,58 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def run_server(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-               access_log: bool = False, max_connections: int | None = None,
-               request_timeout: float = REQUEST_TIMEOUT, loop: str = "uvloop") -> None:
-    """Serve ``app`` with uvicorn (httptools, and ``loop``: uvloop or asyncio's own) until interrupted.
+def uvicorn_config(app, config: ServeConfig | None = None, **uvicorn_settings):
+    """The ``uvicorn.Config`` every server process runs: httptools with the limits and the graceful drain
+    of :mod:`.connections`, and ``config.loop`` (uvloop or asyncio's own)."""
+    import uvicorn
 
-    At most ``max_connections`` open connections (default: what the file-descriptor limit allows);
-    a request must arrive whole within ``request_timeout`` seconds (see :mod:`.connections`).
+    config = config or ServeConfig()
+    log_accept_errors_once()
+    protocol = guarded_protocol(max_connections=config.max_connections or default_max_connections(),
+                                request_timeout=config.request_timeout, drain_timeout=config.drain_timeout)
+    return uvicorn.Config(app, log_level=config.log_level, access_log=config.access_log, server_header=False,
+                          timeout_keep_alive=KEEP_ALIVE_TIMEOUT, lifespan="on", http=protocol, loop=config.loop,
+                          timeout_graceful_shutdown=config.drain_timeout, **uvicorn_settings)
+
+
+def serve(app, config: ServeConfig | None = None, *, sockets=None) -> None:
+    """Serve ``app`` with uvicorn until SIGINT or SIGTERM, then drain (see :mod:`.connections`).
+
+    On ``sockets`` (a worker of :func:`.workers.run_workers`), else on ``config.host:config.port``.
+    Readiness (``/health``, v2 ready) turns 503 the moment the signal arrives.
     """
     import uvicorn
 
-    log_accept_errors_once()
-    protocol = guarded_protocol(max_connections=max_connections or default_max_connections(),
-                                request_timeout=request_timeout)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log, server_header=False,
-                timeout_keep_alive=KEEP_ALIVE_TIMEOUT, lifespan="on", http=protocol, loop=loop)
+    config = config or ServeConfig()
+    where = {} if sockets else {"host": config.host, "port": config.port}
+    service = getattr(app, "service", None)
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if service is not None:
+                service.begin_drain()
+            super().handle_exit(sig, frame)
+
+    server = DrainingServer(uvicorn_config(app, config, **where))
+    if threading.current_thread() is not threading.main_thread():
+        server.run(sockets=sockets)
+        return
+    # uvicorn raises the signal again once it has drained; SIGTERM's default action would then kill the
+    # process (exit -15). A drained server has done what SIGTERM asks: exit 0.
+    previous = signal.signal(signal.SIGTERM, _exit_zero)
+    try:
+        server.run(sockets=sockets)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_zero(_sig, _frame) -> None:
+    raise SystemExit(0)
+
+
+def run_server(app, config: ServeConfig | None = None, **settings) -> None:
+    """Serve ``app`` in this process (``settings``: :class:`.config.ServeConfig` fields overriding ``config``)."""
+    serve(app, (config or ServeConfig()).replace(**settings))
 
 
 def is_loopback(host: str) -> bool:
@@ -130,4 +165,4 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-__all__ = ["MAX_BODY_BYTES", "create_app", "is_loopback", "run_server"]
+__all__ = ["MAX_BODY_BYTES", "REQUEST_TIMEOUT", "create_app", "is_loopback", "run_server", "serve", "uvicorn_config"]

@@ -41,15 +41,40 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import MnistDeployError
+from ..errors import BatcherClosed
 
-__all__ = ["BatcherClosed", "DynamicBatcher"]
+__all__ = ["BatcherClosed", "DynamicBatcher", "PassThrough", "make_batcher"]
 
 _log = logging.getLogger(__name__)
 
 
-class BatcherClosed(MnistDeployError):
-    """The batcher is closed (the server is shutting down): the request was not run."""
+class PassThrough:
+    """The batcher's interface with batching off (a batch of one request): :meth:`infer` is one direct
+    call of ``fn``, inline, with no queue and no task. The server has one request path either way."""
+
+    max_batch_size = 1
+
+    def __init__(self, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.fn = fn
+        self._closing = False
+
+    async def infer(self, x: np.ndarray) -> np.ndarray:
+        if self._closing:
+            raise BatcherClosed("the server is shutting down; the request was not run")
+        return self.fn(x)
+
+    async def close(self, *, drain: bool = True) -> None:
+        self._closing = True
+
+
+def make_batcher(fn: Callable[[np.ndarray], np.ndarray], *, max_batch_size: int, max_queue_delay_us: int = 0,
+                 preferred_batch_sizes: Sequence[int] = (),
+                 on_batch: Callable[[int, list[float]], None] | None = None) -> DynamicBatcher | PassThrough:
+    """A :class:`DynamicBatcher` when ``max_batch_size`` > 1, else a :class:`PassThrough`."""
+    if max_batch_size <= 1:
+        return PassThrough(fn)
+    return DynamicBatcher(fn, max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
+                          preferred_batch_sizes=preferred_batch_sizes, on_batch=on_batch)
 
 
 @dataclass(eq=False)
@@ -128,10 +153,6 @@ class DynamicBatcher:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
-
-    @property
-    def queued_rows(self) -> int:
-        return sum(p.rows for p in self._queue)
 
     # -- the scheduler ------------------------------------------------------------------------
 

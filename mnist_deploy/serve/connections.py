@@ -12,7 +12,17 @@ enough of them (slowloris) use every descriptor, and asyncio then logs a traceba
   connection opening, or of its first byte on a kept-alive connection; otherwise it is answered
   ``408`` (when no response has started) and closed. A request being handled by the app is never
   timed out here;
-* asyncio's "socket.accept() out of system resource" error is logged once, not per accept.
+* asyncio's "socket.accept() out of system resource" error is logged once, not per accept;
+* a shutdown (SIGTERM, SIGINT) drains instead of cutting connections: a request being received or
+  handled is answered, with ``Connection: close``; an idle kept-alive connection stays open for
+  :data:`DRAIN_IDLE_GRACE` seconds, so that a request its client had already sent is read and answered
+  (uvicorn closes idle connections at once, and a request in flight then met a reset), and is closed
+  after that; a request still unanswered when ``drain_timeout`` is nearly up is answered ``503`` and
+  closed, rather than cut off when the process exits.
+
+It subclasses uvicorn's *internal* ``HttpToolsProtocol``: pyproject pins uvicorn to the versions this
+was tested with, and tests/serve/test_connections.py fails loudly if what it relies on changes
+(:data:`UVICORN_INTERNALS`).
 """
 
 from __future__ import annotations
@@ -25,6 +35,18 @@ _LOG = logging.getLogger("uvicorn.error")
 _TIMEOUT_BODY = b'{"detail":"request not received in time; connection closed"}'
 _TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
                      b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY))
+_DRAIN_BODY = b'{"detail":"the server is shutting down and could not answer in time; retry"}'
+_DRAIN_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                   b"content-length: %d\r\nretry-after: 1\r\nconnection: close\r\n\r\n%s"
+                   % (len(_DRAIN_BODY), _DRAIN_BODY))
+DRAIN_IDLE_GRACE = 1.0  # seconds an idle kept-alive connection is kept open after the signal
+# What GuardedHttpToolsProtocol uses of uvicorn's internals (checked by a test against the installed uvicorn).
+UVICORN_INTERNALS = {
+    "HttpToolsProtocol": ("connection_made", "connection_lost", "data_received", "on_headers_complete",
+                          "on_message_complete", "on_response_complete", "shutdown"),
+    "HttpToolsProtocol()": ("server_state", "cycle", "pipeline", "transport", "loop"),
+    "RequestResponseCycle()": ("keep_alive", "response_started", "response_complete"),
+}
 
 
 def default_max_connections() -> int:
@@ -57,69 +79,106 @@ class _Refusals:
             self.refusing, self.count = False, 0
 
 
-def guarded_protocol(*, max_connections: int, request_timeout: float) -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol with the limits above (pass it as ``uvicorn.Config(http=...)``)."""
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+class _Guarded:
+    """The limits and the drain, mixed in before uvicorn's ``HttpToolsProtocol`` (see :func:`guarded_protocol`)."""
 
-    refusals = _Refusals(max_connections)
+    _max_connections: int
+    _request_timeout: float
+    _drain_timeout: float
+    _refusals: _Refusals
+    _refused = False
+    _deadline: asyncio.TimerHandle | None = None
+    _waiting = True  # no complete request since the connection opened or the last response
+    _draining = False
 
-    class GuardedHttpToolsProtocol(HttpToolsProtocol):
-        _refused = False
-        _deadline: asyncio.TimerHandle | None = None
-        _waiting = True  # no complete request since the connection opened or the last response
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        open_now = len(self.server_state.connections)
+        if open_now >= self._max_connections:
+            self._refused = True
+            self._refusals.refused(open_now)
+            transport.abort()  # no lingering close: the descriptor is freed now
+            return
+        super().connection_made(transport)
+        self._arm()
 
-        def connection_made(self, transport) -> None:  # type: ignore[override]
-            open_now = len(self.server_state.connections)
-            if open_now >= max_connections:
-                self._refused = True
-                refusals.refused(open_now)
-                transport.abort()  # no lingering close: the descriptor is freed now
-                return
-            super().connection_made(transport)
+    def connection_lost(self, exc) -> None:
+        if self._refused:
+            return
+        self._disarm()
+        super().connection_lost(exc)
+        self._refusals.closed(len(self.server_state.connections))
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiting and self._deadline is None:
             self._arm()
+        super().data_received(data)
 
-        def connection_lost(self, exc) -> None:
-            if self._refused:
-                return
-            self._disarm()
-            super().connection_lost(exc)
-            refusals.closed(len(self.server_state.connections))
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        if self._draining and self.cycle is not None:
+            self.cycle.keep_alive = False  # answered with Connection: close, then closed
 
-        def data_received(self, data: bytes) -> None:
-            if self._waiting and self._deadline is None:
-                self._arm()
-            super().data_received(data)
+    def on_message_complete(self) -> None:
+        self._waiting = False
+        self._disarm()
+        super().on_message_complete()
 
-        def on_message_complete(self) -> None:
-            self._waiting = False
-            self._disarm()
-            super().on_message_complete()
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._waiting = not self.pipeline  # a pipelined request is complete already
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._waiting = not self.pipeline  # a pipelined request is complete already
+    def shutdown(self) -> None:
+        """The server's drain has begun (uvicorn calls this on every open connection)."""
+        self._draining = True
+        drain = self._drain_timeout
+        self.loop.call_later(max(0.0, drain - min(1.0, drain / 10)), self._drain_expired)
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False  # being handled: answered, with Connection: close
+        else:
+            self.loop.call_later(min(DRAIN_IDLE_GRACE, drain / 2), self._close_if_idle)
 
-        def _arm(self) -> None:
-            self._disarm()
-            self._deadline = self.loop.call_later(request_timeout, self._expire)
+    def _close_if_idle(self) -> None:
+        idle = self.cycle is None or self.cycle.response_complete
+        if idle and self._deadline is None and not self.transport.is_closing():
+            self.transport.close()  # nothing received since the last answer
+        # else a request arrived during the grace: it is answered, with Connection: close
 
-        def _disarm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
-
-        def _expire(self) -> None:
-            self._deadline = None
-            if self.transport.is_closing() or not self._waiting:
-                return
-            if self.cycle is None or self.cycle.response_complete:
-                self.transport.write(_TIMEOUT_RESPONSE)  # headers incomplete: nothing else was sent
-            elif not self.cycle.response_started:
-                self.cycle.keep_alive = False
-                self.transport.write(_TIMEOUT_RESPONSE)  # the body never came: the app sees a disconnect
+    def _drain_expired(self) -> None:
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
+            self.transport.write(_DRAIN_RESPONSE)  # the app would not answer before the process exits
             self.transport.close()
 
-    return GuardedHttpToolsProtocol
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self._request_timeout, self._expire)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing() or not self._waiting:
+            return
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.write(_TIMEOUT_RESPONSE)  # headers incomplete: nothing else was sent
+        elif not self.cycle.response_started:
+            self.cycle.keep_alive = False
+            self.transport.write(_TIMEOUT_RESPONSE)  # the body never came: the app sees a disconnect
+        self.transport.close()
+
+
+def guarded_protocol(*, max_connections: int, request_timeout: float,
+                     drain_timeout: float = 30.0) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with the limits and the drain above (pass it as ``uvicorn.Config(http=...)``)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    return type("GuardedHttpToolsProtocol", (_Guarded, HttpToolsProtocol), {
+        "_max_connections": max_connections, "_request_timeout": request_timeout, "_drain_timeout": drain_timeout,
+        "_refusals": _Refusals(max_connections)})
 
 
 class _OnceFilter(logging.Filter):
@@ -147,4 +206,5 @@ def log_accept_errors_once() -> None:
         logger.addFilter(_OnceFilter("socket.accept() out of system resource"))
 
 
-__all__ = ["default_max_connections", "guarded_protocol", "log_accept_errors_once"]
+__all__ = ["DRAIN_IDLE_GRACE", "UVICORN_INTERNALS", "default_max_connections", "guarded_protocol",
+           "log_accept_errors_once"]

@@ -1,9 +1,8 @@
 """Request parsing: JSON bodies and uploaded files into Python values, with typed errors.
 
-Nothing here knows a status code; :mod:`.app` maps the error types to them (:data:`STATUS`):
-a body that is not JSON is :class:`BadRequest` (400), a wrong Content-Type is
-:class:`UnsupportedMedia` (415), and JSON of the wrong shape or values is an
-:class:`~mnist_deploy.errors.InputError` (422).
+Nothing here knows a status code: each error class carries its own (:mod:`mnist_deploy.errors`): a
+body that is not JSON is :class:`BadRequest` (400), a wrong Content-Type is :class:`UnsupportedMedia`
+(415), and JSON of the wrong shape or values is an :class:`~mnist_deploy.errors.InputError` (422).
 """
 
 from __future__ import annotations
@@ -12,22 +11,10 @@ from typing import Any
 
 import orjson
 
-from ..errors import InputError, first_line
+from ..errors import BadRequest, InputError, NotFound, UnsupportedMedia, first_line
 
 UNSUPPORTED = ("Content-Type must be application/json (pixels), multipart/form-data (an image file in the "
                "field 'file') or image/* (the image as the body); got {!r}")
-
-
-class BadRequest(InputError):
-    """The body cannot be read at all: empty, not UTF-8, not JSON."""
-
-
-class UnsupportedMedia(InputError):
-    """The Content-Type is not one the route reads."""
-
-
-class NotFound(InputError):
-    """The request names something this server does not have (a model, a static file)."""
 
 
 def dumps(obj: Any) -> bytes:
@@ -87,16 +74,20 @@ async def uploads(request, media: str, limit: int) -> list[tuple[str, bytes]]:
 
 
 def has_bool(obj: Any) -> bool:
-    """Whether a parsed JSON value holds ``true`` or ``false`` anywhere (numpy would read them as 1 and 0)."""
-    if obj is True or obj is False:
-        return True
-    if isinstance(obj, list):
-        return any(has_bool(v) for v in obj)
-    if isinstance(obj, dict):
-        return any(has_bool(v) for v in obj.values())
+    """Whether a parsed JSON value holds ``true`` or ``false`` anywhere (numpy would read them as 1 and 0).
+
+    An explicit stack, not recursion: orjson accepts 1,024 levels of nesting, deeper than Python's
+    recursion limit allows a recursive walk to go (a RecursionError there was a 500)."""
+    stack = [obj]
+    while stack:
+        value = stack.pop()
+        if value is True or value is False:
+            return True
+        if isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, dict):
+            stack.extend(value.values())
     return False
-
-
 
 
 __all__ = ["BadRequest", "NotFound", "UnsupportedMedia", "dumps", "has_bool", "json_field", "loads", "media_type", "uploads"]

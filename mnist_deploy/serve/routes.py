@@ -1,69 +1,60 @@
 """Route handlers, at module level over the :class:`~.service.Service` in ``request.app.state.service``.
 
-Each handler reads the request, calls the service, and writes the answer; :data:`STATUS` maps the
-service's error types to status codes, the one place that does. Errors are ``{"detail": "..."}``.
+Each handler reads the request, calls the service, and writes the answer. Errors are raised as the
+typed errors of :mod:`mnist_deploy.errors`, each carrying its HTTP status, and :func:`error_reply` is
+the one place that turns them into an answer, for every route: ``{"detail": "..."}`` here, and
+``{"error": "..."}`` on the Open Inference Protocol routes (:mod:`.v2`), whose spec answers an invalid
+request 400 where ours is 422.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from ..errors import InputError
-from .parsing import BadRequest, NotFound, UnsupportedMedia, dumps, json_field, media_type, uploads
-from .service import BatcherClosed, NotReady, Service, single_answer
+from ..errors import InputError, MnistDeployError, NotFound
+from .config import MAX_BATCH
+from .parsing import dumps, json_field, media_type, uploads
+from .service import Service, single_answer
 
-IMAGE_DECODERS = 2  # image uploads decoded at once
+IMAGE_DECODERS = 2  # images decoded at once (each image its own turn)
 STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 # The page may talk only to this server: no CDN, no external fonts, images or connections.
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
             "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-# Most specific first: the first type an error is an instance of gives its status.
-STATUS: tuple[tuple[type[BaseException], int], ...] = (
-    (BadRequest, 400), (NotFound, 404), (UnsupportedMedia, 415), (NotReady, 503), (BatcherClosed, 503),
-    (InputError, 422),
-)
+V2_PREFIX = "/v2"
 
 
-def status_of(exc: BaseException) -> int | None:
-    """The status code for an expected error, or None for a bug."""
-    for kind, status in STATUS:
-        if isinstance(exc, kind):
-            return status
-    return None
+def error_reply(exc: BaseException, path: str) -> tuple[int, bytes]:
+    """(status, JSON body) for an error raised while answering ``path``: the error class's
+    ``http_status``, or 500 for anything unexpected (a bug, whose message is not shown)."""
+    expected = isinstance(exc, MnistDeployError)
+    status, text = (exc.http_status, str(exc)) if expected else (500, "internal server error")
+    if path == V2_PREFIX or path.startswith(V2_PREFIX + "/"):
+        return (400 if status == 422 else status), dumps({"error": text})  # v2: an invalid request is 400
+    return status, dumps({"detail": text})
 
 
 def json_response(obj: Any, status: int = 200, headers: dict | None = None) -> Response:
     return Response(dumps(obj), status_code=status, media_type="application/json", headers=headers)
 
 
-def predict_json(service: Service, body: bytes) -> tuple[int, bytes]:
+async def predict_json(service: Service, body: bytes) -> tuple[int, bytes]:
     """``POST /predict`` with a JSON body -> (status, JSON bytes); the guard's fast path and the route share it."""
     try:
-        return 200, dumps(service.predict_pixels(json_field(body)))
-    except (InputError, NotReady) as exc:
-        return status_of(exc), dumps({"detail": str(exc)})
-
-
-async def predict_json_batched(service: Service, body: bytes) -> tuple[int, bytes]:
-    """:func:`predict_json` with the model call in the next dynamic batch (batching on)."""
-    try:
-        return 200, dumps(await service.predict_pixels_batched(json_field(body)))
-    except (InputError, NotReady, BatcherClosed) as exc:
-        return status_of(exc), dumps({"detail": str(exc)})
+        return 200, dumps(await service.predict_pixels(json_field(body)))
+    except MnistDeployError as exc:
+        return error_reply(exc, "/predict")
 
 
 # ---------------------------------------------------------------------------------------------
 # OpenAPI descriptions of the bodies the routes read by hand.
 
-MAX_BATCH = 256
 _PIXEL = {"type": "number", "minimum": 0, "maximum": 255}
 PREDICT_BODY = {
     "required": True,
@@ -96,7 +87,7 @@ BATCH_BODY = {
 ERRORS = {code: {"description": text, "content": {"application/json": {"example": {"detail": text}}}}
           for code, text in ((400, "malformed body"), (413, "body over the size limit"),
                              (415, "unsupported Content-Type"), (422, "invalid pixels or image"),
-                             (503, "model not loaded yet"))}
+                             (503, "model not loaded yet, or the server is shutting down"))}
 
 # ---------------------------------------------------------------------------------------------
 # Routes.
@@ -106,16 +97,6 @@ router = APIRouter()
 
 def _service(request: Request) -> Service:
     return request.app.state.service
-
-
-async def _predict_images(request: Request, service: Service, files: list[tuple[str, bytes]]) -> dict:
-    """Decode in a worker thread (at most IMAGE_DECODERS at once), then predict on the loop, in the
-    next dynamic batch when batching is on."""
-    m = service.ready()
-    t0 = time.perf_counter()
-    service.check_images(files)  # over-limit or unreadable headers: answered now, not after the queue
-    x = await anyio.to_thread.run_sync(service.decode_images, m, files, limiter=request.app.state.decoders)
-    return await service.predict_rows(m, x, t0)
 
 
 @router.post("/predict", summary="Predict one digit", openapi_extra={"requestBody": PREDICT_BODY},
@@ -130,15 +111,12 @@ async def predict(request: Request):
     service.ready()
     media = media_type(request.headers.get("content-type", ""))
     if media == "application/json":
-        body = await request.body()
-        code, body = (predict_json(service, body) if service.batcher is None
-                      else await predict_json_batched(service, body))
+        code, body = await predict_json(service, await request.body())
         return Response(body, status_code=code, media_type="application/json")
     files = await uploads(request, media, 1)
     if len(files) != 1:
         raise InputError(f"send one image to /predict (got {len(files)}); use /predict/batch for more")
-    out = await _predict_images(request, service, files)
-    return json_response(single_answer(out))
+    return json_response(single_answer(await service.predict_images(files, request.app.state.decoders)))
 
 
 @router.post("/predict/batch", summary="Predict a list of digits", openapi_extra={"requestBody": BATCH_BODY},
@@ -156,7 +134,7 @@ async def predict_batch(request: Request):
     files = await uploads(request, media, service.max_batch + 1)
     if len(files) > service.max_batch:
         raise InputError(f"at most {service.max_batch} images per batch, got more")
-    out = await _predict_images(request, service, files)
+    out = await service.predict_images(files, request.app.state.decoders)
     for rec, (name, _) in zip(out["predictions"], files, strict=True):
         rec["file"] = name
     out["count"] = len(files)
@@ -165,9 +143,13 @@ async def predict_batch(request: Request):
 
 @router.get("/health", summary="Readiness", responses={503: ERRORS[503]})
 async def health(request: Request):
-    """200 once the model is loaded and warmed up, 503 before."""
-    answer = _service(request).health()
-    return json_response(answer) if answer is not None else json_response({"status": "loading"}, 503)
+    """200 once the model is loaded and warmed up, 503 before, and again from the start of a shutdown
+    (SIGTERM) on, so that a load balancer stops sending while the requests in flight are answered."""
+    service = _service(request)
+    answer = service.health()
+    if answer is None:
+        return json_response({"status": "draining" if service.draining else "loading"}, 503)
+    return json_response(answer)
 
 
 @router.get("/model", summary="What is being served")
@@ -203,8 +185,9 @@ async def static_file(request: Request, name: str):
 # Exception handlers: every error is JSON {"detail": ...}.
 
 
-async def expected_error(_request, exc: Exception):
-    return json_response({"detail": str(exc)}, status_of(exc) or 500)
+async def expected_error(request: Request, exc: Exception):
+    status, body = error_reply(exc, request.url.path)
+    return Response(body, status_code=status, media_type="application/json")
 
 
 async def starlette_error(_request, exc: StarletteHTTPException):
@@ -217,11 +200,12 @@ async def validation_error(_request, exc: RequestValidationError):
 
 
 async def disconnect(_request, _exc):
-    return json_response({"detail": "client disconnected or body over the limit"}, 413)
+    # Nobody reads this: the client has gone (the guard counts it as 499), or the guard has answered 413.
+    return json_response({"detail": "client disconnected before the body was complete"}, 400)
 
 
-HANDLERS = ((InputError, expected_error), (NotReady, expected_error), (StarletteHTTPException, starlette_error),
+HANDLERS = ((MnistDeployError, expected_error), (StarletteHTTPException, starlette_error),
             (RequestValidationError, validation_error), (ClientDisconnect, disconnect))
 
-__all__ = ["HANDLERS", "IMAGE_DECODERS", "MAX_BATCH", "PAGE_CSP", "STATIC_FILES", "predict_json", "router",
-           "status_of"]
+__all__ = ["HANDLERS", "IMAGE_DECODERS", "MAX_BATCH", "PAGE_CSP", "STATIC_FILES", "error_reply", "predict_json",
+           "router"]

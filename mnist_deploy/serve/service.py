@@ -2,8 +2,11 @@
 
 Every protocol the server speaks (our JSON at ``/predict``, uploads, the Open Inference Protocol at
 ``/v2``) is a thin translation onto these methods. They take Python values, return plain dicts, and
-raise typed errors (:class:`NotReady`, :class:`~mnist_deploy.errors.InputError` and the parsing
-errors), which the HTTP layer maps to status codes.
+raise typed errors from :mod:`mnist_deploy.errors`, each carrying its HTTP status.
+
+One request path: every model call goes through ``self.batcher``, a
+:class:`~.batching.DynamicBatcher` when batching is on and a :class:`~.batching.PassThrough` (one
+direct, inline call) when it is off, so nothing here forks on the setting.
 """
 
 from __future__ import annotations
@@ -12,72 +15,65 @@ import os
 import time
 from typing import Any
 
+import anyio
 import numpy as np
 
 from ..data.images import check_image_header, pixels_to_array, preprocess_image
 from ..data.mnist import manifest_normalization, normalize_pixels
-from ..errors import InputError
-from ..predict import LoadedModel
-from .batching import BatcherClosed, DynamicBatcher
+from ..errors import BatcherClosed, InputError, NotReady
+from ..predict import LoadedModel, softmax
+from .batching import DynamicBatcher, PassThrough, make_batcher
+from .config import ServeConfig
 from .metrics import Metrics
 
+# PNG text chunks (tEXt/zTXt/iTXt) and ICC profiles are inflated by Image.open, before any size
+# check: a 3 KB PNG with three zTXt chunks inflated 3 MB of text with Pillow's default limits. A digit
+# needs none of it; these caps make a header read cheap whatever the chunks claim.
+MAX_PNG_TEXT_CHUNK = 64 << 10
+MAX_PNG_TEXT_MEMORY = 256 << 10
 
-class NotReady(Exception):
-    """The model is not loaded yet."""
 
+def bound_image_metadata() -> None:
+    """Cap how much PNG text Pillow inflates while reading a header (process-wide Pillow settings)."""
+    from PIL import PngImagePlugin
 
-def softmax(z: np.ndarray) -> np.ndarray:
-    """Logits -> float64 probability rows, computed as :meth:`LoadedModel.probabilities` does."""
-    z = z.astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
+    PngImagePlugin.MAX_TEXT_CHUNK = min(PngImagePlugin.MAX_TEXT_CHUNK, MAX_PNG_TEXT_CHUNK)
+    PngImagePlugin.MAX_TEXT_MEMORY = min(PngImagePlugin.MAX_TEXT_MEMORY, MAX_PNG_TEXT_MEMORY)
 
 
 class Service:
     """The model, the metrics and the limits; turns request values into prediction answers."""
 
-    def __init__(self, model: LoadedModel | None, *, max_body_bytes: int, max_image_pixels: int, max_batch: int,
+    def __init__(self, model: LoadedModel | None, config: ServeConfig | None = None, *,
                  routes: tuple[str, ...] = ()) -> None:
         self.model = model
+        self.config = config = config or ServeConfig()
         self.metrics = Metrics(routes)
-        self.max_body_bytes = max_body_bytes
-        self.max_image_pixels = max_image_pixels
-        self.max_batch = max_batch
-        self.batcher: DynamicBatcher | None = None
+        self.max_body_bytes = config.max_body_bytes
+        self.max_image_pixels = config.max_image_pixels
+        self.max_batch = config.max_batch
+        self.draining = False  # set at SIGTERM: readiness answers 503 from then on
+        self.batcher: DynamicBatcher | PassThrough = PassThrough(lambda x: self.logits(self.ready(), x))
 
-    def start_batching(self, *, max_batch_size: int, max_queue_delay_us: int,
-                       preferred_batch_sizes: tuple[int, ...] = ()) -> None:
-        """Route model calls of /predict, /predict/batch and v2 infer through a :class:`DynamicBatcher` (the
-        model must be loaded). Requests are validated before they are queued, so a bad one never
-        reaches a batch; one model call runs at a time, inline on the event loop."""
+    def start(self) -> None:
+        """Put the configured batcher in front of the (loaded) model. Requests are validated before they
+        are queued, so a bad one never reaches a batch; one model call runs at a time, inline on the loop."""
         m = self.ready()
-        self.batcher = DynamicBatcher(lambda x: self.logits(m, x), max_batch_size=max_batch_size,
-                                      max_queue_delay_us=max_queue_delay_us,
-                                      preferred_batch_sizes=preferred_batch_sizes, on_batch=self.metrics.batched)
+        c = self.config
+        self.batcher = make_batcher(lambda x: self.logits(m, x), max_batch_size=c.max_batch_size,
+                                    max_queue_delay_us=c.max_queue_delay_us,
+                                    preferred_batch_sizes=c.preferred_batch_sizes, on_batch=self.metrics.batched)
 
-    async def stop_batching(self) -> None:
-        if self.batcher is not None:
-            await self.batcher.close(drain=True)
+    async def stop(self) -> None:
+        await self.batcher.close(drain=True)
 
-    async def batched_logits(self, m: LoadedModel, x: np.ndarray) -> np.ndarray:
-        """Logits of ``x`` through the batcher when batching is on, else one direct call."""
-        if self.batcher is None:
-            return self.logits(m, x)
-        return await self.batcher.infer(x)
+    def begin_drain(self) -> None:
+        self.draining = True
 
     def ready(self) -> LoadedModel:
         if self.model is None:
             raise NotReady("model not loaded yet")
         return self.model
-
-    def run(self, m: LoadedModel, x: np.ndarray) -> np.ndarray:
-        """Probabilities of a normalised float32 (N, 784) batch, timed for the metrics."""
-        t0 = time.perf_counter()
-        probs = m.probabilities(x)
-        self.metrics.inferred(m.runtime, x.shape[0], time.perf_counter() - t0)
-        return probs
 
     def logits(self, m: LoadedModel, x: np.ndarray) -> np.ndarray:
         """Logits of a normalised float32 (N, 784) batch, timed for the metrics."""
@@ -86,27 +82,25 @@ class Service:
         self.metrics.inferred(m.runtime, x.shape[0], time.perf_counter() - t0)
         return z
 
+    async def infer(self, x: np.ndarray) -> np.ndarray:
+        """Logits of validated rows: their place in the next batch (or one direct call, batching off)."""
+        return await self.batcher.infer(x)
+
     def normalize(self, m: LoadedModel, pixels: np.ndarray) -> np.ndarray:
         """0..255 pixels -> the model's input, with the mean and std the model was trained with."""
         return normalize_pixels(pixels, **manifest_normalization(m.manifest))
 
     # -- our JSON ------------------------------------------------------------------------------
 
-    def predict_pixels(self, values: Any) -> dict:
+    async def predict_pixels(self, values: Any) -> dict:
         """One image of 784 raw pixel values -> its prediction."""
-        t0 = time.perf_counter()
-        m = self.ready()
-        return single_answer(self.answer(m, self.run(m, self.normalize(m, pixels_to_array(values))), t0))
-
-    async def predict_pixels_batched(self, values: Any) -> dict:
-        """:meth:`predict_pixels` with the model call in the next dynamic batch."""
         t0 = time.perf_counter()
         m = self.ready()
         x = self.normalize(m, pixels_to_array(values))  # validated here: a bad request never joins a batch
         return single_answer(await self.predict_rows(m, x, t0))
 
     async def predict_pixel_batch(self, rows: Any) -> dict:
-        """A JSON list of images -> their predictions (through the dynamic batcher when it is on)."""
+        """A JSON list of images -> their predictions."""
         m = self.ready()
         t0 = time.perf_counter()
         if isinstance(rows, list) and len(rows) > self.max_batch:
@@ -116,10 +110,8 @@ class Service:
         return out
 
     async def predict_rows(self, m: LoadedModel, x: np.ndarray, t0: float) -> dict:
-        """Predictions for validated, normalised rows: one model call, or the rows' place in the next
-        dynamic batch (a request larger than the batch cap runs alone, never split)."""
-        probs = softmax(await self.batched_logits(m, x)) if self.batcher is not None else self.run(m, x)
-        return self.answer(m, probs, t0)
+        """Predictions for validated, normalised rows (a request larger than the batch cap runs alone)."""
+        return self.answer(m, softmax(await self.infer(x)), t0)
 
     @staticmethod
     def answer(m: LoadedModel, probs: np.ndarray, t0: float) -> dict:
@@ -129,6 +121,22 @@ class Service:
 
     # -- uploaded images -----------------------------------------------------------------------
 
+    async def predict_images(self, files: list[tuple[str, bytes]], decoders: anyio.CapacityLimiter) -> dict:
+        """Uploaded images (name, bytes) -> their predictions.
+
+        Headers are read in a worker thread (never on the event loop), all of them before any pixel is
+        decoded, so an over-limit or unreadable image is answered at once. Then each image is decoded in
+        its own turn for one of the ``decoders``: turns are granted first come, first served, one image
+        at a time, so a small upload waits for a few images of a large batch, never for the whole batch.
+        """
+        m = self.ready()
+        t0 = time.perf_counter()
+        await anyio.to_thread.run_sync(self.check_images, files)
+        norm = manifest_normalization(m.manifest)
+        rows = [await anyio.to_thread.run_sync(self._decode, i, len(files), name, blob, norm, limiter=decoders)
+                for i, (name, blob) in enumerate(files)]
+        return await self.predict_rows(m, np.concatenate(rows), t0)
+
     def check_images(self, files: list[tuple[str, bytes]]) -> None:
         """Refuse at once what cannot be decoded cheaply: read each image's header, check its pixel count."""
         for i, (name, blob) in enumerate(files):
@@ -137,23 +145,19 @@ class Service:
             except InputError as exc:
                 raise type(exc)(f"image {i} ({exc})" if len(files) > 1 else str(exc)) from None
 
-    def decode_images(self, model: LoadedModel, files: list[tuple[str, bytes]]) -> np.ndarray:
-        """Uploaded images (name, bytes) -> normalised rows; run it in a worker thread (decoding is slow)."""
-        rows = []
-        for i, (name, blob) in enumerate(files):
-            try:
-                rows.append(preprocess_image(blob, max_pixels=self.max_image_pixels, name=name,
-                                             **manifest_normalization(model.manifest)))
-            except InputError as exc:
-                raise InputError(f"image {i} ({exc})" if len(files) > 1 else str(exc)) from None
-        return np.concatenate(rows)
+    def _decode(self, i: int, count: int, name: str, blob: bytes, norm: dict) -> np.ndarray:
+        """One uploaded image -> its normalised row (slow: run it in a worker thread)."""
+        try:
+            return preprocess_image(blob, max_pixels=self.max_image_pixels, name=name, **norm)
+        except InputError as exc:
+            raise InputError(f"image {i} ({exc})" if count > 1 else str(exc)) from None
 
     # -- what is served ------------------------------------------------------------------------
 
     def health(self) -> dict | None:
-        """The health answer, or None while the model loads."""
+        """The health answer, or None while the model loads or once a drain has begun (not ready)."""
         m = self.model
-        if m is None:
+        if m is None or self.draining:
             return None
         return {"status": "ok", "runtime": m.runtime, "model": m.manifest["model"]["name"], "pid": os.getpid()}
 
@@ -195,4 +199,4 @@ def result(probs: np.ndarray) -> dict:
             "probabilities": [round(p, 6) for p in probs.tolist()]}
 
 
-__all__ = ["BatcherClosed", "NotReady", "Service", "result", "single_answer", "softmax"]
+__all__ = ["BatcherClosed", "NotReady", "Service", "bound_image_metadata", "result", "single_answer"]

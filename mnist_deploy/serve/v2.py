@@ -7,9 +7,12 @@ Routes (each model route also under ``/versions/{version}``):
 The model takes one of two inputs, both listed in its metadata: ``input``, FP32 of the model's
 shape with batch -1, already normalised (what an exported model takes: the same tensor Triton would
 be sent); or ``pixels``, UINT8 raw 0..255 values ``[-1, 28, 28]`` (``[-1, 784]`` is accepted too),
-normalised here with the manifest's mean and std. Outputs: ``logits`` FP32 ``[-1, 10]``, and
-``probabilities`` FP32 ``[-1, 10]`` when asked for in ``outputs``. Tensor ``data`` is row-major,
-flat or nested. Errors are 400 ``{"error": "..."}``, an unknown model or version 404.
+normalised here with the manifest's mean and std. ``input`` values must lie in the range normalised
+pixels have (stated in the metadata's ``parameters``: a 3e38 would make the logits non-finite).
+Outputs: ``logits`` FP32 ``[-1, 10]``, and ``probabilities`` FP32 ``[-1, 10]`` when asked for in
+``outputs`` (each name at most once, so an answer is at most two tensors). Tensor ``data`` is row-major,
+flat or nested. Errors are 400 ``{"error": "..."}``, an unknown model or version 404 (the typed errors
+of :mod:`mnist_deploy.errors`, answered by the server's one handler, :func:`.routes.error_reply`).
 Readiness false is 400 (the spec: "a 4xx status code indicates false"); inference or metadata before
 the model is loaded is 503. With no ``outputs`` only ``logits`` is returned: the spec says "all outputs produced by the
 model", and the exported model produces ``logits``; ``probabilities`` is computed here on request
@@ -30,10 +33,10 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from ..errors import InputError
-from ..predict import LoadedModel
-from .parsing import BadRequest, dumps, has_bool, loads
-from .service import BatcherClosed, NotReady, Service
+from ..errors import BadRequest, InputError, NotFound, NotReady, PayloadTooLarge
+from ..predict import LoadedModel, softmax
+from .parsing import dumps, has_bool, loads
+from .service import Service
 
 router = APIRouter(prefix="/v2")
 PIXELS, INPUT = "pixels", "input"
@@ -45,12 +48,7 @@ BINARY_UNSUPPORTED = (
     "the binary tensor data extension is not supported (yet): send tensor data as JSON in the request body "
     "(tritonclient: set_data_from_numpy(x, binary_data=False) on each InferInput and "
     "InferRequestedOutput(name, binary_data=False) on each output)")
-
-
-class V2Error(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+INPUT_SLACK = 1e-3  # of the normalised range: room for a client's rounding, none for 3e38
 
 
 def _decoded(body: bytes, encoding: str, limit: int) -> bytes:
@@ -62,11 +60,11 @@ def _decoded(body: bytes, encoding: str, limit: int) -> bytes:
     try:
         out = d.decompress(body, limit + 1)
     except zlib.error:
-        raise V2Error(400, f"request body is not valid {encoding} data") from None
+        raise BadRequest(f"request body is not valid {encoding} data") from None
     if len(out) > limit:
-        raise V2Error(413, f"request body is over the limit of {limit:,} bytes once decompressed")
+        raise PayloadTooLarge(f"request body is over the limit of {limit:,} bytes once decompressed")
     if not d.eof:
-        raise V2Error(400, f"request body is truncated {encoding} data")
+        raise BadRequest(f"request body is truncated {encoding} data")
     return out
 
 
@@ -83,22 +81,29 @@ def model_version(m: LoadedModel) -> str:
 
 
 def _model(service: Service, name: str, version: str | None) -> LoadedModel:
-    try:
-        m = service.ready()
-    except NotReady:
-        raise V2Error(503, "model not loaded yet") from None
+    m = service.ready()
     if name != model_name(m):
-        raise V2Error(404, f"unknown model '{name}'; this server serves '{model_name(m)}'")
+        raise NotFound(f"unknown model '{name}'; this server serves '{model_name(m)}'")
     if version not in (None, "", model_version(m)):
-        raise V2Error(404, f"unknown version '{version}' of model '{name}'; it has version '{model_version(m)}'")
+        raise NotFound(f"unknown version '{version}' of model '{name}'; it has version '{model_version(m)}'")
     return m
 
 
-def metadata(m: LoadedModel) -> dict:
+def input_range(service: Service, m: LoadedModel) -> tuple[float, float]:
+    """The values an ``input`` (FP32, normalised) tensor may hold: normalised pixels 0 and 255, widened by
+    :data:`INPUT_SLACK` of the span so that a client's own float rounding is never refused."""
+    lo, hi = (float(v) for v in service.normalize(m, np.array([[0.0] * 783 + [255.0]], np.float32))[0, [0, -1]])
+    slack = INPUT_SLACK * (hi - lo)
+    return lo - slack, hi + slack
+
+
+def metadata(service: Service, m: LoadedModel) -> dict:
+    lo, hi = input_range(service, m)
     shape = [-1, *m.input_shape]
     return {
         "name": model_name(m), "versions": [model_version(m)], "platform": f"mnist-deploy/{m.runtime}",
-        "inputs": [{"name": INPUT, "datatype": "FP32", "shape": shape},
+        "inputs": [{"name": INPUT, "datatype": "FP32", "shape": shape,
+                    "parameters": {"min": round(lo, 6), "max": round(hi, 6)}},
                    {"name": PIXELS, "datatype": "UINT8", "shape": [-1, 28, 28]}],
         "outputs": [{"name": name, "datatype": "FP32", "shape": [-1, 10]} for name in OUTPUTS],
     }
@@ -135,6 +140,10 @@ def _tensor(spec: Any, service: Service, m: LoadedModel) -> np.ndarray:
     if not np.isfinite(x).all():
         raise InputError(f"input '{name}': data must be finite numbers")
     if name == INPUT:
+        lo, hi = input_range(service, m)
+        if ((x < lo) | (x > hi)).any():  # 3e38 is finite, but the model's logits would not be
+            raise InputError(f"input '{name}': FP32 data must be normalised pixels, in {lo:.4f}..{hi:.4f} "
+                             "(the model's metadata states the range)")
         return x
     if arr.dtype.kind == "f" and not np.array_equal(x, np.round(x)):
         raise InputError(f"input '{name}': UINT8 data must be integers")
@@ -151,22 +160,30 @@ def parse_infer(service: Service, m: LoadedModel, body: bytes) -> tuple[dict, li
         raise InputError('expected {"inputs": [one tensor: "input" (FP32) or "pixels" (UINT8)]}')
     if (b"true" in body or b"false" in body) and has_bool(req["inputs"]):
         raise InputError("tensor data must be numbers, got booleans (true/false) among them")
-    wanted = req.get("outputs") or [{"name": "logits"}]
-    if not isinstance(wanted, list) or not all(isinstance(o, dict) and o.get("name") in OUTPUTS for o in wanted):
-        raise InputError(f"outputs must be a list of {{\"name\": ...}} with names from {list(OUTPUTS)}")
-    return req, wanted, _tensor(req["inputs"][0], service, m)
+    if "id" in req and not isinstance(req["id"], str):
+        raise InputError("id must be a string (it is echoed in the response)")
+    return req, _outputs(req.get("outputs")), _tensor(req["inputs"][0], service, m)
+
+
+def _outputs(wanted: Any) -> list[str]:
+    """The output names asked for, each at most once: the response is at most len(OUTPUTS) tensors."""
+    if wanted is None or wanted == []:
+        return ["logits"]
+    names = [o.get("name") for o in wanted if isinstance(o, dict)] if isinstance(wanted, list) else None
+    if names is None or len(names) != len(wanted) or not all(n in OUTPUTS for n in names):
+        raise InputError(f'outputs must be a list of {{"name": ...}} with names from {list(OUTPUTS)}')
+    if len(set(names)) != len(names):
+        raise InputError(f"outputs names each output at most once, got {len(names)} entries for "
+                         f"{len(set(names))} names")
+    return names
 
 
 def answer(m: LoadedModel, req: dict, wanted: list, logits: np.ndarray) -> dict:
     """The response dict (the spec's $inference_response) for the request's logits."""
     out = []
-    for o in wanted:
-        if o["name"] == "logits":
-            y = logits
-        else:
-            z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-            y = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-        out.append({"name": o["name"], "datatype": "FP32", "shape": [int(logits.shape[0]), 10],
+    for name in wanted:
+        y = logits if name == "logits" else softmax(logits)
+        out.append({"name": name, "datatype": "FP32", "shape": [int(logits.shape[0]), 10],
                     "data": y.astype(np.float32).ravel().tolist()})
     reply = {"model_name": model_name(m), "model_version": model_version(m), "outputs": out}
     if "id" in req:
@@ -174,16 +191,10 @@ def answer(m: LoadedModel, req: dict, wanted: list, logits: np.ndarray) -> dict:
     return reply
 
 
-def infer(service: Service, m: LoadedModel, body: bytes) -> dict:
-    """An inference request body -> the response dict, with one direct model call."""
+async def infer(service: Service, m: LoadedModel, body: bytes) -> dict:
+    """An inference request body -> the response dict; the model call is the rows' place in the next batch."""
     req, wanted, x = parse_infer(service, m, body)
-    return answer(m, req, wanted, service.logits(m, x))
-
-
-async def infer_batched(service: Service, m: LoadedModel, body: bytes) -> dict:
-    """:func:`infer` with the model call in the next dynamic batch when batching is on."""
-    req, wanted, x = parse_infer(service, m, body)
-    return answer(m, req, wanted, await service.batched_logits(m, x))
+    return answer(m, req, wanted, await service.infer(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,39 +219,33 @@ async def live(request: Request):
 
 @router.get("/health/ready", summary="v2: readiness", tags=["v2"])
 async def ready(request: Request):
-    ok = _service(request).model is not None
+    ok = _service(request).health() is not None  # loaded, and not draining
     return _reply({"ready": ok}, 200 if ok else 400)  # the spec: 200 is true, a 4xx is false
 
 
 async def _metadata(request: Request, name: str, version: str | None = None):
-    try:
-        return _reply(metadata(_model(_service(request), name, version)))
-    except V2Error as exc:
-        return _reply({"error": str(exc)}, exc.status)
+    service = _service(request)
+    return _reply(metadata(service, _model(service, name, version)))
 
 
 async def _ready(request: Request, name: str, version: str | None = None):
+    service = _service(request)
     try:
-        m = _model(_service(request), name, version)
-    except V2Error as exc:  # a 4xx is "not ready" (the spec); an unknown model stays 404
-        return _reply({"error": str(exc)}, 400 if exc.status == 503 else exc.status)
+        m = _model(service, name, version)  # an unknown model stays 404
+    except NotReady as exc:
+        return _reply({"error": str(exc)}, 400)  # a 4xx is "not ready" (the spec)
+    if service.draining:
+        return _reply({"error": "the server is shutting down"}, 400)
     return _reply({"name": model_name(m), "ready": True})
 
 
 async def _infer(request: Request, name: str, version: str | None = None):
     service = _service(request)
-    try:
-        m = _model(service, name, version)
-        if BINARY_HEADER in request.headers:  # tritonclient's default: JSON then raw bytes, not valid JSON
-            raise V2Error(400, BINARY_UNSUPPORTED)
-        body = _decoded(await request.body(), request.headers.get("content-encoding", ""), service.max_body_bytes)
-        return _reply(await infer_batched(service, m, body))
-    except V2Error as exc:
-        return _reply({"error": str(exc)}, exc.status)
-    except BatcherClosed as exc:
-        return _reply({"error": str(exc)}, 503)
-    except (BadRequest, InputError) as exc:
-        return _reply({"error": str(exc)}, 400)
+    m = _model(service, name, version)
+    if BINARY_HEADER in request.headers:  # tritonclient's default: JSON then raw bytes, not valid JSON
+        raise BadRequest(BINARY_UNSUPPORTED)
+    body = _decoded(await request.body(), request.headers.get("content-encoding", ""), service.max_body_bytes)
+    return _reply(await infer(service, m, body))
 
 
 for _suffix in ("", "/versions/{version}"):
@@ -251,4 +256,4 @@ for _suffix in ("", "/versions/{version}"):
     router.add_api_route("/models/{name}" + _suffix + "/infer", _infer, methods=["POST"], tags=["v2"],
                          summary="v2: inference")
 
-__all__ = ["answer", "infer", "infer_batched", "metadata", "parse_infer", "router"]
+__all__ = ["answer", "infer", "input_range", "metadata", "parse_infer", "router"]

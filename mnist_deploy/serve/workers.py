@@ -33,8 +33,8 @@ import socket
 import tempfile
 import threading
 import time
-from typing import Any
 
+from .config import ServeConfig
 from .metrics import MULTIPROC_ENV
 
 _LOG = logging.getLogger("uvicorn.error")
@@ -87,40 +87,27 @@ def _die_with_parent(parent_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker_main(sock: socket.socket, app_kwargs: dict[str, Any], server_kwargs: dict[str, Any],
-                 parent_pid: int | None = None) -> None:
+def _worker_main(sock: socket.socket, config: ServeConfig, parent_pid: int | None = None) -> None:
     """One worker process: its own app and model, uvicorn on the shared socket."""
     if parent_pid is not None:
         _die_with_parent(parent_pid)
-    import uvicorn
+    from .app import create_app, serve
 
-    from .app import KEEP_ALIVE_TIMEOUT, create_app
-    from .connections import default_max_connections, guarded_protocol, log_accept_errors_once
-
-    log_accept_errors_once()
-    app = create_app(**app_kwargs)
-    protocol = guarded_protocol(max_connections=server_kwargs["max_connections"] or default_max_connections(),
-                                request_timeout=server_kwargs["request_timeout"])
-    config = uvicorn.Config(app, log_level=server_kwargs["log_level"], access_log=server_kwargs["access_log"],
-                            server_header=False, timeout_keep_alive=KEEP_ALIVE_TIMEOUT, lifespan="on",
-                            http=protocol, loop=server_kwargs["loop"])
-    uvicorn.Server(config).run(sockets=[sock])
+    serve(create_app(config), config, sockets=[sock])
 
 
-def run_workers(*, workers: int, host: str, port: int, app_kwargs: dict[str, Any], log_level: str = "info",
-                access_log: bool = False, max_connections: int | None = None, request_timeout: float = 10.0,
-                loop: str = "uvloop",
-                stop_timeout: float = 30.0, reuse_port: bool = True, announce=print) -> None:
-    """Serve with ``workers`` processes on one port until SIGINT or SIGTERM (see the module docstring).
+def run_workers(config: ServeConfig, *, announce=print) -> None:
+    """Serve with ``config.workers`` processes on one port until SIGINT or SIGTERM (see the module docstring).
 
-    ``app_kwargs`` go to :func:`.app.create_app` in each worker (no model object: each loads its own).
-    ``reuse_port``: each worker gets its own listening socket on the port (SO_REUSEPORT; the kernel
-    spreads new connections evenly over them) rather than all sharing one (whoever accepts first).
+    Each worker builds its app from ``config`` (no model object: each loads its own).
+    ``config.reuse_port``: each worker gets its own listening socket on the port (SO_REUSEPORT; the
+    kernel spreads new connections evenly over them) rather than all sharing one (whoever accepts first).
+    A worker is given ``config.drain_timeout`` (and a little more) to drain before it is killed.
     """
     from prometheus_client import multiprocess
 
-    server_kwargs = {"log_level": log_level, "access_log": access_log, "max_connections": max_connections,
-                     "request_timeout": request_timeout, "loop": loop}
+    workers, host, port, reuse_port = config.workers, config.host, config.port, config.reuse_port
+    stop_timeout = config.drain_timeout + 5
     sock = bind_socket(host, port, reuse_port=reuse_port)
     socks = [sock]
     if reuse_port and hasattr(socket, "SO_REUSEPORT"):
@@ -138,7 +125,7 @@ def run_workers(*, workers: int, host: str, port: int, app_kwargs: dict[str, Any
     started: dict[int, float] = {}
 
     def start(i: int) -> multiprocessing.Process:
-        p = ctx.Process(target=_worker_main, args=(socks[i], app_kwargs, server_kwargs, os.getpid()), name="mnist-deploy-worker")
+        p = ctx.Process(target=_worker_main, args=(socks[i], config, os.getpid()), name="mnist-deploy-worker")
         p.start()
         started[p.pid] = time.monotonic()
         return p

@@ -7,9 +7,14 @@ the server must answer /health again once the slow clients are gone. Bounded: 48
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import re
+import signal
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -91,3 +96,171 @@ def test_a_normal_keep_alive_client_is_not_cut_off(served):
                 assert c.get(url + "/health").status_code == 200
                 time.sleep(0.6)
             assert c.post(url + "/predict", json={"pixels": [0] * 784}).status_code == 200
+
+
+# -- issue 18, item 10: a graceful drain on SIGTERM ---------------------------------------------
+
+GET_HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def _responses(s: socket.socket, wait: float) -> tuple[list[tuple[bytes, bytes]], str]:
+    """Every response read from ``s`` until the server closes it: ([(head, body)], how it ended:
+    "eof", "reset" or "timeout")."""
+    s.settimeout(wait)
+    data, out = b"", []
+    deadline = time.monotonic() + wait
+    end = "timeout"
+    try:
+        while time.monotonic() < deadline:
+            chunk = s.recv(65536)
+            if not chunk:
+                end = "eof"
+                break
+            data += chunk
+    except ConnectionResetError:
+        end = "reset"
+    except TimeoutError:
+        pass
+    while b"\r\n\r\n" in data:
+        head, rest = data.split(b"\r\n\r\n", 1)
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        out.append((head.lower(), rest[:length]))
+        data = rest[length:]
+    assert not data, f"a response was cut short: {data[:200]!r}"
+    return out, end
+
+
+def test_sigterm_drains_keep_alive_clients_without_a_reset(served, mnist_dir):
+    from _serving import mnist_test_digits
+
+    images, _ = mnist_test_digits(mnist_dir, 64)
+    body = json.dumps({"pixels": [a.ravel().tolist() for a in images]}).encode()
+    post = (b"POST /predict/batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    with serve_process(served, "--workers", "2", "--drain-timeout", "10", "--log-level", "info") as (url, proc):
+        socks = [_open(url, GET_HEALTH) for _ in range(16)]  # 16 kept-alive clients, each answered once
+        for s in socks:
+            first, _ = _responses_until_one(s)
+            assert first.startswith(b"HTTP/1.1 200"), first
+        for s in socks[:8]:
+            s.sendall(post)  # sent, and then the signal
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.4)
+        for s in socks[8:12]:
+            s.sendall(GET_HEALTH)  # sent after the signal, while the server drains
+        ended = [_responses(s, 30) for s in socks]  # socks[12:] stay idle
+        rc = proc.wait(40)
+        log = proc.log_path.read_text()
+    for s in socks:
+        s.close()
+    assert [end for _, end in ended] == ["eof"] * 16, ended  # closed cleanly, never reset
+    for answers, _ in ended[:8]:
+        assert len(answers) == 1 and answers[0][0].startswith((b"http/1.1 200", b"http/1.1 503")), answers
+        if answers[0][0].startswith(b"http/1.1 200"):
+            assert len(json.loads(answers[0][1])["predictions"]) == 64
+    for answers, _ in ended[8:12]:
+        assert len(answers) == 1, answers
+        head = answers[0][0]
+        assert head.startswith((b"http/1.1 503", b"http/1.1 200")), head
+        if head.startswith(b"http/1.1 503"):  # readiness has turned: the answer closes the connection
+            assert b"connection: close" in head and b"draining" in answers[0][1]
+    assert all(answers == [] for answers, _ in ended[12:])
+    assert rc == 0, log
+    assert "Traceback" not in log, log
+
+
+def _responses_until_one(s: socket.socket) -> tuple[bytes, bytes]:
+    s.settimeout(10)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, rest = data.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(rest) < length:
+        rest += s.recv(65536)
+    return head, rest
+
+
+def test_a_request_that_would_outlast_the_drain_gets_a_clean_503(live, model):
+    import anyio
+
+    from mnist_deploy.serve import create_app
+
+    app = create_app(model=model)
+    with live(app, drain_timeout=1.5) as url:
+        limiter = app.fastapi.state.decoders = anyio.CapacityLimiter(1)
+        holder = object()
+
+        async def hold() -> None:  # on the server's loop: every decoder busy, an upload waits for ever
+            limiter.acquire_on_behalf_of_nowait(holder)
+
+        asyncio.run_coroutine_threadsafe(hold(), app.live_server.servers[0].get_loop()).result(10)
+        png = _png_digit()
+        upload = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: %d\r\n\r\n%s"
+                  % (len(png), png))
+        s = _open(url, upload)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        app.live_server.should_exit = True  # the drain begins
+        answers, end = _responses(s, 10)
+        waited = time.monotonic() - t0
+        s.close()
+    assert end == "eof" and len(answers) == 1, (answers, end)
+    head, body = answers[0]
+    assert head.startswith(b"http/1.1 503") and b"connection: close" in head, head
+    assert b"shutting down" in body
+    assert waited < 10
+
+
+def _png_digit() -> bytes:
+    import numpy as np
+    from _serving import png_bytes
+
+    a = np.zeros((28, 28), np.uint8)
+    a[6:22, 12:16] = 255
+    return png_bytes(a)
+
+
+def test_readiness_turns_503_when_the_drain_begins(model):
+    from starlette.testclient import TestClient
+
+    from mnist_deploy.serve import create_app
+
+    app = create_app(model=model)
+    name = model.manifest["model"]["name"]
+    with TestClient(app) as c:
+        assert c.get("/health").status_code == 200 and c.get("/v2/health/ready").status_code == 200
+        app.service.begin_drain()
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json() == {"status": "draining"}
+        assert c.get("/v2/health/ready").status_code == 400  # the spec: a 4xx is "not ready"
+        assert c.get(f"/v2/models/{name}/ready").status_code == 400
+        assert c.post("/predict", json={"pixels": [0] * 784}).status_code == 200  # what arrives is answered
+
+
+def test_the_uvicorn_internals_the_protocol_relies_on_are_there():
+    import importlib.metadata
+    import inspect
+
+    import uvicorn
+    from uvicorn.protocols.http import httptools_impl
+
+    from mnist_deploy.serve.connections import UVICORN_INTERNALS
+
+    version = tuple(int(p) for p in importlib.metadata.version("uvicorn").split(".")[:2])
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    lo, hi = re.search(r'"uvicorn\[standard\]>=([\d.]+),<([\d.]+)"', pyproject).groups()
+    assert tuple(int(p) for p in lo.split(".")[:2]) <= version < tuple(int(p) for p in hi.split(".")[:2])
+    cls = httptools_impl.HttpToolsProtocol
+    for name in UVICORN_INTERNALS["HttpToolsProtocol"]:
+        assert callable(getattr(cls, name, None)), f"uvicorn's HttpToolsProtocol has no {name}()"
+    init = inspect.getsource(cls.__init__)
+    for name in UVICORN_INTERNALS["HttpToolsProtocol()"]:
+        assert f"self.{name} " in init or f"self.{name}:" in init, f"uvicorn's HttpToolsProtocol has no .{name}"
+    cycle = inspect.getsource(httptools_impl.RequestResponseCycle)
+    for name in UVICORN_INTERNALS["RequestResponseCycle()"]:
+        assert f"self.{name} =" in cycle, f"uvicorn's RequestResponseCycle has no {name}"
+    assert "if not self.keep_alive" in cycle  # keep_alive False still means Connection: close, then close
+    shutdown = inspect.getsource(uvicorn.Server.shutdown)
+    assert "connection.shutdown()" in shutdown and "timeout_graceful_shutdown" in shutdown
+    assert list(inspect.signature(uvicorn.Server.handle_exit).parameters) == ["self", "sig", "frame"]

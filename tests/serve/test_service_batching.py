@@ -96,7 +96,7 @@ def test_batching_off_by_default_and_on_in_process(served, mnist_dir, oracle):
     images, _ = mnist_test_digits(mnist_dir, 4)
     model = load_model(artifacts=served, runtime="onnx")
     with TestClient(create_app(model=model)) as c:
-        assert c.app.service.batcher is None
+        assert c.app.service.batcher.max_batch_size == 1  # a pass-through: one request per model call
     with TestClient(create_app(model=model, max_batch_size=8, max_queue_delay_us=100)) as c:
         assert c.app.service.batcher is not None and c.app.service.batcher.max_batch_size == 8
         r = c.post("/predict", json={"pixels": images[0].ravel().tolist()})

@@ -140,3 +140,65 @@ def test_binary_tensor_request_says_what_to_send_instead(server, triton, torch_m
     tensor.set_data_from_numpy(x, binary_data=False)
     result = triton.infer(name, [tensor], outputs=[httpclient.InferRequestedOutput("logits", binary_data=False)])
     np.testing.assert_allclose(result.as_numpy("logits"), torch_model.logits(x), atol=1e-4, rtol=1e-4)
+
+
+# -- issue 18: outputs amplification (item 1) and non-finite outputs (item 12) -----------------
+
+
+@pytest.fixture
+def v2(served):
+    from starlette.testclient import TestClient
+
+    from mnist_deploy.serve import create_app
+
+    m = load_model(artifacts=served, runtime="onnx")
+    with TestClient(create_app(model=m)) as c:
+        yield c, f"/v2/models/{m.manifest['model']['name']}"
+
+
+def _pixels(n: int = 1) -> dict:
+    return {"name": "pixels", "datatype": "UINT8", "shape": [n, 784], "data": [0] * (784 * n)}
+
+
+@pytest.mark.parametrize("outputs", [
+    [{"name": "probabilities"}] * 2, [{"name": "logits"}, {"name": "probabilities"}, {"name": "logits"}],
+    [{"name": "probabilities"}] * 5000, [{"name": "scores"}], [{"name": "logits"}, "logits"], {"name": "logits"},
+], ids=["twice", "logits-twice", "5000", "unknown", "not-an-object", "not-a-list"])
+def test_repeated_or_unknown_outputs_are_400(v2, outputs):
+    client, path = v2
+    r = client.post(path + "/infer", json={"inputs": [_pixels()], "outputs": outputs})
+    assert r.status_code == 400, r.text[:300]
+    assert "outputs" in r.json()["error"]
+
+
+def test_the_response_is_bounded_by_the_outputs_the_model_has(v2):
+    client, path = v2
+    r = client.post(path + "/infer", json={"inputs": [_pixels(256)],
+                                           "outputs": [{"name": "probabilities"}, {"name": "logits"}]})
+    assert r.status_code == 200, r.text[:300]
+    assert [o["name"] for o in r.json()["outputs"]] == ["probabilities", "logits"]
+    assert len(r.content) < 2 * 256 * 10 * 30  # two tensors of 2,560 floats, at most ~30 bytes each
+
+
+@pytest.mark.parametrize("value", [3e38, -3e38, 1e6, -50.0])
+def test_fp32_input_out_of_the_normalised_range_is_400_never_null(v2, value):
+    client, path = v2
+    data = [0.0] * 784
+    data[100] = value
+    r = client.post(path + "/infer", json={"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784],
+                                                       "data": data}], "outputs": [{"name": "logits"}]})
+    assert r.status_code == 400, r.text[:300]
+    assert "null" not in r.text and "normalised" in r.json()["error"]
+
+
+def test_the_fp32_range_is_in_the_metadata_and_its_ends_are_served(v2, served):
+    client, path = v2
+    meta = client.get(path).json()
+    bounds = {i["name"]: i.get("parameters") for i in meta["inputs"]}["input"]
+    x = normalize_pixels(np.array([[0.0] * 392 + [255.0] * 392], np.float32))
+    assert bounds["min"] <= float(x.min()) and float(x.max()) <= bounds["max"]
+    assert bounds["max"] - bounds["min"] < 1.01 * float(x.max() - x.min())  # tight: no room for 3e38
+    r = client.post(path + "/infer", json={"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784],
+                                                       "data": x.ravel().tolist()}]})
+    assert r.status_code == 200, r.text[:300]
+    assert all(np.isfinite(r.json()["outputs"][0]["data"]))
