@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from .common import cache_dir_option, cli, data_dir_option, no_download_option, positive, stderr_console
+from .common import (cache_dir_option, cli, data_dir_option, no_download_option, positive, stderr_console,
+                     thread_count)
 
 MODEL_NAMES = ("mlp", "cnn")  # mirrors models.MODELS; kept here so --help never imports torch
 
@@ -86,7 +87,7 @@ class _RichReporter:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--subset", type=int, default=None, callback=positive,
               help="Train on the first N training images only (quick runs).")
-@click.option("--threads", type=int, default=None, callback=positive,
+@click.option("--threads", type=int, default=None, callback=thread_count,
               help="PyTorch intra-op threads (per process with --nproc-per-node; default 1 there).")
 @click.option("--step", type=click.Choice(["auto", "fused", "autograd"]), default="auto", show_default=True,
               help="fused: the MLP's hand-fused forward, backward and Adam (one process); autograd: "

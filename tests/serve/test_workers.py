@@ -141,6 +141,8 @@ def test_workers_stop_when_the_parent_is_killed(served, tmp_path, monkeypatch):
     (["--max-batch-size", "16", "--preferred-batch-sizes", "8,32"], "preferred sizes must lie in 1..--max-batch-size"),
     (["--max-batch-size", "0", "--preferred-batch-sizes", "4"], "preferred sizes must lie in 1..--max-batch-size"),
     (["--workers", "0"], "--workers"),
+    (["--threads", "100000"], "per usable core"),  # hung 60 s+ without a word
+    (["--workers", "2", "--threads", "100000"], "per usable core"),
 ])
 def test_serve_refuses_bad_worker_and_batching_options(args, message, tmp_path):
     result = CliRunner().invoke(cli, ["serve", "--artifacts", str(tmp_path), *args])
