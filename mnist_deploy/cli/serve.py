@@ -9,7 +9,7 @@ import click
 
 from ..devices import DEVICE_CHOICES
 from ..formats import DEFAULT_RUNTIME, FORMATS
-from .common import cli, positive, thread_count
+from .common import cli, thread_count
 
 PREDICT_RUNTIMES = tuple(FORMATS)  # every runtime in the registry; pytorch runs the state_dict
 
