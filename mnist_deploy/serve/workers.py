@@ -16,6 +16,14 @@ Metrics: before the first worker starts, the parent makes a private temporary fo
 that exits is marked dead (:func:`prometheus_client.multiprocess.mark_process_dead`) and replaced;
 the folder is removed when the parent exits.
 
+Restarts: a worker tells the parent when it is ready (its app started and its socket is served). One
+that dies after that (SIGKILL, the OOM killer) is replaced at once; when deaths come one after another
+(each replacement dying within ``stable_after`` seconds) the next start waits longer each time
+(``restart_backoff`` doubling up to ``max_backoff``), while the live workers keep serving. The parent
+gives up (exit 1) only when a worker slot fails to *start* ``max_start_failures`` times in a row (it died
+before it was ready: the artifact went bad, memory ran out at load): restarting could not help then.
+Before, two quick deaths (a worker, then its replacement 3 s after it started) stopped the whole server.
+
 SIGINT or SIGTERM to the parent stops the workers gracefully (SIGTERM each: uvicorn finishes the
 requests in flight and runs the lifespan shutdown) and waits for them, then kills any left after
 ``stop_timeout`` seconds. A parent that dies without a say (SIGKILL, the OOM killer) takes its workers
@@ -88,8 +96,9 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _worker_main(sock: socket.socket, app_kwargs: dict[str, Any], server_kwargs: dict[str, Any],
-                 parent_pid: int | None = None) -> None:
-    """One worker process: its own app and model, uvicorn on the shared socket."""
+                 parent_pid: int | None = None, ready=None) -> None:
+    """One worker process: its own app and model, uvicorn on the shared socket. ``ready`` (an Event)
+    is set once the app's startup has run and the socket is served."""
     if parent_pid is not None:
         _die_with_parent(parent_pid)
     import uvicorn
@@ -104,13 +113,53 @@ def _worker_main(sock: socket.socket, app_kwargs: dict[str, Any], server_kwargs:
     config = uvicorn.Config(app, log_level=server_kwargs["log_level"], access_log=server_kwargs["access_log"],
                             server_header=False, timeout_keep_alive=KEEP_ALIVE_TIMEOUT, lifespan="on",
                             http=protocol, loop=server_kwargs["loop"])
-    uvicorn.Server(config).run(sockets=[sock])
+    _ready_server_class()(config, ready).run(sockets=[sock])
+
+
+def _ready_server_class():
+    """Made on first use, in the worker: uvicorn is imported there, not by the parent's import."""
+    import uvicorn
+
+    class ReadyServer(uvicorn.Server):
+        """uvicorn's server that sets an Event once it serves (the lifespan startup succeeded)."""
+
+        def __init__(self, config, ready=None) -> None:
+            super().__init__(config)
+            self._ready = ready
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self._ready is not None and not self.should_exit:
+                self._ready.set()
+
+    return ReadyServer
+
+
+class _Slot:
+    """One worker position: its process, when it started, whether it said it was ready, its record."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc = None
+        self.ready = None  # a multiprocessing Event per start
+        self.started = 0.0
+        self.start_failures = 0  # consecutive deaths before ready
+        self.quick_deaths = 0  # consecutive deaths within stable_after of starting
+        self.restart_at: float | None = None
+
+
+def _backoff(deaths: int, base: float, most: float) -> float:
+    """Seconds before the next start after ``deaths`` consecutive quick deaths: 0 for the first, then
+    base, 2 base, 4 base, ... up to ``most``."""
+    return 0.0 if deaths <= 1 else min(most, base * 2 ** (deaths - 2))
 
 
 def run_workers(*, workers: int, host: str, port: int, app_kwargs: dict[str, Any], log_level: str = "info",
                 access_log: bool = False, max_connections: int | None = None, request_timeout: float = 10.0,
                 loop: str = "uvloop",
-                stop_timeout: float = 30.0, reuse_port: bool = True, announce=print) -> None:
+                stop_timeout: float = 30.0, reuse_port: bool = True, announce=print,
+                max_start_failures: int = 5, restart_backoff: float = 0.5, max_backoff: float = 10.0,
+                stable_after: float = 30.0) -> None:
     """Serve with ``workers`` processes on one port until SIGINT or SIGTERM (see the module docstring).
 
     ``app_kwargs`` go to :func:`.app.create_app` in each worker (no model object: each loads its own).
@@ -133,29 +182,50 @@ def run_workers(*, workers: int, host: str, port: int, app_kwargs: dict[str, Any
     ctx = multiprocessing.get_context("spawn")
     stop = threading.Event()
     handlers = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    procs: list = []
+    slots = [_Slot(i) for i in range(workers)]
+    procs: list = []  # every process started, for the shutdown
 
-    started: dict[int, float] = {}
+    def start(slot: _Slot) -> None:
+        slot.ready = ctx.Event()
+        p = ctx.Process(target=_worker_main, args=(socks[slot.index], app_kwargs, server_kwargs, os.getpid()),
+                        kwargs={"ready": slot.ready}, name="mnist-deploy-worker")
+        p.start()  # the same socket as before: its queued connections are not lost
+        slot.proc, slot.started, slot.restart_at = p, time.monotonic(), None
+        procs.append(p)
 
-    def start(i: int) -> multiprocessing.Process:
-        p = ctx.Process(target=_worker_main, args=(socks[i], app_kwargs, server_kwargs, os.getpid()), name="mnist-deploy-worker")
-        p.start()
-        started[p.pid] = time.monotonic()
-        return p
+    def reap(slot: _Slot) -> None:
+        """A slot's process has exited: record why, and when to start the next one (or give up)."""
+        p, now = slot.proc, time.monotonic()
+        multiprocess.mark_process_dead(p.pid, metrics_dir)
+        procs.remove(p)
+        was_ready = slot.ready.is_set()
+        slot.proc = None
+        slot.start_failures = 0 if was_ready else slot.start_failures + 1
+        slot.quick_deaths = slot.quick_deaths + 1 if now - slot.started < stable_after else 1
+        if slot.start_failures >= max_start_failures:
+            raise RuntimeError(f"worker {p.pid} exited with code {p.exitcode} before it was ready: "
+                               f"{slot.start_failures} starts in a row failed; giving up (see its log above)")
+        delay = _backoff(slot.quick_deaths, restart_backoff, max_backoff)
+        slot.restart_at = now + delay
+        alive = sum(1 for s in slots if s.proc is not None)
+        _LOG.warning("worker %d exited with code %s %s; starting another in %.1f s (%d of %d workers serving%s)",
+                     p.pid, p.exitcode, "after it was ready" if was_ready else "before it was ready", delay, alive,
+                     workers, f"; {slot.start_failures} failed start(s) in a row, giving up at "
+                              f"{max_start_failures}" if slot.start_failures else "")
 
     try:
         bound = sock.getsockname()
         announce(f"listening on http://{host}:{bound[1]} with {workers} worker processes (parent pid {os.getpid()})")
-        procs = [start(i) for i in range(workers)]
-        while not stop.wait(0.5):
-            for i, p in enumerate(procs):
-                if p.exitcode is not None and not stop.is_set():
-                    if time.monotonic() - started[p.pid] < 10:  # dies at start: restarting would loop
-                        raise RuntimeError(f"worker {p.pid} exited with code {p.exitcode} within 10 s of "
-                                           "starting; see its log above")
-                    _LOG.warning("worker %d exited with code %s; starting another", p.pid, p.exitcode)
-                    multiprocess.mark_process_dead(p.pid, metrics_dir)
-                    procs[i] = start(i)  # the same socket: its queued connections are not lost
+        for slot in slots:
+            start(slot)
+        while not stop.wait(0.2):
+            for slot in slots:
+                if stop.is_set():
+                    break
+                if slot.proc is not None and slot.proc.exitcode is not None:
+                    reap(slot)
+                if slot.proc is None and time.monotonic() >= slot.restart_at:
+                    start(slot)
     finally:
         for p in procs:
             if p.exitcode is None and p.pid is not None:
