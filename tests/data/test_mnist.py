@@ -423,3 +423,27 @@ def test_an_unreadable_cache_is_rebuilt_with_a_warning(mnist_dir, good_cache, ow
         splits, _ = data.load_splits(mnist_dir, cache_dir=own_cache, allow_download=False)
     assert torch_equal(splits["test"].labels, good_cache[1]["test"][1])
     assert len(caplog.records) == 1 and "unreadable" in caplog.records[0].getMessage()
+
+
+@pytest.mark.integration
+def test_a_cache_edited_in_place_with_its_mtime_reset_is_rebuilt(mnist_dir, good_cache, own_cache, caplog):
+    # The warm path skips re-hashing only while the file's stat stamp is the one recorded when it was
+    # hashed; an edit in place (size and mtime kept) still moves its ctime.
+    path = own_cache / "mnist_train_processed.pth"
+    data.load_splits(mnist_dir, cache_dir=own_cache, allow_download=False)  # re-recorded for this copy
+    path.unlink()
+    path.write_bytes((good_cache[0] / path.name).read_bytes())  # its own inode, not the shared one
+    data.load_splits(mnist_dir, cache_dir=own_cache, allow_download=False)
+    st = path.stat()
+    with open(path, "r+b") as fh:
+        fh.seek(st.st_size // 2)
+        byte = fh.read(1)
+        fh.seek(st.st_size // 2)
+        fh.write(bytes([byte[0] ^ 0x01]))  # the lowest mantissa bit of one pixel: still in range
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with caplog.at_level("WARNING", logger="mnist_deploy.data.mnist"):
+        splits, _ = data.load_splits(mnist_dir, cache_dir=own_cache, allow_download=False)
+    warned = [r.getMessage() for r in caplog.records]
+    # Caught by the digest, or by the range check first when the flip pushed a pixel past 0 or 255.
+    assert len(warned) == 1 and ("do not match the sha256" in warned[0] or "outside" in warned[0]), warned
+    assert torch_equal(splits["train"].images, good_cache[1]["train"][0])
