@@ -308,12 +308,15 @@ def package_artifacts(*, artifacts: str | os.PathLike = "artifacts", out: str | 
         if final.exists():  # overwrite: swap the old folder out, the new one in, then drop the old
             old = stage / ".old"
             os.replace(final, old)
-        os.replace(model_dir, final)
         try:
-            os.replace(staged_isvc, isvc)
+            os.replace(model_dir, final)
+            try:
+                os.replace(staged_isvc, isvc)
+            except BaseException:
+                os.replace(final, stage / ".failed")  # removed with the staging folder
+                raise
         except BaseException:
-            os.replace(final, stage / ".failed")  # removed with the staging folder
-            if old is not None:
+            if old is not None and not final.exists():  # the previous package, as it was
                 os.replace(old, final)
             raise
         fsync_dir(repository)
