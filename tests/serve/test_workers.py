@@ -198,6 +198,7 @@ def test_two_quick_worker_deaths_do_not_stop_the_server(served, tmp_path, monkey
             os.kill(victim, signal.SIGKILL)
             replacement = None
             while replacement is None and time.monotonic() < deadline:  # the replacement appears...
+                assert proc.poll() is None, "the server stopped after one worker died:\n" + proc.log_path.read_text()
                 replacement = next(iter(_worker_children(proc.pid) - {survivor, victim}), None)
                 time.sleep(0.05)
             assert replacement is not None, "no replacement was started"
