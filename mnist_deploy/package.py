@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .artifacts.files import atomic_write_text, sha256_file
+from .artifacts.files import atomic_write_text, fsync_dir, sha256_file
 from .artifacts.manifest import load_manifest, manifest_path
 from .errors import ExportError, InputError, IntegrityError, ManifestError
 from .formats import artifact_path, written_as
@@ -35,8 +35,20 @@ __all__ = ["PackageConfig", "PackageResult", "TensorSpec", "onnx_tensor_specs", 
 ONNX_FORMATS = written_as(".onnx")
 INSTANCE_KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU", "auto": "KIND_AUTO"}
 STORAGE_URI_PLACEHOLDER = "s3://YOUR-BUCKET/PATH/TO/model_repository"
-# A Kubernetes object name (RFC 1123 label); also a valid Triton model (directory) name.
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# A Kubernetes object name (RFC 1123 label); also a valid Triton model (directory) name. Always used
+# with fullmatch: "$" also matches before a trailing newline, and "mlp\n" passed the check once.
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+# Triton's ModelConfig field types (model_config.proto): a value outside them makes Triton refuse the
+# config ("Value out of range"). version is int64 and names a folder, so at least 1.
+_INT32_MAX, _INT64_MAX, _UINT64_MAX = 2**31 - 1, 2**63 - 1, 2**64 - 1
+_RANGES = {  # PackageConfig field -> (option, least, most)
+    "version": ("--model-version", 1, _INT64_MAX),  # version_policy.specific.versions: int64
+    "max_batch_size": ("--max-batch-size", 1, _INT32_MAX),  # int32
+    "instances": ("--instances", 1, _INT32_MAX),  # instance_group.count: int32
+    "max_queue_delay_us": ("--max-queue-delay-us", 0, _UINT64_MAX),  # max_queue_delay_microseconds: uint64
+}
+# A KServe storageUri: a scheme (s3, gs, pvc, https, ...) and a path, with no spaces or control characters.
+_STORAGE_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\x00-\x20\x7f]+")
 
 # ONNX TensorProto element type names -> Triton DataType names (model_config.proto).
 _TRITON_TYPES = {
@@ -126,27 +138,47 @@ def _check_config(cfg: PackageConfig) -> None:
     if cfg.format not in ONNX_FORMATS:
         raise InputError(f"format '{cfg.format}' cannot be packaged for Triton's ONNX Runtime backend; "
                          f"choose one of {', '.join(ONNX_FORMATS)}")
-    if cfg.name is not None and not _NAME.match(cfg.name):
+    if cfg.name is not None and (not isinstance(cfg.name, str) or not _NAME.fullmatch(cfg.name)):
         raise InputError(f"model name '{cfg.name}' must be lowercase letters, digits and '-', 1-63 characters "
                          "(a Kubernetes object name; also the Triton model name)")
-    for label, value in (("version", cfg.version), ("max batch size", cfg.max_batch_size),
-                         ("instances", cfg.instances)):
-        if value < 1:
-            raise InputError(f"{label} must be at least 1, got {value}")
-    if cfg.max_queue_delay_us < 0:
-        raise InputError(f"max queue delay must be >= 0 us, got {cfg.max_queue_delay_us}")
-    bad = [p for p in cfg.preferred_batch_sizes if not 1 <= p <= cfg.max_batch_size]
+    for key, (option, least, most) in _RANGES.items():
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{option} must be an integer, got {value!r}")
+        if value < least:
+            raise InputError(f"{option} must be at least {least}, got {value}")
+        if value > most:
+            raise InputError(f"{option} {value} is out of range: Triton's config takes at most {most:,}")
+    bad = [p for p in cfg.preferred_batch_sizes
+           if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= cfg.max_batch_size]
     if bad:
         raise InputError(f"preferred batch sizes {bad} must lie in 1..{cfg.max_batch_size} (the max batch size)")
     if cfg.instance_kind not in INSTANCE_KINDS:
         raise InputError(f"instance kind '{cfg.instance_kind}' is not one of {', '.join(INSTANCE_KINDS)}")
+    if not isinstance(cfg.storage_uri, str) or not _STORAGE_URI.fullmatch(cfg.storage_uri):
+        raise InputError(f"--storage-uri {cfg.storage_uri!r} is not a storage URI (SCHEME://PATH, e.g. "
+                         "s3://bucket/model_repository, with no spaces or control characters)")
+
+
+def _pbtxt_string(text: str) -> str:
+    """A protobuf text-format string literal: quoted, with quotes, backslashes and control characters
+    escaped (tensor names come from the ONNX graph, which is data, not code)."""
+    out = []
+    for ch in text:
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\{ord(ch):03o}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 def _pbtxt_tensors(key: str, specs: list[TensorSpec]) -> list[str]:
     lines = [f"{key} ["]
     for i, s in enumerate(specs):
         dims = ", ".join(str(d) for d in s.dims)
-        lines += ["  {", f'    name: "{s.name}"', f"    data_type: {s.datatype}", f"    dims: [ {dims} ]",
+        lines += ["  {", f"    name: {_pbtxt_string(s.name)}", f"    data_type: {s.datatype}", f"    dims: [ {dims} ]",
                   "  }" + ("," if i < len(specs) - 1 else "")]
     return [*lines, "]"]
 
@@ -157,7 +189,7 @@ def triton_config(*, name: str, cfg: PackageConfig, inputs: list[TensorSpec], ou
     lines = [
         f"# Written by `mnist-deploy package` from {source}",
         f"# model file sha256 {sha256} (as in the manifest)",
-        f'name: "{name}"',
+        f"name: {_pbtxt_string(name)}",
         'platform: "onnxruntime_onnx"',
         f"max_batch_size: {cfg.max_batch_size}",
         f"version_policy: {{ specific: {{ versions: [ {cfg.version} ] }} }}",
@@ -179,31 +211,32 @@ def triton_config(*, name: str, cfg: PackageConfig, inputs: list[TensorSpec], ou
 
 
 def inference_service(*, name: str, cfg: PackageConfig) -> str:
-    """A KServe ``InferenceService`` (serving.kserve.io/v1beta1) for the repository, as YAML text."""
-    return f"""\
-# Written by `mnist-deploy package`. Upload the model_repository folder (the one holding {name}/)
-# to storage your cluster can read, set storageUri to it, then `kubectl apply -f` this file.
-# KServe picks its Triton runtime for modelFormat onnx with protocol v2; the model is then at
-# /v2/models/{name} on the service's URL.
-apiVersion: serving.kserve.io/v1beta1
-kind: InferenceService
-metadata:
-  name: {name}
-spec:
-  predictor:
-    model:
-      modelFormat:
-        name: onnx
-      protocolVersion: v2
-      storageUri: "{cfg.storage_uri}"
-      resources:
-        requests:
-          cpu: "1"
-          memory: 1Gi
-        limits:
-          cpu: "1"
-          memory: 1Gi
-"""
+    """A KServe ``InferenceService`` (serving.kserve.io/v1beta1) for the repository, as YAML text.
+
+    Written by PyYAML from a dict, never by formatting strings: a value is always one scalar, however
+    it is spelled (a storage URI with quotes and a newline once injected a ``runtime`` key)."""
+    import yaml
+
+    doc = {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": {"name": name},
+        "spec": {"predictor": {"model": {
+            "modelFormat": {"name": "onnx"},
+            "protocolVersion": "v2",
+            "storageUri": cfg.storage_uri,
+            "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+        }}},
+    }
+    if not isinstance(name, str) or not _NAME.fullmatch(name):  # it is also written into the comments
+        raise InputError(f"model name {name!r} is not a valid Kubernetes name")
+    header = (
+        f"# Written by `mnist-deploy package`. Upload the model_repository folder (the one holding {name}/)\n"
+        "# to storage your cluster can read, set storageUri to it, then `kubectl apply -f` this file.\n"
+        "# KServe picks its Triton runtime for modelFormat onnx with protocol v2; the model is then at\n"
+        f"# /v2/models/{name} on the service's URL.\n"
+    )
+    return header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, allow_unicode=False)
 
 
 @contextlib.contextmanager
@@ -233,7 +266,7 @@ def package_artifacts(*, artifacts: str | os.PathLike = "artifacts", out: str | 
                            advice="; only an export that passed its parity gate is packaged")
     sha = manifest["artifacts"][cfg.format]["sha256"]
     name = cfg.name or str(manifest["model"]["name"]).lower().replace("_", "-")
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise InputError(f"the manifest's model name '{name}' is not a valid Kubernetes name; pass --name")
 
     inputs, outputs = onnx_tensor_specs(source)
@@ -247,6 +280,9 @@ def package_artifacts(*, artifacts: str | os.PathLike = "artifacts", out: str | 
     if final.exists() and not cfg.overwrite:
         raise InputError(f"{final} already exists; pass --overwrite to replace it")
     repository.mkdir(parents=True, exist_ok=True)
+    isvc = out / "inferenceservice.yaml"
+    # One unit: the model folder and the YAML are both written in the staging folder first, then moved
+    # into place; if the YAML cannot be, the model folder is put back as it was (none, or the old one).
     with _staging(out) as stage:  # outside model_repository, where Triton would see a stray folder
         model_dir = stage / name
         model_path = model_dir / str(cfg.version) / "model.onnx"
@@ -259,11 +295,25 @@ def package_artifacts(*, artifacts: str | os.PathLike = "artifacts", out: str | 
         text = triton_config(name=name, cfg=cfg, inputs=inputs, outputs=outputs, sha256=sha,
                              source=f"{manifest_path(folder)} ({cfg.format})")
         (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
+        staged_isvc = stage / "inferenceservice.yaml"
+        atomic_write_text(staged_isvc, inference_service(name=name, cfg=cfg))
+        old = None
         if final.exists():  # overwrite: swap the old folder out, the new one in, then drop the old
             old = stage / ".old"
             os.replace(final, old)
-        os.replace(model_dir, final)
-    isvc = atomic_write_text(out / "inferenceservice.yaml", inference_service(name=name, cfg=cfg))
+        try:
+            os.replace(model_dir, final)
+            try:
+                os.replace(staged_isvc, isvc)
+            except BaseException:
+                os.replace(final, stage / ".failed")  # removed with the staging folder
+                raise
+        except BaseException:
+            if old is not None and not final.exists():  # the previous package, as it was
+                os.replace(old, final)
+            raise
+        fsync_dir(repository)
+        fsync_dir(out)
     model_file = final / str(cfg.version) / "model.onnx"
     return PackageResult(name=name, version=cfg.version, repository=repository, config_path=final / "config.pbtxt",
                          model_path=model_file, inference_service_path=isvc, sha256=sha,

@@ -131,6 +131,21 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return out
 
 
+def _refuse_special_file(path: Path) -> None:
+    """A named input must be a regular file (folders were expanded already): opening a FIFO blocks until
+    a writer comes (``predict`` hung until killed), a character device can be endless (/dev/zero)."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or unreadable: reading it says so, in the usual words
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise InputError(f"{path}: {kind}, not an image file; name image files or folders of them")
+
+
 def top_k(probabilities: np.ndarray, k: int) -> list[dict]:
     """The ``k`` most probable digits of one probability row, best first."""
     order = np.argsort(-probabilities, kind="stable")[:k]
@@ -159,6 +174,7 @@ def predict_files(inputs: Sequence[str | os.PathLike], *, artifacts: str | os.Pa
         record: dict[str, Any] = {"file": str(path)}
         records.append(record)
         try:
+            _refuse_special_file(path)
             pending.append((record, preprocess_image(path, max_pixels=max_pixels, **norm)))
         except MnistDeployError as exc:
             record["error"] = str(exc)

@@ -187,12 +187,86 @@ def test_existing_model_folder_needs_overwrite(exported, tmp_path):
     (["--preferred-batch-size", "512"], "must lie in 1..256"),
     (["--format", "pt2"], "Invalid value for '--format'"),
     (["--max-batch-size", "0"], "must be at least 1"),
+    # Issue 18: each of these gave exit 0 and a config Triton or KServe rejects.
+    (["--name", "mlp\n"], "lowercase letters"),  # "$" matched before the trailing newline
+    (["--name", "mlp\nx"], "lowercase letters"),
+    (["--model-version", str(2**63)], "--model-version 9223372036854775808 is out of range"),  # int64
+    (["--max-batch-size", str(2**31)], "--max-batch-size 2147483648 is out of range"),  # int32
+    (["--instances", str(2**31)], "--instances 2147483648 is out of range"),  # int32
+    (["--max-queue-delay-us", str(2**64)], "--max-queue-delay-us 18446744073709551616 is out of range"),  # uint64
+    (["--storage-uri", 's3://b/m"\n      runtime: "x'], "is not a storage URI"),  # YAML injection
+    (["--storage-uri", "s3://b/m x"], "is not a storage URI"),
+    (["--storage-uri", "model_repository"], "is not a storage URI"),
 ])
 def test_cli_bad_options(exported, tmp_path, args, message):
     res = CliRunner().invoke(cli, ["package", "--artifacts", str(exported), "--out", str(tmp_path / "pkg"), *args])
-    assert res.exit_code == 2
+    assert res.exit_code == 2, res.output
     assert message in res.output
+    assert "Traceback" not in res.output
     assert not (tmp_path / "pkg" / "model_repository" / "mlp").exists()
+    assert not (tmp_path / "pkg" / "inferenceservice.yaml").exists()
+
+
+def test_values_at_the_edges_of_tritons_ranges_parse(exported, tmp_path):
+    # The largest value of each field's protobuf type is accepted, and Triton's own schema reads it back.
+    out = tmp_path / "pkg"
+    res = CliRunner().invoke(cli, ["package", "--artifacts", str(exported), "--out", str(out),
+                                   "--model-version", str(2**63 - 1), "--max-batch-size", str(2**31 - 1),
+                                   "--instances", str(2**31 - 1), "--max-queue-delay-us", str(2**64 - 1)])
+    assert res.exit_code == 0, res.output
+    config, _ = parse_config(out / "model_repository" / "mlp" / "config.pbtxt")
+    assert list(config.version_policy.specific.versions) == [2**63 - 1]
+    assert config.max_batch_size == 2**31 - 1 and config.instance_group[0].count == 2**31 - 1
+    assert config.dynamic_batching.max_queue_delay_microseconds == 2**64 - 1
+
+
+@pytest.mark.parametrize("uri", ['s3://b/m"x', "gs://b/it's#not:{a}[map]&*x|y>z", 's3://b/"\\u0000\\'])
+def test_inference_service_yaml_keeps_any_storage_uri_one_scalar(uri):
+    yaml = pytest.importorskip("yaml")
+    from mnist_deploy.package import inference_service
+
+    doc = yaml.safe_load(inference_service(name="digits", cfg=PackageConfig(storage_uri=uri)))
+    model = doc["spec"]["predictor"]["model"]
+    assert model["storageUri"] == uri
+    assert sorted(model) == ["modelFormat", "protocolVersion", "resources", "storageUri"]
+    assert sorted(doc) == ["apiVersion", "kind", "metadata", "spec"]
+
+
+def test_pbtxt_strings_are_escaped():
+    # Tensor names come from the ONNX graph; a quote or newline in one must not end the string.
+    from google.protobuf import text_format
+
+    from mnist_deploy.package import TensorSpec, triton_config
+
+    pb2 = triton_model_config()
+    odd = 'x"\nname: "evil\\'
+    text = triton_config(name="mlp", cfg=PackageConfig(), inputs=[TensorSpec(odd, "TYPE_FP32", (784,))],
+                         outputs=[TensorSpec("y", "TYPE_FP32", (10,))], sha256="0" * 64, source="test")
+    config = text_format.Parse(text, pb2.ModelConfig())
+    assert config.name == "mlp" and config.input[0].name == odd
+
+
+@pytest.mark.parametrize("previous", [False, True], ids=["first", "overwrite"])
+def test_a_yaml_that_cannot_be_written_leaves_no_model_folder(exported, tmp_path, previous):
+    # The package is one unit: the exit was 1 but the new model folder stayed in the repository.
+    out = tmp_path / "pkg"
+    args = ["package", "--artifacts", str(exported), "--out", str(out)]
+    model = out / "model_repository" / "mlp"
+    if previous:
+        assert CliRunner().invoke(cli, args).exit_code == 0
+        (model / "marker.txt").write_text("the previous package")
+        (out / "inferenceservice.yaml").unlink()
+    (out / "inferenceservice.yaml").mkdir(parents=True)  # a folder where the file goes: the rename fails
+    (out / "inferenceservice.yaml" / "keep").write_text("x")
+    res = CliRunner().invoke(cli, [*args, "--overwrite", "--model-version", "7"])
+    assert res.exit_code == 1, res.output
+    assert "inferenceservice.yaml" in res.output and "Traceback" not in res.output
+    if previous:
+        assert (model / "marker.txt").read_text() == "the previous package"
+        assert not (model / "7").exists()
+    else:
+        assert not model.exists()
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
 
 
 def test_cli_formats_mirror_the_registrys_onnx_formats():

@@ -334,3 +334,22 @@ def test_load_model_threads_leave_torch_global_count_as_found(served):
     assert torch.get_num_threads() == before
     loaded.probabilities(np.zeros((4, 784), dtype=np.float32))
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.integration
+def test_cli_predict_refuses_a_fifo_without_opening_it(served, image_dir, tmp_path):
+    # Opening a FIFO blocks until a writer comes: predict hung until killed. In a subprocess with a
+    # deadline, so a regression fails instead of hanging the suite.
+    import os
+    import subprocess
+    import sys
+
+    folder, _ = image_dir
+    fifo = tmp_path / "digit.png"
+    os.mkfifo(fifo)
+    os.mkfifo(folder / "sub" / "fifo.png")  # in a folder walk: skipped (not a file), never opened
+    out = subprocess.run([sys.executable, "-m", "mnist_deploy", "predict", str(fifo), str(folder / "0_label7.png"),
+                          str(folder / "sub"), "--artifacts", str(served)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert f"{fifo}: a FIFO, not an image file" in out.stderr
+    assert len(out.stdout.strip().splitlines()) == 2 and "Traceback" not in out.stderr

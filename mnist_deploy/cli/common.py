@@ -35,6 +35,30 @@ def positive(_ctx, param, value):
     return value
 
 
+THREADS_PER_CORE = 4  # more threads than this per usable core only adds contention (and at ~30k, crashes)
+
+
+def _usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask, which containers and taskset narrow), at least 1."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def thread_count(_ctx, param, value):
+    """``--threads``: at least 1 and at most THREADS_PER_CORE x the usable cores, derived at run time.
+    Unbounded, 100,000 segfaulted libgomp in ``train`` and hung ``serve`` without a word."""
+    value = positive(_ctx, param, value)
+    limit = THREADS_PER_CORE * _usable_cores()
+    if value is not None and value > limit:
+        raise click.BadParameter(f"{value} is more than {THREADS_PER_CORE} per usable core "
+                                 f"({_usable_cores()} here); at most {limit}", param=param)
+    return value
+
+
 data_dir_option = click.option(
     "--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
     help="Folder with the four MNIST IDX files (flat or DIR/MNIST/raw/). Default: $MNIST_DEPLOY_DATA, else ./data.",

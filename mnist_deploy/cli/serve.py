@@ -9,7 +9,7 @@ import click
 
 from ..devices import DEVICE_CHOICES
 from ..formats import DEFAULT_RUNTIME, FORMATS
-from .common import cli, positive
+from .common import cli, thread_count
 
 PREDICT_RUNTIMES = tuple(FORMATS)  # every runtime in the registry; pytorch runs the state_dict
 
@@ -22,7 +22,7 @@ PREDICT_RUNTIMES = tuple(FORMATS)  # every runtime in the registry; pytorch runs
               show_default=True)
 @click.option("--top-k", type=click.IntRange(1, 10), default=3, show_default=True, help="How many digits to list.")
 @click.option("--device", type=click.Choice(list(DEVICE_CHOICES)), default="cpu", show_default=True)
-@click.option("--threads", type=int, default=None, callback=positive, help="Runtime intra-op threads.")
+@click.option("--threads", type=int, default=None, callback=thread_count, help="Runtime intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of records.")
 @click.pass_context
 def predict_cmd(ctx, inputs, runtime, artifacts, top_k, device, threads, as_json) -> None:
@@ -69,7 +69,7 @@ def predict_cmd(ctx, inputs, runtime, artifacts, top_k, device, threads, as_json
 @click.option("--reuse-port/--shared-socket", default=True, show_default=True,
               help="With several workers: a listening socket per worker (SO_REUSEPORT, connections spread evenly "
                    "by the kernel) or one socket they all accept from.")
-@click.option("--threads", type=int, default=None, callback=positive,
+@click.option("--threads", type=int, default=None, callback=thread_count,
               help="Runtime intra-op threads per worker (default: the usable cores // --workers, at least 1).")
 @click.option("--max-batch-size", type=click.IntRange(0, 4096), default=64, show_default=True,
               help="Dynamic batching of /predict, /predict/batch and v2 infer: most rows per model call (0 or 1: off). "

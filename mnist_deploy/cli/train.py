@@ -9,9 +9,18 @@ from pathlib import Path
 
 import click
 
-from .common import cache_dir_option, cli, data_dir_option, no_download_option, positive, stderr_console
+from .common import (
+    cache_dir_option,
+    cli,
+    data_dir_option,
+    no_download_option,
+    positive,
+    stderr_console,
+    thread_count,
+)
 
 MODEL_NAMES = ("mlp", "cnn")  # mirrors models.MODELS; kept here so --help never imports torch
+RDZV_TIMEOUT = 300.0  # mirrors train.distributed.DEFAULT_RDZV_TIMEOUT, for the same reason
 
 
 @cli.command("data")
@@ -86,7 +95,7 @@ class _RichReporter:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--subset", type=int, default=None, callback=positive,
               help="Train on the first N training images only (quick runs).")
-@click.option("--threads", type=int, default=None, callback=positive,
+@click.option("--threads", type=int, default=None, callback=thread_count,
               help="PyTorch intra-op threads (per process with --nproc-per-node; default 1 there).")
 @click.option("--step", type=click.Choice(["auto", "fused", "autograd"]), default="auto", show_default=True,
               help="fused: the MLP's hand-fused forward, backward and Adam (one process); autograd: "
@@ -98,7 +107,10 @@ class _RichReporter:
               help="With --nproc-per-node: machines in the job.")
 @click.option("--node-rank", type=int, default=0, show_default=True, help="With --nnodes: this machine's rank.")
 @click.option("--rdzv-endpoint", default=None, metavar="HOST:PORT",
-              help="With --nnodes: where node 0 listens (every node passes the same).")
+              help="With --nnodes: where node 0 listens (every node passes the same; IPv6 as [ADDR]:PORT).")
+@click.option("--rdzv-timeout", type=click.FloatRange(0, 86400, min_open=True), default=RDZV_TIMEOUT,
+              show_default=True, metavar="SECONDS",
+              help="With --nnodes: how long to wait for every node to join before giving up.")
 @data_dir_option
 @cache_dir_option
 @no_download_option
@@ -106,7 +118,7 @@ class _RichReporter:
               show_default=True, help="Output folder for the state_dict, metrics, manifest and plots.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def train_cmd(model, epochs, batch_size, lr, schedule, seed, device, subset, threads, step, plots, nproc_per_node,
-              nnodes, node_rank, rdzv_endpoint, data_dir, cache_dir, no_download, out, quiet) -> None:
+              nnodes, node_rank, rdzv_endpoint, rdzv_timeout, data_dir, cache_dir, no_download, out, quiet) -> None:
     """Train a model with Adam + CrossEntropyLoss, evaluate on the 10,000 test images, write artifacts.
 
     The state_dict, metrics, manifest (and plots) replace the previous ones in --out as one unit.
@@ -120,8 +132,10 @@ def train_cmd(model, epochs, batch_size, lr, schedule, seed, device, subset, thr
     if not nproc_per_node and (nnodes > 1 or node_rank or rdzv_endpoint):
         raise click.UsageError("--nnodes, --node-rank and --rdzv-endpoint go with --nproc-per-node")
     if nproc_per_node:
-        from ..train.distributed import launch_train, per_rank_batch
+        from ..train.distributed import check_job, launch_train, per_rank_batch
 
+        # The node rank and the endpoint first (exit 2, one line): they hung or gave tracebacks in torchrun.
+        check_job(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_timeout=rdzv_timeout)
         config.validate()
         per_rank_batch(config.batch_size, nproc_per_node * nnodes)  # refuse before starting any process
         if config.step == "fused":  # under torchrun, even of one process, the step is DDP's
@@ -131,7 +145,8 @@ def train_cmd(model, epochs, batch_size, lr, schedule, seed, device, subset, thr
         args = _train_args(config, plots=plots, data_dir=data_dir, cache_dir=cache_dir, no_download=no_download,
                            out=out, quiet=quiet)
         launch_train(args, nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
-                     rdzv_endpoint=rdzv_endpoint, threads=threads, out=str(out))
+                     rdzv_endpoint=rdzv_endpoint, rdzv_timeout=rdzv_timeout, threads=threads, out=str(out),
+                     announce=lambda line: click.echo(line, err=True))
         return
     reporter = None if quiet or not sys.stderr.isatty() and not os.environ.get("MNIST_DEPLOY_PROGRESS") else _RichReporter()
     try:

@@ -114,11 +114,12 @@ def uvicorn_config(app, config: ServeConfig | None = None, **uvicorn_settings):
                           timeout_graceful_shutdown=config.drain_timeout, **uvicorn_settings)
 
 
-def serve(app, config: ServeConfig | None = None, *, sockets=None) -> None:
+def serve(app, config: ServeConfig | None = None, *, sockets=None, ready=None) -> None:
     """Serve ``app`` with uvicorn until SIGINT or SIGTERM, then drain (see :mod:`.connections`).
 
     On ``sockets`` (a worker of :func:`.workers.run_workers`), else on ``config.host:config.port``.
-    Readiness (``/health``, v2 ready) turns 503 the moment the signal arrives.
+    Readiness (``/health``, v2 ready) turns 503 the moment the signal arrives. ``ready`` (an Event, for
+    the worker supervisor) is set once the app's startup has run and the socket is served.
     """
     import uvicorn
 
@@ -127,6 +128,11 @@ def serve(app, config: ServeConfig | None = None, *, sockets=None) -> None:
     service = getattr(app, "service", None)
 
     class DrainingServer(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if ready is not None and not self.should_exit:
+                ready.set()
+
         def handle_exit(self, sig, frame) -> None:
             if service is not None:
                 service.begin_drain()

@@ -87,22 +87,45 @@ def _die_with_parent(parent_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker_main(sock: socket.socket, config: ServeConfig, parent_pid: int | None = None) -> None:
-    """One worker process: its own app and model, uvicorn on the shared socket."""
+def _worker_main(sock: socket.socket, config: ServeConfig, parent_pid: int | None = None, ready=None) -> None:
+    """One worker process: its own app and model, uvicorn on the shared socket. ``ready`` (an Event)
+    is set once the app's startup has run and the socket is served."""
     if parent_pid is not None:
         _die_with_parent(parent_pid)
     from .app import create_app, serve
 
-    serve(create_app(config), config, sockets=[sock])
+    serve(create_app(config), config, sockets=[sock], ready=ready)
 
 
-def run_workers(config: ServeConfig, *, announce=print) -> None:
+class _Slot:
+    """One worker position: its process, when it started, whether it said it was ready, its record."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc = None
+        self.ready = None  # a multiprocessing Event per start
+        self.started = 0.0
+        self.start_failures = 0  # consecutive deaths before ready
+        self.quick_deaths = 0  # consecutive deaths within stable_after of starting
+        self.restart_at: float | None = None
+
+
+def _backoff(deaths: int, base: float, most: float) -> float:
+    """Seconds before the next start after ``deaths`` consecutive quick deaths: 0 for the first, then
+    base, 2 base, 4 base, ... up to ``most``."""
+    return 0.0 if deaths <= 1 else min(most, base * 2 ** (deaths - 2))
+
+
+def run_workers(config: ServeConfig, *, announce=print, max_start_failures: int = 5, restart_backoff: float = 0.5,
+                max_backoff: float = 10.0, stable_after: float = 30.0) -> None:
     """Serve with ``config.workers`` processes on one port until SIGINT or SIGTERM (see the module docstring).
 
     Each worker builds its app from ``config`` (no model object: each loads its own).
     ``config.reuse_port``: each worker gets its own listening socket on the port (SO_REUSEPORT; the
     kernel spreads new connections evenly over them) rather than all sharing one (whoever accepts first).
     A worker is given ``config.drain_timeout`` (and a little more) to drain before it is killed.
+    A worker that dies is replaced, after a backoff when replacements keep dying within ``stable_after``
+    seconds; the server gives up only after ``max_start_failures`` starts in a row that never got ready.
     """
     from prometheus_client import multiprocess
 
@@ -120,29 +143,50 @@ def run_workers(config: ServeConfig, *, announce=print) -> None:
     ctx = multiprocessing.get_context("spawn")
     stop = threading.Event()
     handlers = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    procs: list = []
+    slots = [_Slot(i) for i in range(workers)]
+    procs: list = []  # every process started, for the shutdown
 
-    started: dict[int, float] = {}
+    def start(slot: _Slot) -> None:
+        slot.ready = ctx.Event()
+        p = ctx.Process(target=_worker_main, args=(socks[slot.index], config, os.getpid()),
+                        kwargs={"ready": slot.ready}, name="mnist-deploy-worker")
+        p.start()  # the same socket as before: its queued connections are not lost
+        slot.proc, slot.started, slot.restart_at = p, time.monotonic(), None
+        procs.append(p)
 
-    def start(i: int) -> multiprocessing.Process:
-        p = ctx.Process(target=_worker_main, args=(socks[i], config, os.getpid()), name="mnist-deploy-worker")
-        p.start()
-        started[p.pid] = time.monotonic()
-        return p
+    def reap(slot: _Slot) -> None:
+        """A slot's process has exited: record why, and when to start the next one (or give up)."""
+        p, now = slot.proc, time.monotonic()
+        multiprocess.mark_process_dead(p.pid, metrics_dir)
+        procs.remove(p)
+        was_ready = slot.ready.is_set()
+        slot.proc = None
+        slot.start_failures = 0 if was_ready else slot.start_failures + 1
+        slot.quick_deaths = slot.quick_deaths + 1 if now - slot.started < stable_after else 1
+        if slot.start_failures >= max_start_failures:
+            raise RuntimeError(f"worker {p.pid} exited with code {p.exitcode} before it was ready: "
+                               f"{slot.start_failures} starts in a row failed; giving up (see its log above)")
+        delay = _backoff(slot.quick_deaths, restart_backoff, max_backoff)
+        slot.restart_at = now + delay
+        alive = sum(1 for s in slots if s.proc is not None)
+        _LOG.warning("worker %d exited with code %s %s; starting another in %.1f s (%d of %d workers serving%s)",
+                     p.pid, p.exitcode, "after it was ready" if was_ready else "before it was ready", delay, alive,
+                     workers, f"; {slot.start_failures} failed start(s) in a row, giving up at "
+                              f"{max_start_failures}" if slot.start_failures else "")
 
     try:
         bound = sock.getsockname()
         announce(f"listening on http://{host}:{bound[1]} with {workers} worker processes (parent pid {os.getpid()})")
-        procs = [start(i) for i in range(workers)]
-        while not stop.wait(0.5):
-            for i, p in enumerate(procs):
-                if p.exitcode is not None and not stop.is_set():
-                    if time.monotonic() - started[p.pid] < 10:  # dies at start: restarting would loop
-                        raise RuntimeError(f"worker {p.pid} exited with code {p.exitcode} within 10 s of "
-                                           "starting; see its log above")
-                    _LOG.warning("worker %d exited with code %s; starting another", p.pid, p.exitcode)
-                    multiprocess.mark_process_dead(p.pid, metrics_dir)
-                    procs[i] = start(i)  # the same socket: its queued connections are not lost
+        for slot in slots:
+            start(slot)
+        while not stop.wait(0.2):
+            for slot in slots:
+                if stop.is_set():
+                    break
+                if slot.proc is not None and slot.proc.exitcode is not None:
+                    reap(slot)
+                if slot.proc is None and time.monotonic() >= slot.restart_at:
+                    start(slot)
     finally:
         for p in procs:
             if p.exitcode is None and p.pid is not None:

@@ -18,7 +18,10 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import gc
+import ipaddress
 import os
+import re
+import socket
 from dataclasses import dataclass
 
 from ..devices import rank_device, resolve_device
@@ -144,19 +147,85 @@ def shutdown(rank: Rank) -> None:
         gc.collect()
 
 
-def launch_train(worker_args: list[str], *, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
-                 rdzv_endpoint: str | None = None, threads: int | None = None, out: str = "artifacts") -> None:
-    """Run ``mnist-deploy train WORKER_ARGS`` under torchrun's launcher (torch.distributed.run), as
-    ``torchrun --nproc-per-node N [--nnodes M --node-rank R --rdzv-endpoint HOST:PORT] -m mnist_deploy
-    train ...`` would. A failed rank is one :class:`DistributedError` naming it."""
+DEFAULT_RDZV_TIMEOUT = 300.0  # seconds for every node to join: time to start the other machines, not 10 min
+# A DNS name (labels of letters, digits, '-', '_') or an IPv4 address; IPv6 goes in brackets.
+_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (an IPv6 host in brackets, ``[::1]:29500``) -> ``(host, port)``, port in 1..65535.
+
+    Raises :class:`InputError` saying what is wrong; torchrun's own parser let ``HOST`` without a port,
+    port 99999 and ``:::`` through to 40-line tracebacks."""
+    how = "give HOST:PORT, e.g. 10.0.0.1:29500 or [fd00::1]:29500"
+    text = text.strip() if isinstance(text, str) else ""
+    m = re.fullmatch(r"\[([^\]]*)\]:(.*)", text) if text.startswith("[") else None
+    if m:
+        host, port_text = m.groups()
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise InputError(f"--rdzv-endpoint {text!r}: {host!r} in brackets is not an IPv6 address; {how}") from None
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon or not host:
+            raise InputError(f"--rdzv-endpoint {text!r}: no {'port' if not colon else 'host'}; {how}")
+        if ":" in host:
+            raise InputError(f"--rdzv-endpoint {text!r}: an IPv6 address goes in brackets; {how}")
+        if not _HOSTNAME.fullmatch(host):
+            raise InputError(f"--rdzv-endpoint {text!r}: {host!r} is not a host name or address; {how}")
+    if not re.fullmatch(r"[0-9]{1,5}", port_text) or not 1 <= int(port_text) <= 65535:
+        raise InputError(f"--rdzv-endpoint {text!r}: port {port_text!r} is not a number in 1..65535; {how}")
+    return host, int(port_text)
+
+
+def check_job(*, nnodes: int, node_rank: int, rdzv_endpoint: str | None,
+              rdzv_timeout: float = DEFAULT_RDZV_TIMEOUT) -> str | None:
+    """Check a multi-node job's arguments before anything starts: the node rank, the endpoint (parsed
+    and resolved) and the timeout. Returns the endpoint as torchrun takes it (None for one node)."""
+    if nnodes < 1:
+        raise InputError(f"--nnodes must be at least 1, got {nnodes}")
+    if not 0 <= node_rank < nnodes:
+        raise InputError(f"--node-rank {node_rank} is not a node of this job: with --nnodes {nnodes} it is "
+                         f"0..{nnodes - 1}")
+    if not rdzv_timeout > 0 or rdzv_timeout != rdzv_timeout or rdzv_timeout > 86400:
+        raise InputError(f"--rdzv-timeout must be 0 < seconds <= 86400, got {rdzv_timeout}")
     if nnodes > 1 and not rdzv_endpoint:
         raise InputError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT (node 0's address)")
+    if rdzv_endpoint is None:
+        return None
+    host, port = parse_endpoint(rdzv_endpoint)
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise InputError(f"--rdzv-endpoint {rdzv_endpoint}: cannot resolve {host!r} "
+                         f"({getattr(exc, 'strerror', None) or exc})") from None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def launch_train(worker_args: list[str], *, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
+                 rdzv_endpoint: str | None = None, rdzv_timeout: float = DEFAULT_RDZV_TIMEOUT,
+                 threads: int | None = None, out: str = "artifacts", announce=None) -> None:
+    """Run ``mnist-deploy train WORKER_ARGS`` under torchrun's launcher (torch.distributed.run), as
+    ``torchrun --nproc-per-node N [--nnodes M --node-rank R --rdzv-endpoint HOST:PORT] -m mnist_deploy
+    train ...`` would. A failed rank is one :class:`DistributedError` naming it; a rendezvous that does
+    not complete within ``rdzv_timeout`` seconds is one naming the endpoint and the nodes it waited for.
+    ``announce`` (a callable taking a line) is told what a multi-node launch waits for."""
+    endpoint = check_job(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_timeout=rdzv_timeout)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    seconds = max(1, round(rdzv_timeout))
     argv = ["--nproc-per-node", str(nproc_per_node), "--nnodes", str(nnodes)]
-    argv += ["--node-rank", str(node_rank), "--rdzv-endpoint", rdzv_endpoint] if rdzv_endpoint else ["--standalone"]
+    if endpoint:
+        argv += ["--node-rank", str(node_rank), "--rdzv-endpoint", endpoint, "--rdzv-conf", f"timeout={seconds}"]
+    else:
+        argv += ["--standalone"]
     argv += ["-m", "mnist_deploy", "train", *worker_args]
+    waited = (f"{nnodes} nodes at {endpoint} (this is node {node_rank}; "
+              + ("it listens there)" if node_rank == 0 else "node 0 listens there)"))
+    if endpoint and announce is not None:
+        announce(f"waiting up to {seconds} s for {waited}")
     saved = os.environ.get("OMP_NUM_THREADS")
     # One thread per rank unless told otherwise (what torchrun does, without its warning banner).
     os.environ["OMP_NUM_THREADS"] = str(threads or 1)
@@ -168,6 +237,11 @@ def launch_train(worker_args: list[str], *, nproc_per_node: int, nnodes: int = 1
                else f"exited with code {failure.exitcode}")
         raise DistributedError(f"distributed training failed: rank {global_rank} {how}; "
                                f"the previous artifacts in {out} are unchanged") from None
+    except (RuntimeError, ValueError) as exc:  # the store's timeout, a refused or reset connection
+        if not endpoint:
+            raise
+        raise DistributedError(f"rendezvous did not complete within {seconds} s: waited for {waited} "
+                               f"({first_line(exc)}); nothing was trained, {out} is unchanged") from None
     finally:
         if saved is None:
             os.environ.pop("OMP_NUM_THREADS", None)

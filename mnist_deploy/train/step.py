@@ -35,6 +35,29 @@ def fused_supported(model, world_size: int, distributed: bool = False) -> str | 
     return None
 
 
+def check_training_data(x, y, *, features: int = 784, classes: int = 10) -> None:
+    """Raise :class:`DataError` (one line) unless ``x`` is float (N, features) and ``y`` integer (N,)
+    labels in 0..classes-1: what the steps index and scatter with. Bad labels, 27x27 images and
+    mismatched lengths gave tracebacks from deep in a step (or CUDA asserts) before."""
+    import torch
+
+    from ..errors import DataError
+
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise DataError("training data: images and labels must be tensors")
+    if not x.is_floating_point() or x.ndim != 2 or x.shape[1] != features:
+        raise DataError(f"training data: images are {x.dtype} {tuple(x.shape)}; expected float rows of "
+                        f"{features} pixels (28x28)")
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or y.ndim != 1:
+        raise DataError(f"training data: labels are {y.dtype} {tuple(y.shape)}; expected one integer per image")
+    if y.shape[0] != x.shape[0]:
+        raise DataError(f"training data: {x.shape[0]} images but {y.shape[0]} labels")
+    if y.numel():
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= classes:
+            raise DataError(f"training data: labels range over {lo}..{hi}; expected 0..{classes - 1}")
+
+
 class _EpochData:
     """One epoch's rows in the epoch's order, copied once, so each step's batch is a contiguous view."""
 
@@ -45,6 +68,9 @@ class _EpochData:
     def load(self, x, y, order) -> None:
         import torch
 
+        check_training_data(x, y)
+        if y.dtype != torch.int64:
+            y = y.long()  # what cross-entropy and scatter take
         n = order.shape[0]
         if self.x is None or self.x.shape[0] != n:
             self.x = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=self.device)

@@ -316,3 +316,134 @@ def test_download_larger_than_any_mnist_file_is_cut_off(tmp_path, mirror):
     with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz: 2,097,152 bytes announced, more than 1,058,584"):
         data.download(tmp_path / "data", ["test-labels"], progress=False)
     assert not (tmp_path / "data").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 18, item 4: a tampered or malformed preprocessed cache was trusted while the sources' stamps held.
+
+
+@pytest.fixture(scope="module")
+def good_cache(mnist_dir, tmp_path_factory):
+    """A cache built once from the real files; each test takes its own copy (see ``own_cache``)."""
+    folder = tmp_path_factory.mktemp("good-cache")
+    splits, _ = data.load_splits(mnist_dir, cache_dir=folder, allow_download=False)
+    return folder, {k: (v.images.clone(), v.labels.clone()) for k, v in splits.items()}
+
+
+@pytest.fixture
+def own_cache(good_cache, tmp_path):
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    for f in good_cache[0].iterdir():
+        os.link(f, folder / f.name)  # a rebuild replaces the file (a new inode): the original stays good
+    return folder
+
+
+def _rewrite(path, *, fix_digest: bool, **change):
+    """Rewrite a cache entry with some of its values changed, keeping the source MD5s and stamps (so the
+    stamps still say "unchanged"); ``fix_digest`` also stores the digest of the new tensors, as a careful
+    attacker would."""
+    import torch
+
+    obj = dict(torch.load(path, weights_only=True))
+    obj.update(change)
+    if fix_digest:
+        obj["digest"] = data._tensor_digest(obj["images"], obj["labels"])
+    path.unlink()
+    torch.save(obj, path)
+
+
+def _swap_label(labels, a=7, b=1):
+    out = labels.clone()
+    out[out == a] = b
+    return out
+
+
+@pytest.mark.integration
+def test_swapped_labels_in_the_cache_are_caught_and_rebuilt(mnist_dir, good_cache, own_cache, caplog):
+    # The attack: every 7 in the cached train and test labels made a 1. train exited 0 at 96.65% with a
+    # model that never predicts 7, while the manifest recorded MNIST's canonical MD5s.
+    _, clean = good_cache
+    for split in ("train", "test"):
+        path = own_cache / f"mnist_{split}_processed.pth"
+        _rewrite(path, fix_digest=False, labels=_swap_label(clean[split][1]))
+    with caplog.at_level("WARNING", logger="mnist_deploy.data.mnist"):
+        splits, _ = data.load_splits(mnist_dir, cache_dir=own_cache, allow_download=False)
+    for split in ("train", "test"):
+        assert torch_equal(splits[split].labels, clean[split][1])
+        assert int((splits[split].labels == 7).sum()) > 1000
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and all("do not match the sha256 stored with them" in w for w in warned), warned
+    assert all("rebuilding it from the verified MNIST files" in w for w in warned)
+    caplog.clear()
+    again, _ = data.load_splits(mnist_dir, cache_dir=own_cache, allow_download=False)  # rebuilt: warm, quiet
+    assert torch_equal(again["test"].labels, clean["test"][1]) and not caplog.records
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("change, message", [
+    (lambda x, y: {"labels": _swap_label(y)}, "its labels differ from"),  # digest recomputed: the source tells
+    (lambda x, y: {"images": x[:10].clone(), "labels": y[:10].clone()}, "not float32 (10000, 784)"),
+    (lambda x, y: {"images": _with(x, (5, 300), float("nan"))}, "outside the normalised 0..255"),
+    (lambda x, y: {"images": _with(x, (5, 300), float("inf"))}, "outside the normalised 0..255"),
+    (lambda x, y: {"images": _with(x, (5, 300), 40.0)}, "outside the normalised 0..255"),
+    (lambda x, y: {"labels": _with(y, (3,), 10)}, "labels range over 0..10"),
+    (lambda x, y: {"labels": _with(y, (3,), -1)}, "labels range over -1..9"),
+    (lambda x, y: {"labels": y.double()}, "not int64 (10000,)"),
+    (lambda x, y: {"images": x.reshape(-1, 28, 28)[:, :27, :27].reshape(-1, 729).clone()}, "not float32"),
+    (lambda x, y: {"labels": y[:-1].clone()}, "not int64 (10000,)"),
+    (lambda x, y: {"images": x.double()}, "not float32"),
+], ids=["swapped-labels-with-digest", "ten-rows", "nan-pixel", "inf-pixel", "pixel-out-of-range",
+        "label-10", "label-minus-1", "float-labels", "27x27", "lengths-differ", "float64-images"])
+def test_a_malformed_cache_is_rebuilt_with_a_warning(mnist_dir, good_cache, own_cache, caplog, change, message):
+    _, clean = good_cache
+    path = own_cache / "mnist_test_processed.pth"
+    x, y = clean["test"]
+    _rewrite(path, fix_digest=True, **change(x, y))
+    with caplog.at_level("WARNING", logger="mnist_deploy.data.mnist"):
+        splits, _ = data.load_splits(mnist_dir, cache_dir=own_cache, allow_download=False)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and message in warned[0] and "mnist_test_processed.pth" in warned[0], warned
+    assert torch_equal(splits["test"].images, x) and torch_equal(splits["test"].labels, y)
+
+
+def _with(t, index, value):
+    out = t.clone()
+    out[index] = value
+    return out
+
+
+@pytest.mark.integration
+def test_an_unreadable_cache_is_rebuilt_with_a_warning(mnist_dir, good_cache, own_cache, caplog):
+    path = own_cache / "mnist_test_processed.pth"
+    blob = path.read_bytes()
+    path.unlink()
+    path.write_bytes(blob[: len(blob) // 2])
+    with caplog.at_level("WARNING", logger="mnist_deploy.data.mnist"):
+        splits, _ = data.load_splits(mnist_dir, cache_dir=own_cache, allow_download=False)
+    assert torch_equal(splits["test"].labels, good_cache[1]["test"][1])
+    assert len(caplog.records) == 1 and "unreadable" in caplog.records[0].getMessage()
+
+
+@pytest.mark.integration
+def test_a_cache_edited_in_place_with_its_mtime_reset_is_rebuilt(mnist_dir, good_cache, own_cache, caplog):
+    # The warm path skips re-hashing only while the file's stat stamp is the one recorded when it was
+    # hashed; an edit in place (size and mtime kept) still moves its ctime.
+    path = own_cache / "mnist_train_processed.pth"
+    data.load_splits(mnist_dir, cache_dir=own_cache, allow_download=False)  # re-recorded for this copy
+    path.unlink()
+    path.write_bytes((good_cache[0] / path.name).read_bytes())  # its own inode, not the shared one
+    data.load_splits(mnist_dir, cache_dir=own_cache, allow_download=False)
+    st = path.stat()
+    with open(path, "r+b") as fh:
+        fh.seek(st.st_size // 2)
+        byte = fh.read(1)
+        fh.seek(st.st_size // 2)
+        fh.write(bytes([byte[0] ^ 0x01]))  # the lowest mantissa bit of one pixel: still in range
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with caplog.at_level("WARNING", logger="mnist_deploy.data.mnist"):
+        splits, _ = data.load_splits(mnist_dir, cache_dir=own_cache, allow_download=False)
+    warned = [r.getMessage() for r in caplog.records]
+    # Caught by the digest, or by the range check first when the flip pushed a pixel past 0 or 255.
+    assert len(warned) == 1 and ("do not match the sha256" in warned[0] or "outside" in warned[0]), warned
+    assert torch_equal(splits["train"].images, good_cache[1]["train"][0])

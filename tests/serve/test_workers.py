@@ -141,9 +141,112 @@ def test_workers_stop_when_the_parent_is_killed(served, tmp_path, monkeypatch):
     (["--max-batch-size", "16", "--preferred-batch-sizes", "8,32"], "preferred sizes must lie in 1..--max-batch-size"),
     (["--max-batch-size", "0", "--preferred-batch-sizes", "4"], "preferred sizes must lie in 1..--max-batch-size"),
     (["--workers", "0"], "--workers"),
+    (["--threads", "100000"], "per usable core"),  # hung 60 s+ without a word
+    (["--workers", "2", "--threads", "100000"], "per usable core"),
 ])
 def test_serve_refuses_bad_worker_and_batching_options(args, message, tmp_path):
     result = CliRunner().invoke(cli, ["serve", "--artifacts", str(tmp_path), *args])
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def _worker_children(parent: int) -> set[int]:
+    """The parent's live worker processes (spawned children, not multiprocessing's resource tracker)."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()  # noqa: SIM115
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read()  # noqa: SIM115
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == parent and fields[0] != "Z" and b"spawn_main" in cmdline:
+            out.add(int(entry))
+    return out
+
+
+def _health_pid(client: httpx.Client, url: str) -> int:
+    r = client.get(url + "/health")
+    assert r.status_code == 200
+    return r.json()["pid"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc (Linux)")
+def test_two_quick_worker_deaths_do_not_stop_the_server(served, tmp_path, monkeypatch):
+    # Issue 18, item 3: SIGKILL a worker, then its replacement ~3 s after it started: the parent exited 1
+    # ("within 10 s of starting") and took the healthy worker down. Now both are replaced, with backoff,
+    # and the live worker answers on its connection throughout.
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    with serve_process(served, "--workers", "2", "--log-level", "warning") as (url, proc):
+        deadline = time.monotonic() + 120
+        while len(_worker_children(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        victim, survivor = None, None
+        clients = []
+        while survivor is None and time.monotonic() < deadline:  # a keep-alive connection to one worker
+            c = httpx.Client(timeout=20)
+            clients.append(c)
+            pid = _health_pid(c, url)
+            victim = victim or pid
+            if pid != victim:
+                survivor, live = pid, c
+        assert survivor is not None, "one worker answered every new connection"
+        try:
+            os.kill(victim, signal.SIGKILL)
+            replacement = None
+            while replacement is None and time.monotonic() < deadline:  # the replacement appears...
+                assert proc.poll() is None, "the server stopped after one worker died:\n" + proc.log_path.read_text()
+                replacement = next(iter(_worker_children(proc.pid) - {survivor, victim}), None)
+                time.sleep(0.05)
+            assert replacement is not None, "no replacement was started"
+            time.sleep(3)
+            os.kill(replacement, signal.SIGKILL)  # ...and is killed about 3 s after it started
+            assert _health_pid(live, url) == survivor  # still serving meanwhile
+            pids: set[int] = set()
+            while len(pids - {survivor}) == 0 and time.monotonic() < deadline:
+                assert proc.poll() is None, proc.log_path.read_text()
+                assert _health_pid(live, url) == survivor
+                pids.add(_fresh(url + "/health").json()["pid"])
+                time.sleep(0.2)
+            assert proc.poll() is None, proc.log_path.read_text()
+            assert len(pids - {survivor}) == 1 and not pids & {victim, replacement}, pids
+        finally:
+            for c in clients:
+                c.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        log = proc.log_path.read_text()
+        assert f"worker {victim} exited with code -9" in log and "starting another" in log, log
+        assert f"worker {replacement} exited with code -9" in log
+        assert "giving up" not in log
+
+
+def test_workers_that_keep_failing_to_start_give_up_with_one_line(served, tmp_path):
+    # A worker that cannot start (here: its artifact was tampered with after the parent checked it) is
+    # retried with backoff, and only max_start_failures failed starts in a row stop the server.
+    import shutil
+    import subprocess
+    import sys
+
+    bad = tmp_path / "artifacts"
+    shutil.copytree(served, bad)
+    onnx = bad / "mnist_model.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[-100] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    code = ("import sys\nfrom mnist_deploy.serve.config import ServeConfig\n"
+            "from mnist_deploy.serve.workers import run_workers\n"
+            "try:\n"
+            f"    run_workers(ServeConfig(artifacts={str(bad)!r}, runtime='onnx', threads=1, workers=2, port=0, "
+            "log_level='warning'), max_start_failures=2, restart_backoff=0.1)\n"
+            "except RuntimeError as exc:\n    print('error:', exc, file=sys.stderr); sys.exit(1)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert r.returncode == 1, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "before it was ready: 2 starts in a row failed; giving up" in errors[0], r.stderr
+    assert "starting another in" in r.stderr  # the first failure was retried
+    assert not list(tmp_path.glob("mnist-deploy-metrics-*"))

@@ -196,3 +196,87 @@ def test_a_local_rank_without_a_gpu_is_one_clear_error(monkeypatch):
     _torchrun_env(monkeypatch, rank=1, world=2, local=1)
     with pytest.raises(RuntimeUnavailable, match="LOCAL_RANK 1 has no GPU of its own"):
         distributed.setup("cuda")
+
+
+# Issue 18, item 8: arguments that gave tracebacks or hung for minutes without a word.
+
+
+@pytest.mark.parametrize("text, message", [
+    ("127.0.0.1", "no port"), ("127.0.0.1:", "is not a number"), (":29500", "no host"),
+    ("127.0.0.1:99999", "is not a number in 1..65535"), ("127.0.0.1:0", "is not a number in 1..65535"),
+    ("127.0.0.1:abc", "is not a number"), ("127.0.0.1:+80", "is not a number"), (":::", "IPv6 address goes in brackets"),
+    ("::1:29500", "IPv6 address goes in brackets"), ("[127.0.0.1]:29500", "not an IPv6 address"),
+    ("bad host:29500", "not a host name"), ("a/b:29500", "not a host name"), ("", "no port"),
+])
+def test_bad_endpoints_are_named(text, message):
+    from mnist_deploy.errors import InputError
+    from mnist_deploy.train.distributed import parse_endpoint
+
+    with pytest.raises(InputError, match=message) as info:
+        parse_endpoint(text)
+    assert info.value.exit_code == 2 and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text, parsed", [
+    ("127.0.0.1:29500", ("127.0.0.1", 29500)), ("localhost:1", ("localhost", 1)), ("[::1]:65535", ("::1", 65535)),
+    ("node-0.cluster.local:29400", ("node-0.cluster.local", 29400)), (" 10.0.0.7:80 ", ("10.0.0.7", 80)),
+])
+def test_good_endpoints_parse(text, parsed):
+    from mnist_deploy.train.distributed import parse_endpoint
+
+    assert parse_endpoint(text) == parsed
+
+
+@pytest.mark.parametrize("nnodes, node_rank, endpoint, message", [
+    (2, 5, "127.0.0.1:29500", "--node-rank 5 is not a node of this job: with --nnodes 2 it is 0..1"),
+    (2, -1, "127.0.0.1:29500", "--node-rank -1 is not a node"),
+    (2, 0, None, "needs --rdzv-endpoint"),
+    (2, 1, "nohost.invalid:29500", "cannot resolve 'nohost.invalid'"),  # RFC 6761: never resolves
+])
+def test_job_arguments_are_checked_before_anything_starts(nnodes, node_rank, endpoint, message):
+    from mnist_deploy.errors import InputError
+    from mnist_deploy.train.distributed import check_job
+
+    with pytest.raises(InputError, match=message):
+        check_job(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=endpoint)
+
+
+def test_cli_rdzv_timeout_mirrors_the_library():
+    from mnist_deploy.cli.train import RDZV_TIMEOUT
+    from mnist_deploy.train.distributed import DEFAULT_RDZV_TIMEOUT
+
+    assert RDZV_TIMEOUT == DEFAULT_RDZV_TIMEOUT
+
+
+def _train_bounded(args: list[str], tmp_path: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    """The CLI in its own process with a deadline: before the fix these hung for 120 s+ (or 10 min)."""
+    cmd = [sys.executable, "-m", "mnist_deploy", "train", "--nproc-per-node", "1", "--quiet", "--no-download",
+           "--data-dir", str(tmp_path / "no-data"), "--out", str(tmp_path / "out"), *args]
+    return subprocess.run(cmd, env=_env(tmp_path / "cache"), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nnodes", "2", "--node-rank", "5", "--rdzv-endpoint", "127.0.0.1:29500"], "--node-rank 5 is not a node"),
+    (["--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", "127.0.0.1"], "no port"),
+    (["--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "nohost.invalid:29500"], "cannot resolve"),
+    (["--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29500", "--rdzv-timeout", "0"], "--rdzv-timeout"),
+], ids=["rank-5-of-2", "no-port", "unresolvable", "zero-timeout"])
+def test_cli_bad_job_arguments_exit_2_with_one_line(args, message, tmp_path):
+    r = _train_bounded(args, tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("node_rank", [0, 1], ids=["node-0-alone", "node-1-no-listener"])
+def test_a_rendezvous_that_cannot_complete_times_out_with_one_line(node_rank, tmp_path):
+    # Node 0 with no peer waited 10 minutes; node 1 with nobody listening retried for as long.
+    port = _free_port()  # closed again: nobody listens there
+    r = _train_bounded(["--nnodes", "2", "--node-rank", str(node_rank), "--rdzv-endpoint", f"127.0.0.1:{port}",
+                        "--rdzv-timeout", "2"], tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert f"waiting up to 2 s for 2 nodes at 127.0.0.1:{port} (this is node {node_rank}" in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rendezvous did not complete within 2 s: waited for 2 nodes" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()

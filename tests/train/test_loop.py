@@ -166,3 +166,20 @@ def test_cnn_reaches_99_percent_in_5_epochs(trained_cnn):
     assert manifest["model"]["name"] == "cnn" and manifest["training"]["epochs"] == 5
     assert manifest["training"]["subset"] is None and manifest["training"]["n_train"] == 60000
     assert metrics["accuracy"] >= 0.99
+
+
+@pytest.mark.parametrize("cores, threads, refused", [(None, "100000", True), ({0}, "5", True), ({0}, "4", False),
+                                                     ({0, 1, 2}, "12", False), ({0, 1, 2}, "13", True)])
+def test_threads_are_bounded_by_the_usable_cores(tmp_path, monkeypatch, cores, threads, refused):
+    # Unbounded, --threads 100000 segfaulted libgomp (rc 139) and 30,000 failed to create threads. The
+    # bound is derived from this process's affinity mask at run time, never a fixed count.
+    import os
+
+    if cores is not None:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(cores), raising=False)
+    # A data folder that does not exist: an accepted count goes on to fail there, with another message.
+    res = CliRunner().invoke(cli, ["train", "--threads", threads, "--data-dir", str(tmp_path / "none"),
+                                   "--no-download", "--out", str(tmp_path / "out"), "--quiet"])
+    assert res.exit_code == 2, res.output
+    assert ("per usable core" in res.output) is refused, res.output
+    assert "Traceback" not in res.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -107,3 +108,34 @@ def test_fused_under_torchrun_of_one_process_is_refused_before_launching(tmp_pat
     r = CliRunner().invoke(cli, ["train", "--nproc-per-node", "1", "--step", "fused", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "under torchrun the step is DDP's" in r.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kind", ["fused", "autograd-mlp", "autograd-cnn"])
+@pytest.mark.parametrize("bad, message", [
+    (lambda x, y: (x, torch.where(y == 3, 10, y)), "labels range over 0..10; expected 0..9"),
+    (lambda x, y: (x, torch.where(y == 3, -1, y)), "labels range over -1..9"),
+    (lambda x, y: (x, y.float()), "labels are torch.float32"),
+    (lambda x, y: (x.reshape(-1, 28, 28)[:, :27, :27].reshape(-1, 729), y), "images are torch.float32 (64, 729)"),
+    (lambda x, y: (x, y[:-1]), "64 images but 63 labels"),
+], ids=["label-10", "label-minus-1", "float-labels", "27x27", "lengths-differ"])
+def test_bad_training_data_is_one_line_not_a_traceback(kind, bad, message):
+    # Issue 18: these gave tracebacks from inside the step (train_step.py:125, :135, :52).
+    from mnist_deploy.errors import DataError
+
+    cpu = torch.device("cpu")
+    model = build_model("cnn" if kind == "autograd-cnn" else "mlp", {})
+    step = make_step("fused" if kind == "fused" else "autograd", model, model, 1e-3, cpu, 1)
+    x, y = bad(*_data(64))
+    with pytest.raises(DataError, match=re.escape(message)) as info:
+        step.begin_epoch(x, y, torch.arange(min(len(x), len(y))))
+        step.step(0, 32)
+    assert "\n" not in str(info.value) and info.value.exit_code == 2
+
+
+def test_narrower_label_dtypes_train_as_int64():
+    model = build_model("mlp", {})
+    step = make_step("fused", model, model, 1e-3, torch.device("cpu"), 1)
+    x, y = _data(64)
+    step.begin_epoch(x, y.to(torch.uint8), torch.arange(64))
+    step.step(0, 64)
+    assert step.data.y.dtype == torch.int64 and torch.equal(step.data.y, y)
