@@ -51,12 +51,6 @@ class ExportError(MnistDeployError):
     exit_code = 1
 
 
-class ParityError(MnistDeployError):
-    """An exported artifact does not compute what the PyTorch model computes."""
-
-    exit_code = 1
-
-
 class RuntimeUnavailable(MnistDeployError):
     """A runtime or device is not available on this machine (missing package, no GPU)."""
 

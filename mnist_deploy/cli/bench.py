@@ -10,7 +10,7 @@ import click
 from ..bench.config import BENCH_DEVICES, BenchConfig
 from ..errors import MnistDeployError
 from ..formats import FORMATS
-from .common import cache_dir_option, cli, data_dir_option, no_download_option, positive
+from .common import cache_dir_option, cli, data_dir_option, no_download_option, thread_count
 
 BENCH_DEFAULTS = BenchConfig()
 
@@ -25,7 +25,7 @@ BENCH_DEFAULTS = BenchConfig()
               metavar="LIST", help="Comma list of positive batch sizes.")
 @click.option("--device", type=click.Choice(list(BENCH_DEVICES)), default=BENCH_DEFAULTS.device, show_default=True,
               help="all: CPU, plus CUDA when there is a GPU (skipped rows say why when there is not).")
-@click.option("--threads", type=int, default=None, callback=positive,
+@click.option("--threads", type=int, default=None, callback=thread_count,
               help="Intra-op threads for PyTorch and ONNX Runtime alike. Default: the usable cores (recorded).")
 @click.option("--warmup", type=click.IntRange(min=0), default=BENCH_DEFAULTS.warmup, show_default=True,
               help="Untimed calls before each row's timed calls.")

@@ -68,3 +68,14 @@ def test_help_does_not_import_torch():
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "mnist_deploy", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "0.1.0" in out.stdout
+
+
+def test_bench_threads_are_bounded_by_the_usable_cores(tmp_path, monkeypatch):
+    # As for train, serve and predict (issue 18 item 9): an absurd count is one line, before any work.
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    res = CliRunner().invoke(cli, ["bench", "--threads", "100000", "--artifacts", str(tmp_path)])
+    assert res.exit_code == 2 and "per usable core" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(cli, ["bench", "--threads", "8", "--artifacts", str(tmp_path / "none")])
+    assert res.exit_code != 0 and "per usable core" not in res.output
