@@ -87,3 +87,6 @@ def parse_idx(raw: bytes, source: str = "IDX data") -> np.ndarray:
         what = "truncated" if len(raw) < expected else "has trailing bytes"
         raise DataError(f"{source}: {what}: header {dims} needs {expected} bytes, file has {len(raw)}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+SPLITS = {"train": ("train-images", "train-labels"), "test": ("test-images", "test-labels")}

@@ -17,21 +17,28 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts.files import atomic_path, atomic_write_bytes, atomic_write_text
+from ..artifacts.files import atomic_path, atomic_write_bytes
 from ..errors import DataError
-from .idx import FILES, gunzip_bounded, parse_idx, read_bounded
+from .cache_check import (
+    check_pixels,
+    check_split,
+    labels_differ,
+    record_verified,
+    stat_stamp,
+    tensor_digest,
+    unchanged_since_verified,
+)
+from .idx import FILES, SPLITS, gunzip_bounded, parse_idx, read_bounded
 
-MEAN = 0.1307
-STD = 0.3081
+# normalize_pixels and manifest_normalization live in .normalize; re-exported here, where callers have found them.
+from .normalize import MEAN, STD, manifest_normalization, normalize, normalize_pixels  # noqa: F401
+
 CACHE_FORMAT = 3  # 2: source files' stat stamps beside their MD5s; 3: a sha256 of the tensors' bytes
 _LOG = logging.getLogger(__name__)
 DATA_ENV = "MNIST_DEPLOY_DATA"
 CACHE_ENV = "MNIST_DEPLOY_CACHE"
 # The HTTPS mirror torchvision downloads from.
 MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
-
-
-SPLITS = {"train": ("train-images", "train-labels"), "test": ("test-images", "test-labels")}
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -144,16 +151,6 @@ class RawMnist:
     stamps: dict[str, list] = field(default_factory=dict)  # each file's stat, taken before it was read
 
 
-def _stamp(path: Path) -> list | None:
-    """What changes whenever a file's content can have: its identity, size, mtime and ctime (a write,
-    a rename onto it, or resetting its mtime all move ctime, which user space cannot set back)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
 def load_raw(data_dir: str | os.PathLike | None = None, *, allow_download: bool = True) -> RawMnist:
     root = resolve_data_dir(data_dir)
     paths = {k: find_file(root, k) for k in FILES}
@@ -169,46 +166,9 @@ def load_raw(data_dir: str | os.PathLike | None = None, *, allow_download: bool 
         paths = {k: find_file(root, k) for k in FILES}
     arrays, md5, stamps = {}, {}, {}
     for key, path in paths.items():
-        stamps[key] = _stamp(path)
+        stamps[key] = stat_stamp(path)
         arrays[key], md5[key] = load_verified(path, key)
     return RawMnist(root, arrays, md5, paths, stamps)
-
-
-def normalize_pixels(pixels: np.ndarray, *, mean: float = MEAN, std: float = STD) -> np.ndarray:
-    """(N, 28, 28) or (N, 784) pixel values in 0..255 -> float32 (N, 784): ``(x / 255 - mean) / std``.
-
-    The one normalisation: training (the cached tensors), ``predict`` and ``serve`` all call it, so
-    a pixel value becomes the same float32 bits everywhere. Computed in float32, in this order.
-    """
-    return _scale(np.asarray(pixels, dtype=np.float32).reshape(-1, 28 * 28), mean, std)
-
-
-def _scale(x: np.ndarray, mean: float, std: float) -> np.ndarray:
-    return (x / np.float32(255.0) - np.float32(mean)) / np.float32(std)
-
-
-def normalize(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W) -> float32 (N, H*W) with the training mean and std, as :func:`normalize_pixels`."""
-    x = np.asarray(images, dtype=np.float32)
-    return _scale(x.reshape(len(x), -1), MEAN, STD)
-
-
-def manifest_normalization(manifest: dict) -> dict[str, float]:
-    """``{"mean": ..., "std": ...}`` from a manifest's ``preprocessing`` (the training values if absent)."""
-    from ..errors import ManifestError
-
-    pre = manifest.get("preprocessing") if isinstance(manifest, dict) else None
-    pre = pre if isinstance(pre, dict) else {}
-    out = {"mean": pre.get("mean", MEAN), "std": pre.get("std", STD)}
-    for key, value in out.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
-            raise ManifestError(f"manifest.json: preprocessing.{key} must be a finite number, got {value!r}")
-    if out["std"] <= 0:
-        raise ManifestError(f"manifest.json: preprocessing.std must be positive, got {out['std']!r}")
-    scale = pre.get("scale", 1 / 255)
-    if scale != 1 / 255:
-        raise ManifestError(f"manifest.json: preprocessing.scale {scale!r} is not 1/255, the only scale supported")
-    return {"mean": float(out["mean"]), "std": float(out["std"])}
 
 
 @dataclass
@@ -226,51 +186,6 @@ def _cache_file(cache_dir: Path, split: str) -> Path:
     return cache_dir / f"mnist_{split}_processed.pth"
 
 
-def _tensor_digest(images, labels) -> str:
-    """sha256 over what a cached split holds: each tensor's dtype, shape and bytes (hashlib releases the
-    GIL and runs at memory speed; measured in docs/reliability-ops.md)."""
-    h = hashlib.sha256()
-    for t in (images, labels):
-        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
-        if t.numel():
-            h.update(memoryview(t.contiguous().numpy()).cast("B"))
-    return h.hexdigest()
-
-
-# Normalised uint8 pixels lie between these two float32 values (what 0 and 255 become).
-_PIXEL_RANGE = tuple(float(v) for v in _scale(np.array([0.0, 255.0], dtype=np.float32), MEAN, STD))
-
-
-def _check_split(split: str, images, labels) -> str | None:
-    """Why a cached split is not what preprocessing MNIST gives, or None: dtypes, shapes, the count the
-    IDX headers of the verified files give, labels in 0..9 (cheap: done on every load)."""
-    import torch
-
-    count = FILES[SPLITS[split][1]].dims[0]  # the IDX header every verified source file has
-    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        return "the images and labels are not tensors"
-    if images.dtype != torch.float32 or tuple(images.shape) != (count, 784):
-        return f"images are {images.dtype} {tuple(images.shape)}, not float32 ({count}, 784)"
-    if labels.dtype != torch.int64 or tuple(labels.shape) != (count,):
-        return f"labels are {labels.dtype} {tuple(labels.shape)}, not int64 ({count},)"
-    y = labels.numpy()  # numpy, not torch: no intra-op thread pool wake-up for 60,000 numbers
-    lo, hi = int(y.min()), int(y.max())
-    if lo < 0 or hi > 9:
-        return f"labels range over {lo}..{hi}, not 0..9"
-    return None
-
-
-def _check_pixels(images) -> str | None:
-    """Why cached pixel values are not normalised 0..255 values (NaN, inf, out of range), or None. A pass
-    over 188 MB: done when the entry is not the file this process family wrote (see :func:`_read_cache`)."""
-    import torch
-
-    lo, hi = torch.aminmax(images)  # a NaN makes both NaN, and then fails the range check
-    if not (_PIXEL_RANGE[0] <= float(lo) and float(hi) <= _PIXEL_RANGE[1]):
-        return f"pixel values range over {float(lo):.4g}..{float(hi):.4g}, outside the normalised 0..255"
-    return None
-
-
 def load_splits(
     data_dir: str | os.PathLike | None = None,
     *,
@@ -281,7 +196,7 @@ def load_splits(
     it was built from these very files.
 
     A cache entry records the MD5 each source file had when it was verified and the file's stat stamp
-    (:func:`_stamp`) taken before that read. When every source file's stamp is unchanged the cache is
+    (:func:`.cache_check.stat_stamp`) taken before that read. When every source file's stamp is unchanged the cache is
     used (memory-mapped); otherwise the files are read and verified again (MD5 and IDX header,
     about 0.3 s), so a changed source rebuilds the cache and a tampered one fails loudly.
 
@@ -294,13 +209,13 @@ def load_splits(
     root = resolve_data_dir(data_dir)
     paths = {k: find_file(root, k) for k in FILES}
     if all(paths.values()):
-        stamps = {k: _stamp(p) for k, p in paths.items()}
+        stamps = {k: stat_stamp(p) for k, p in paths.items()}
         bad: dict[str, str] = {}
         hit = {split: _read_cache(_cache_file(cache, split), split, bad,
                                   stamps={"images": stamps[i], "labels": stamps[lbl]})
                for split, (i, lbl) in SPLITS.items()}
         for split, (_, lbl) in SPLITS.items():  # labels are cheap to check against the source itself
-            why = hit[split] and _labels_differ(paths[lbl], lbl, hit[split][0].labels)
+            why = hit[split] and labels_differ(paths[lbl], lbl, hit[split][0].labels)
             if why:
                 hit[split], bad[split] = None, why
         if all(hit.values()):
@@ -339,72 +254,23 @@ def _verify_and_cache(data_dir, cache: Path, allow_download: bool,
             labels = torch.from_numpy(raw.arrays[lbl_key].astype(np.int64))
             found = (Split(images, labels), key, None)
         payload = {"format": CACHE_FORMAT, "source_md5": key, "mean": MEAN, "std": STD,
-                   "source_stamp": stamp, "digest": _tensor_digest(found[0].images, found[0].labels),
+                   "source_stamp": stamp, "digest": tensor_digest(found[0].images, found[0].labels),
                    "images": found[0].images, "labels": found[0].labels}
         try:
             from ..artifacts.files import atomic_torch_save
 
             atomic_torch_save(payload, path)  # (re)stamped, so the next run skips the verification
-            _record_verified(path, _stamp(path), payload["digest"])  # hashed and checked as it was made
+            record_verified(path, stat_stamp(path), payload["digest"])  # hashed and checked as it was made
         except OSError:
             pass  # a read-only cache folder only costs the preprocessing next time
         splits[split] = found[0]
     return splits, raw.md5
 
 
-def _verified_file(path: Path) -> Path:
-    return path.with_name(path.name + ".verified")
-
-
-def _unchanged_since_verified(path: Path, before: list | None, digest) -> bool:
-    """True when ``path`` is, by its stat stamp, the very file whose tensors were hashed to ``digest``
-    and checked (recorded beside it by :func:`_record_verified`), and it did not change while loaded.
-    Any write, a rename onto it or a copy moves its ctime or inode (user space cannot set ctime back),
-    so the warm path skips re-hashing 220 MB, as it skips re-reading the source files."""
-    import json
-
-    try:
-        recorded = json.loads(_verified_file(path).read_text())
-    except (OSError, ValueError):
-        return False
-    return (before is not None and isinstance(digest, str) and recorded == {"stamp": before, "digest": digest}
-            and _stamp(path) == before)
-
-
-def _record_verified(path: Path, stamp: list | None, digest: str) -> None:
-    """Note that the cache file with ``stamp`` hashed to ``digest`` and passed its checks (best effort)."""
-    import json
-
-    if stamp is None or _stamp(path) != stamp:
-        return
-    try:
-        atomic_write_text(_verified_file(path), json.dumps({"stamp": stamp, "digest": digest}))
-    except OSError:
-        pass  # a read-only cache folder: the entry is checked in full on every load
-
-
-def _labels_differ(path: Path, key: str, labels) -> str | None:
-    """Why cached ``labels`` are not the labels in the source file ``path`` (read and MD5-checked: 60 KB,
-    about a millisecond), or None. A digest stored in the cache proves only that the entry was not
-    changed by someone who could not also recompute it; this compares with MNIST itself."""
-    spec = FILES[key]
-    try:
-        raw = read_bounded(path, spec.nbytes)
-    except DataError as exc:
-        return str(exc)
-    if hashlib.md5(raw).hexdigest() != spec.md5:
-        return f"its source {path} no longer has MNIST's MD5"
-    source = np.frombuffer(raw, dtype=np.uint8, offset=8)
-    if source.shape != tuple(labels.shape) or not np.array_equal(source, labels.numpy()):
-        changed = int((source != labels.numpy()).sum()) if source.shape == tuple(labels.shape) else "all"
-        return f"its labels differ from {path} ({changed} of {source.shape[0]})"
-    return None
-
-
 def _read_cache(path: Path, split: str, bad: dict[str, str], *, md5: dict | None = None,
                 stamps: dict | None = None) -> tuple[Split, dict, dict | None] | None:
     """The cached split, its sources' MD5s and stamps, if the entry matches ``md5`` or ``stamps`` (and
-    the normalisation), its tensors hash to the digest stored with them and pass :func:`_check_split`.
+    the normalisation), its tensors hash to the digest stored with them and pass :func:`check_split`.
 
     None for anything else, which is then rebuilt: a missing or stale entry (other sources, an older
     format) quietly; an unreadable, tampered or malformed one with its reason put in ``bad[split]``,
@@ -413,7 +279,7 @@ def _read_cache(path: Path, split: str, bad: dict[str, str], *, md5: dict | None
 
     if not path.is_file() or (stamps is not None and None in stamps.values()):
         return None
-    before = _stamp(path)
+    before = stat_stamp(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable cache is rebuilt
@@ -431,14 +297,14 @@ def _read_cache(path: Path, split: str, bad: dict[str, str], *, md5: dict | None
         return None  # stale, not damaged: made from other files, settings or an older version
     images, labels = obj.get("images"), obj.get("labels")
     digest = obj.get("digest")
-    why = _check_split(split, images, labels)
-    if why is None and not _unchanged_since_verified(path, before, digest):
+    why = check_split(split, images, labels)
+    if why is None and not unchanged_since_verified(path, before, digest):
         # Not provably the file that was written and checked: hash it and check every value (~0.2 s).
-        why = _check_pixels(images)
-        if why is None and digest != _tensor_digest(images, labels):
+        why = check_pixels(images)
+        if why is None and digest != tensor_digest(images, labels):
             why = "its tensors do not match the sha256 stored with them (modified after it was written)"
         if why is None:
-            _record_verified(path, before, digest)
+            record_verified(path, before, digest)
     if why is not None:
         bad[split] = why
         return None

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from mnist_deploy.cli import cli
 from mnist_deploy.data import mnist as data
+from mnist_deploy.data.cache_check import tensor_digest
 from mnist_deploy.errors import DataError
 
 
@@ -348,7 +349,7 @@ def _rewrite(path, *, fix_digest: bool, **change):
     obj = dict(torch.load(path, weights_only=True))
     obj.update(change)
     if fix_digest:
-        obj["digest"] = data._tensor_digest(obj["images"], obj["labels"])
+        obj["digest"] = tensor_digest(obj["images"], obj["labels"])
     path.unlink()
     torch.save(obj, path)
 
