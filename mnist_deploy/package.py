@@ -249,6 +249,26 @@ def _staging(parent: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _commit(stage: Path, model_dir: Path, final: Path, staged_isvc: Path, isvc: Path) -> None:
+    """Move the staged model folder and YAML into place as one unit: if the YAML cannot be moved, the
+    model folder is put back as it was (none, or the previous one)."""
+    old = None
+    if final.exists():  # overwrite: swap the old folder out, the new one in, then drop the old
+        old = stage / ".old"
+        os.replace(final, old)
+    try:
+        os.replace(model_dir, final)
+        try:
+            os.replace(staged_isvc, isvc)
+        except BaseException:
+            os.replace(final, stage / ".failed")  # removed with the staging folder
+            raise
+    except BaseException:
+        if old is not None and not final.exists():  # the previous package, as it was
+            os.replace(old, final)
+        raise
+
+
 def package_artifacts(*, artifacts: str | os.PathLike = "artifacts", out: str | os.PathLike = "package",
                       config: PackageConfig | None = None) -> PackageResult:
     """Write the Triton model repository and the KServe manifest for the ONNX export in ``artifacts``.
@@ -297,21 +317,7 @@ def package_artifacts(*, artifacts: str | os.PathLike = "artifacts", out: str | 
         (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
         staged_isvc = stage / "inferenceservice.yaml"
         atomic_write_text(staged_isvc, inference_service(name=name, cfg=cfg))
-        old = None
-        if final.exists():  # overwrite: swap the old folder out, the new one in, then drop the old
-            old = stage / ".old"
-            os.replace(final, old)
-        try:
-            os.replace(model_dir, final)
-            try:
-                os.replace(staged_isvc, isvc)
-            except BaseException:
-                os.replace(final, stage / ".failed")  # removed with the staging folder
-                raise
-        except BaseException:
-            if old is not None and not final.exists():  # the previous package, as it was
-                os.replace(old, final)
-            raise
+        _commit(stage, model_dir, final, staged_isvc, isvc)
         fsync_dir(repository)
         fsync_dir(out)
     model_file = final / str(cfg.version) / "model.onnx"

@@ -111,3 +111,30 @@ def test_imports_go_down_the_layers_and_no_stage_imports_another():
             if dep_unit != unit and LAYERS[dep_unit] >= LAYERS[unit]:
                 bad.append(f"{mod} imports {dep}")
     assert not bad, "\n".join(sorted(bad))
+
+
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 65  # "about 60": a function a reader takes in at once; cli/ commands are exempt
+
+
+def _sizes() -> tuple[list[str], list[str]]:
+    modules, functions = [], []
+    for path in PKG.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        rel = path.relative_to(PKG)
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            modules.append(f"{rel}: {len(text.splitlines())} lines")
+        if rel.parts[0] == "cli":
+            continue
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    functions.append(f"{rel}:{node.lineno} {node.name}: {length} lines")
+    return modules, functions
+
+
+def test_modules_and_functions_stay_readable_sizes():
+    modules, functions = _sizes()
+    assert modules == [], f"modules over {MAX_MODULE_LINES} lines"
+    assert functions == [], f"functions outside cli/ over {MAX_FUNCTION_LINES} lines"

@@ -171,6 +171,66 @@ def _score(predict: Callable[[np.ndarray], np.ndarray], images, labels, referenc
     return agreement, drop, passed
 
 
+class _Ladder:
+    """The rungs tried so far, their files and the layer sensitivities; :func:`climb` drives it."""
+
+    def __init__(self, quantize, workdir: Path, tuning, reference, criteria: dict, load) -> None:
+        self.quantize, self.workdir, self.load = quantize, workdir, load
+        self.tuning, self.reference, self.criteria = tuning, reference, criteria
+        self.rungs: list[Rung] = []
+        self.files: dict[int, Path] = {}
+        self.sensitivity: dict[str, float] = {}
+
+    def attempt(self, step: str, config: QuantConfig) -> Rung:
+        rung = Rung(step, config)
+        t0 = time.perf_counter()
+        try:
+            path = self.quantize(config, self.workdir / f".rung{len(self.rungs)}")
+            self.files[len(self.rungs)] = path
+            if self.tuning is not None:
+                rung.agreement, rung.accuracy_drop, rung.passed = _score(self.load(path), *self.tuning,
+                                                                         self.reference, self.criteria)
+        except Exception as exc:  # a calibration method can fail on a model (e.g. an empty histogram)
+            rung.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        rung.seconds = time.perf_counter() - t0
+        self.rungs.append(rung)
+        return rung
+
+    def best_scored(self) -> Rung:
+        return max((r for r in self.rungs if r.agreement is not None), key=lambda r: r.agreement,
+                   default=self.rungs[0])
+
+    def done(self) -> LadderResult:
+        rungs, files = self.rungs, self.files
+        written = [i for i in files if self.tuning is None or rungs[i].agreement is not None]
+        if not written:
+            raise RuntimeError("every quantization configuration failed: " + "; ".join(str(r.error) for r in rungs))
+        passed = [i for i in written if rungs[i].passed]
+        best = passed[0] if passed else max(written, key=lambda i: (rungs[i].agreement or 0.0, -i))
+        for i, p in files.items():
+            if i != best:
+                for f in p.parent.glob(p.stem + ".*"):
+                    with contextlib.suppress(FileNotFoundError):
+                        f.unlink()
+        tuned = {"images": int(len(self.tuning[0])) if self.tuning is not None else 0,
+                 "source": "training images outside the calibration set", "margin": TUNING_MARGIN}
+        return LadderResult(rungs[best], rungs, self.sensitivity, tuned, files[best])
+
+    def keep_layers_fp32(self, layers: list[str]) -> bool:
+        """The last rungs: each layer alone in fp32 (its sensitivity), then the top-k most sensitive,
+        never all of them (a model that only passes in fp32 fails honestly). True when one passed."""
+        best = self.best_scored()
+        base, base_agreement = best.config, best.agreement or 0.0
+        for layer in layers:
+            rung = self.attempt(f"fp32 {layer} (sensitivity)", replace(base, fp32_layers=(layer,)))
+            self.sensitivity[layer] = (rung.agreement - base_agreement) if rung.agreement is not None else 0.0
+            if rung.passed:
+                return True
+        ranked = sorted(layers, key=lambda name: -self.sensitivity[name])
+        return any(self.attempt(f"fp32 top {keep}", replace(base, fp32_layers=tuple(ranked[:keep]))).passed
+                   for keep in range(2, len(layers)))
+
+
 def climb(first: QuantConfig, *, quantize: Callable[[QuantConfig, Path], Path], workdir: Path, layers: list[str],
           tuning: tuple[np.ndarray, np.ndarray] | None, reference: np.ndarray | None, criteria: dict,
           load: Callable[[Path], Callable[[np.ndarray], np.ndarray]], methods: tuple[str, ...] = METHODS,
@@ -183,66 +243,18 @@ def climb(first: QuantConfig, *, quantize: Callable[[QuantConfig, Path], Path], 
     ``load(path)`` gives a callable float32 batch -> logits in the format's runtime; ``layers`` are the
     quantizable layers by the names ``QuantConfig.fp32_layers`` takes; ``methods`` the calibration
     methods the quantizer offers. Without ``tuning`` only ``first`` is written, unscored."""
-    rungs: list[Rung] = []
-    files: dict[int, Path] = {}
-
-    def attempt(step: str, config: QuantConfig) -> Rung:
-        rung = Rung(step, config)
-        t0 = time.perf_counter()
-        try:
-            path = quantize(config, workdir / f".rung{len(rungs)}")
-            files[len(rungs)] = path
-            if tuning is not None:
-                rung.agreement, rung.accuracy_drop, rung.passed = _score(load(path), *tuning, reference, criteria)
-        except Exception as exc:  # a calibration method can fail on a model (e.g. an empty histogram)
-            rung.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        rung.seconds = time.perf_counter() - t0
-        rungs.append(rung)
-        return rung
-
-    def best_scored() -> Rung:
-        return max((r for r in rungs if r.agreement is not None), key=lambda r: r.agreement, default=rungs[0])
-
-    def done() -> LadderResult:
-        written = [i for i in files if tuning is None or rungs[i].agreement is not None]
-        if not written:
-            raise RuntimeError("every quantization configuration failed: " + "; ".join(str(r.error) for r in rungs))
-        passed = [i for i in written if rungs[i].passed]
-        best = passed[0] if passed else max(written, key=lambda i: (rungs[i].agreement or 0.0, -i))
-        for i, p in files.items():
-            if i != best:
-                for f in p.parent.glob(p.stem + ".*"):
-                    with contextlib.suppress(FileNotFoundError):
-                        f.unlink()
-        return LadderResult(rungs[best], rungs, sensitivity, tuned, files[best])
-
-    sensitivity: dict[str, float] = {}
-    tuned = {"images": int(len(tuning[0])) if tuning is not None else 0,
-             "source": "training images outside the calibration set", "margin": TUNING_MARGIN}
-    if attempt("first", first).passed or not ladder or tuning is None:
-        return done()
+    run = _Ladder(quantize, workdir, tuning, reference, criteria, load)
+    if run.attempt("first", first).passed or not ladder or tuning is None:
+        return run.done()
     for method in methods:
-        if method != first.method and attempt(f"method {method}", replace(first, method=method)).passed:
-            return done()
-    base = best_scored().config
+        if method != first.method and run.attempt(f"method {method}", replace(first, method=method)).passed:
+            return run.done()
+    base = run.best_scored().config
     larger = replace(base, calibration_size=base.calibration_size * LARGER_CALIBRATION)
-    if attempt(f"calibration {larger.calibration_size}", larger).passed:
-        return done()
-    best = best_scored()
-    base, base_agreement = best.config, best.agreement or 0.0
-    if len(layers) < 2:
-        return done()  # keeping its one layer in fp32 is no quantization at all
-    # A layer's sensitivity: the agreement that comes back when it alone stays fp32.
-    for layer in layers:
-        rung = attempt(f"fp32 {layer} (sensitivity)", replace(base, fp32_layers=(layer,)))
-        sensitivity[layer] = (rung.agreement - base_agreement) if rung.agreement is not None else 0.0
-        if rung.passed:
-            return done()
-    ranked = sorted(layers, key=lambda name: -sensitivity[name])
-    for keep in range(2, len(layers)):  # never every layer: a model that only passes in fp32 fails honestly
-        if attempt(f"fp32 top {keep}", replace(base, fp32_layers=tuple(ranked[:keep]))).passed:
-            return done()
-    return done()
+    if run.attempt(f"calibration {larger.calibration_size}", larger).passed or len(layers) < 2:
+        return run.done()  # (keeping a model's one layer in fp32 is no quantization at all)
+    run.keep_layers_fp32(layers)
+    return run.done()
 
 
 def tuning_data(model, ctx) -> tuple[tuple[np.ndarray, np.ndarray] | None, np.ndarray | None]:

@@ -116,6 +116,86 @@ def _backoff(deaths: int, base: float, most: float) -> float:
     return 0.0 if deaths <= 1 else min(most, base * 2 ** (deaths - 2))
 
 
+def _bind_all(config: ServeConfig) -> list[socket.socket]:
+    """One listening socket per worker on the same port (SO_REUSEPORT), or one shared by all."""
+    sock = bind_socket(config.host, config.port, reuse_port=config.reuse_port)
+    if config.reuse_port and hasattr(socket, "SO_REUSEPORT"):
+        return [sock] + [bind_socket(config.host, sock.getsockname()[1], reuse_port=True)
+                         for _ in range(config.workers - 1)]
+    return [sock] * config.workers
+
+
+class _Supervisor:
+    """Starts a worker per slot, replaces the ones that die (with backoff) and stops them all."""
+
+    def __init__(self, config: ServeConfig, socks: list[socket.socket], metrics_dir: str, *,
+                 max_start_failures: int, restart_backoff: float, max_backoff: float, stable_after: float) -> None:
+        self.config, self.socks, self.metrics_dir = config, socks, metrics_dir
+        self.max_start_failures, self.restart_backoff = max_start_failures, restart_backoff
+        self.max_backoff, self.stable_after = max_backoff, stable_after
+        self.ctx = multiprocessing.get_context("spawn")
+        self.slots = [_Slot(i) for i in range(config.workers)]
+        self.procs: list = []  # every process started and not yet reaped, for the shutdown
+
+    def start(self, slot: _Slot) -> None:
+        slot.ready = self.ctx.Event()
+        p = self.ctx.Process(target=_worker_main, args=(self.socks[slot.index], self.config, os.getpid()),
+                             kwargs={"ready": slot.ready}, name="mnist-deploy-worker")
+        p.start()  # the same socket as before: its queued connections are not lost
+        slot.proc, slot.started, slot.restart_at = p, time.monotonic(), None
+        self.procs.append(p)
+
+    def reap(self, slot: _Slot) -> None:
+        """A slot's process has exited: record why, and when to start the next one (or give up)."""
+        from prometheus_client import multiprocess
+
+        p, now = slot.proc, time.monotonic()
+        multiprocess.mark_process_dead(p.pid, self.metrics_dir)
+        self.procs.remove(p)
+        was_ready = slot.ready.is_set()
+        slot.proc = None
+        slot.start_failures = 0 if was_ready else slot.start_failures + 1
+        slot.quick_deaths = slot.quick_deaths + 1 if now - slot.started < self.stable_after else 1
+        if slot.start_failures >= self.max_start_failures:
+            raise RuntimeError(f"worker {p.pid} exited with code {p.exitcode} before it was ready: "
+                               f"{slot.start_failures} starts in a row failed; giving up (see its log above)")
+        delay = _backoff(slot.quick_deaths, self.restart_backoff, self.max_backoff)
+        slot.restart_at = now + delay
+        alive = sum(1 for s in self.slots if s.proc is not None)
+        _LOG.warning("worker %d exited with code %s %s; starting another in %.1f s (%d of %d workers serving%s)",
+                     p.pid, p.exitcode, "after it was ready" if was_ready else "before it was ready", delay, alive,
+                     len(self.slots), f"; {slot.start_failures} failed start(s) in a row, giving up at "
+                                      f"{self.max_start_failures}" if slot.start_failures else "")
+
+    def run(self, stop: threading.Event) -> None:
+        for slot in self.slots:
+            self.start(slot)
+        while not stop.wait(0.2):
+            for slot in self.slots:
+                if stop.is_set():
+                    break
+                if slot.proc is not None and slot.proc.exitcode is not None:
+                    self.reap(slot)
+                if slot.proc is None and time.monotonic() >= slot.restart_at:
+                    self.start(slot)
+
+    def stop_all(self, timeout: float) -> None:
+        """SIGTERM every worker (they drain), wait ``timeout`` for each, then kill what is left."""
+        from prometheus_client import multiprocess
+
+        for p in self.procs:
+            if p.exitcode is None and p.pid is not None:
+                os.kill(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            p.join(timeout)
+            if p.exitcode is None:
+                _LOG.warning("worker %d did not stop within %gs; killing it", p.pid, timeout)
+                p.kill()
+                p.join()
+            if p.pid is not None:
+                multiprocess.mark_process_dead(p.pid, self.metrics_dir)
+
+
 def run_workers(config: ServeConfig, *, announce=print, max_start_failures: int = 5, restart_backoff: float = 0.5,
                 max_backoff: float = 10.0, stable_after: float = 30.0) -> None:
     """Serve with ``config.workers`` processes on one port until SIGINT or SIGTERM (see the module docstring).
@@ -127,78 +207,20 @@ def run_workers(config: ServeConfig, *, announce=print, max_start_failures: int 
     A worker that dies is replaced, after a backoff when replacements keep dying within ``stable_after``
     seconds; the server gives up only after ``max_start_failures`` starts in a row that never got ready.
     """
-    from prometheus_client import multiprocess
-
-    workers, host, port, reuse_port = config.workers, config.host, config.port, config.reuse_port
-    stop_timeout = config.drain_timeout + 5
-    sock = bind_socket(host, port, reuse_port=reuse_port)
-    socks = [sock]
-    if reuse_port and hasattr(socket, "SO_REUSEPORT"):
-        socks += [bind_socket(host, sock.getsockname()[1], reuse_port=True) for _ in range(workers - 1)]
-    else:
-        socks *= workers
+    socks = _bind_all(config)
     metrics_dir = tempfile.mkdtemp(prefix="mnist-deploy-metrics-")
     previous = os.environ.get(MULTIPROC_ENV)
     os.environ[MULTIPROC_ENV] = metrics_dir
-    ctx = multiprocessing.get_context("spawn")
     stop = threading.Event()
     handlers = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    slots = [_Slot(i) for i in range(workers)]
-    procs: list = []  # every process started, for the shutdown
-
-    def start(slot: _Slot) -> None:
-        slot.ready = ctx.Event()
-        p = ctx.Process(target=_worker_main, args=(socks[slot.index], config, os.getpid()),
-                        kwargs={"ready": slot.ready}, name="mnist-deploy-worker")
-        p.start()  # the same socket as before: its queued connections are not lost
-        slot.proc, slot.started, slot.restart_at = p, time.monotonic(), None
-        procs.append(p)
-
-    def reap(slot: _Slot) -> None:
-        """A slot's process has exited: record why, and when to start the next one (or give up)."""
-        p, now = slot.proc, time.monotonic()
-        multiprocess.mark_process_dead(p.pid, metrics_dir)
-        procs.remove(p)
-        was_ready = slot.ready.is_set()
-        slot.proc = None
-        slot.start_failures = 0 if was_ready else slot.start_failures + 1
-        slot.quick_deaths = slot.quick_deaths + 1 if now - slot.started < stable_after else 1
-        if slot.start_failures >= max_start_failures:
-            raise RuntimeError(f"worker {p.pid} exited with code {p.exitcode} before it was ready: "
-                               f"{slot.start_failures} starts in a row failed; giving up (see its log above)")
-        delay = _backoff(slot.quick_deaths, restart_backoff, max_backoff)
-        slot.restart_at = now + delay
-        alive = sum(1 for s in slots if s.proc is not None)
-        _LOG.warning("worker %d exited with code %s %s; starting another in %.1f s (%d of %d workers serving%s)",
-                     p.pid, p.exitcode, "after it was ready" if was_ready else "before it was ready", delay, alive,
-                     workers, f"; {slot.start_failures} failed start(s) in a row, giving up at "
-                              f"{max_start_failures}" if slot.start_failures else "")
-
+    supervisor = _Supervisor(config, socks, metrics_dir, max_start_failures=max_start_failures,
+                             restart_backoff=restart_backoff, max_backoff=max_backoff, stable_after=stable_after)
     try:
-        bound = sock.getsockname()
-        announce(f"listening on http://{host}:{bound[1]} with {workers} worker processes (parent pid {os.getpid()})")
-        for slot in slots:
-            start(slot)
-        while not stop.wait(0.2):
-            for slot in slots:
-                if stop.is_set():
-                    break
-                if slot.proc is not None and slot.proc.exitcode is not None:
-                    reap(slot)
-                if slot.proc is None and time.monotonic() >= slot.restart_at:
-                    start(slot)
+        announce(f"listening on http://{config.host}:{socks[0].getsockname()[1]} with {config.workers} worker "
+                 f"processes (parent pid {os.getpid()})")
+        supervisor.run(stop)
     finally:
-        for p in procs:
-            if p.exitcode is None and p.pid is not None:
-                os.kill(p.pid, signal.SIGTERM)
-        for p in procs:
-            p.join(stop_timeout)
-            if p.exitcode is None:
-                _LOG.warning("worker %d did not stop within %gs; killing it", p.pid, stop_timeout)
-                p.kill()
-                p.join()
-            if p.pid is not None:
-                multiprocess.mark_process_dead(p.pid, metrics_dir)
+        supervisor.stop_all(config.drain_timeout + 5)
         for s, h in handlers.items():
             signal.signal(s, h)
         for s_ in set(socks):
