@@ -145,8 +145,9 @@ class EvalData:
         taken from images the model did not train on when it trained on a subset."""
         n = len(self.train_images)
         order = np.random.default_rng(0).permutation(n)
+        size = min(TUNING_POOL, n // 2)  # a small training set keeps half of it for calibration
         unseen = order[order >= self.trained_on] if self.trained_on and self.trained_on < n else order[:0]
-        tuning = unseen[:TUNING_POOL] if len(unseen) >= TUNING_POOL // 2 else order[n - TUNING_POOL :]
+        tuning = unseen[:size] if len(unseen) >= size // 2 else order[n - size :]
         return np.setdiff1d(order, tuning, assume_unique=True), tuning
 
     def head(self, n: int | None) -> EvalData:

@@ -447,9 +447,13 @@ def test_latency_stats_against_numpy():
     assert s["gflops"] == pytest.approx(1000 * 8 * 4 / 0.016 / 1e9)
 
 
-def test_torch_compile_without_a_compiler_is_skipped(monkeypatch):
+def test_torch_compile_without_a_compiler_is_skipped():
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/g++"))
-    reason = bench.unavailable_reason("torch.compile", "cpu")
+    # torch's own patch(): monkeypatch.setattr on inductor's config deletes the option on undo, and every
+    # later compile in the session then fails with "torch._inductor.config.cpp.cxx does not exist".
+    before = bench.unavailable_reason("torch.compile", "cpu")
+    with inductor_config.patch({"cpp.cxx": (None, "/nonexistent/g++")}):
+        reason = bench.unavailable_reason("torch.compile", "cpu")
     assert reason and reason.startswith("torch.compile on CPU needs a C++ compiler")
+    assert bench.unavailable_reason("torch.compile", "cpu") == before  # the option is back as it was

@@ -82,7 +82,11 @@ def test_calibration_is_the_same_images_for_the_same_n():
     data = _data()
     a, b = data.calibration(32), data.calibration(32)
     assert a.shape == (32, 784) and a.dtype == np.float32 and np.array_equal(a, b)
-    assert data.calibration(1000).shape == (200, 784)  # at most the whole set
+    # at most the calibration pool: of 200 training images, half are held out for INT8 tuning
+    assert data.calibration(1000).shape == (100, 784)
+    held_out = set(data.tuning_indices(1000).tolist())
+    assert len(held_out) == 100 and not held_out & {i for i in range(200) if any(
+        np.array_equal(data.train_images[i], row) for row in data.calibration(1000))}
 
 
 def test_artifact_metadata_says_how_to_feed_the_model():
