@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 OUT="artifacts"
 if [ "${1:-}" = "--out" ]; then OUT="$2"; fi
 bash scripts/setup.sh
+bash scripts/system_deps.sh
+bash scripts/js_env.sh
 MD=.venv/bin/mnist-deploy
 $MD data
 $MD train --out "$OUT" --plots

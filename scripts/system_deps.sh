@@ -2,7 +2,8 @@
 # System packages the browser and load tests use: Debian's Chromium (driven by Playwright through
 # executable_path, never a downloaded browser), Apache Bench (ab) for the load test and wrk (keep-alive,
 # Lua-scripted POSTs) for benchmarks/bench_serve.py; a C++ compiler, CMake and Ninja for the C++ runner
-# (native/, the torchscript-cpp / aoti-cpp runtimes) and for AOTInductor packages (the aoti format).
+# (native/, the torchscript-cpp / aoti-cpp runtimes) and for AOTInductor packages (the aoti format); Node.js
+# and npm for ONNX Runtime in JavaScript (js/, scripts/js_env.sh).
 set -euo pipefail
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
@@ -11,6 +12,8 @@ command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v c++ >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1 || need+=(g++)
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v ninja >/dev/null 2>&1 || need+=(ninja-build)
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
   echo "note: ${need[*]} not installed and cannot apt-get here; the browser/load/native tests will be skipped" >&2

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/mlserver_env.sh  # MLServer in its own venv, for tests/serve/test_mlserver.py (~30-50 s the first time)
 bash scripts/system_deps.sh
+bash scripts/js_env.sh  # npm ci in js/ (onnxruntime-node, onnxruntime-web) from the lock file
 if [ -z "${MNIST_DEPLOY_DATA:-}" ] && [ ! -d ../shared/data/mnist ]; then
   # No local copy named: fetch MNIST into ./data once (MD5-checked), and run the tests on it.
   .venv/bin/mnist-deploy data >/dev/null
