@@ -70,6 +70,8 @@ def serve_subprocess(artifacts: str | os.PathLike, args: Sequence[str] = (), *, 
     tests/_serving.py builds the tests' ``serve_process`` on this.
     """
     port = port or free_port()
+    if "--grpc-port" not in args:  # no gRPC unless asked: two servers at once would both want 8001
+        args = [*args, "--grpc-port", "0"]
     cmd = [sys.executable, "-m", "mnist_deploy", "serve", "--artifacts", str(artifacts), "--port", str(port),
            *args]
     log = open(log_path, "w+b") if log_path is not None else tempfile.TemporaryFile()  # closed below

@@ -59,6 +59,9 @@ def predict_cmd(ctx, inputs, runtime, artifacts, top_k, device, threads, as_json
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on. The default is this machine only; 0.0.0.0 opens it to the network.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=8001, show_default=True,
+              help="Port of the Open Inference Protocol's gRPC service (inference.GRPCInferenceService; 8001 as "
+                   "Triton), on --host, in every worker; 0: no gRPC.")
 @click.option("--runtime", type=click.Choice(PREDICT_RUNTIMES), default=DEFAULT_RUNTIME, show_default=True,
               help="An exported format (checked against the manifest's sha256), or pytorch (the state_dict).")
 @click.option("--artifacts", type=click.Path(file_okay=False, path_type=Path), default=Path("artifacts"),
@@ -94,14 +97,15 @@ def predict_cmd(ctx, inputs, runtime, artifacts, top_k, device, threads, as_json
 @click.option("--access-log", is_flag=True, help="Log every request (costs throughput).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
-def serve_cmd(host, port, runtime, artifacts, device, workers, reuse_port, threads, max_batch_size, max_queue_delay_us,
-              preferred_batch_sizes, max_body, max_connections, request_timeout, loop, drain_timeout, access_log,
+def serve_cmd(host, port, grpc_port, runtime, artifacts, device, workers, reuse_port, threads, max_batch_size,
+              max_queue_delay_us, preferred_batch_sizes, max_body, max_connections, request_timeout, loop, drain_timeout, access_log,
               log_level) -> None:
     """Serve the model over HTTP until Ctrl-C: a drawing page at /, POST /predict, /docs, /metrics.
 
     The artifact is loaded once, after its sha256 is checked against the manifest. Endpoints:
     POST /predict (JSON {"pixels": [784 values 0..255]} or a multipart image in 'file'),
-    POST /predict/batch, GET /health, GET /model, GET /metrics (Prometheus), GET /docs (OpenAPI).
+    POST /predict/batch, GET /health, GET /model, GET /metrics (Prometheus), GET /docs (OpenAPI), the Open
+    Inference Protocol (KServe v2) under /v2, and its gRPC service on --grpc-port.
     """
     from ..errors import InputError
     from ..predict import load_model
@@ -117,12 +121,20 @@ def serve_cmd(host, port, runtime, artifacts, device, workers, reuse_port, threa
     try:
         config = ServeConfig(
             artifacts=artifacts, runtime=runtime, device=device, threads=threads_per_worker(workers, threads),
-            host=host, port=port, workers=workers, reuse_port=reuse_port, max_body_bytes=max_body,
+            host=host, port=port, grpc_port=grpc_port, workers=workers, reuse_port=reuse_port,
+            max_body_bytes=max_body,
             max_connections=max_connections, request_timeout=request_timeout, max_batch_size=max_batch_size,
             max_queue_delay_us=max_queue_delay_us, preferred_batch_sizes=preferred, loop=loop,
             access_log=access_log, log_level=log_level, drain_timeout=drain_timeout)
     except InputError as exc:
-        raise click.BadParameter(str(exc), param_hint="--preferred-batch-sizes") from None
+        hint = "--grpc-port" if str(exc).startswith("grpc_port") else "--preferred-batch-sizes"
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+    if grpc_port:  # before anything starts: a taken port, or grpcio missing, is one line now
+        from ..serve.grpc_v2 import check_port
+        from ..serve.protos import load_protos
+
+        check_port(host, grpc_port)
+        load_protos()  # generated once here, not by every worker at once
     # Loaded here once even with several workers: a bad artifact is one clear error before anything starts.
     model = load_model(artifacts=artifacts, runtime=runtime, device=device, threads=config.threads)
     click.echo(_banner(config, model), err=True)
@@ -143,6 +155,8 @@ def _banner(config, model) -> str:
     c = config
     sha = str(model.entry.get("sha256") or "")[:12]
     where = f"page http://{c.host}:{c.port}/  API docs http://{c.host}:{c.port}/docs" if c.port else "port chosen below"
+    if c.grpc_port:
+        where += f"  gRPC {c.host}:{c.grpc_port}"
     how = f"{c.workers} worker{'s' if c.workers > 1 else ''} x {c.threads} thread{'s' if c.threads > 1 else ''}, " + (
         f"batching up to {c.max_batch_size} within {c.max_queue_delay_us} us" if c.batching else "no batching")
     return (f"serving {model.manifest['model']['name']} from {c.artifacts} with {c.runtime} ({model.predictor.runtime}"

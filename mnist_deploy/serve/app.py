@@ -40,7 +40,8 @@ def create_app(config: ServeConfig | None = None, *, model: LoadedModel | None =
 
     ``settings`` are :class:`.config.ServeConfig` fields that override ``config`` (or the defaults):
     ``max_body_bytes``, ``max_batch_size`` (> 1 turns dynamic batching on for every route, see
-    :class:`~.batching.DynamicBatcher`), ... ``/health`` answers 503 until the model is loaded. The
+    :class:`~.batching.DynamicBatcher`), ``grpc_port`` (non-zero: the Open Inference Protocol's gRPC service
+    on that port, :mod:`.grpc_v2`, started with the app), ... ``/health`` answers 503 until the model is loaded. The
     returned object is the FastAPI app wrapped in :class:`.guard.Guard` (body limit, metrics, the JSON
     fast path unless ``fast_path`` is False); the FastAPI app itself is its ``.fastapi`` and the
     service its ``.service``.
@@ -57,10 +58,17 @@ def create_app(config: ServeConfig | None = None, *, model: LoadedModel | None =
                 lambda: load_model(artifacts=config.artifacts, runtime=config.runtime, device=config.device,
                                    threads=config.threads))
         service.start()
+        grpc_server = None
+        if config.grpc_port:  # on this loop: the gRPC calls share the batcher with the HTTP routes
+            from .grpc_v2 import start_grpc
+
+            grpc_server = await start_grpc(service, config)
         freeze_startup_objects()
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop()  # its calls in flight answered before the batcher closes
             await service.stop()
 
     app = FastAPI(

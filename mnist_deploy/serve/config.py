@@ -2,7 +2,8 @@
 
 One dataclass travels the whole way: :func:`mnist_deploy.cli.serve.serve_cmd` builds it from the
 options, :func:`.app.create_app` and :func:`.app.serve` read it, and :func:`.workers.run_workers`
-hands it (it pickles) to every spawned worker process. Defaults here are the CLI's defaults.
+hands it (it pickles) to every spawned worker process. Defaults here are the CLI's defaults, but for
+``grpc_port``: 0 (no gRPC) here, so that an app made in Python opens no second port unasked; 8001 in the CLI.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class ServeConfig:
     # where, and how many processes
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_port: int = 0  # the gRPC service's port, 0: none (the CLI's default is 8001, Triton's)
     workers: int = 1
     reuse_port: bool = True
     # request limits
@@ -65,6 +67,9 @@ class ServeConfig:
         if preferred and (self.max_batch_size <= 1 or not all(1 <= p <= self.max_batch_size for p in preferred)):
             raise InputError(f"preferred sizes must lie in 1..--max-batch-size ({self.max_batch_size}), got "
                              f"{list(preferred)}")
+        if not 0 <= self.grpc_port <= 65535 or (self.grpc_port and self.grpc_port == self.port):
+            raise InputError(f"grpc_port must be 0 (no gRPC) or a port in 1..65535 other than the HTTP port "
+                             f"({self.port}), got {self.grpc_port}")
         if self.request_timeout <= 0 or self.drain_timeout <= 0:
             raise InputError("request_timeout and drain_timeout must be positive")
         if self.loop not in LOOPS or self.log_level not in LOG_LEVELS:

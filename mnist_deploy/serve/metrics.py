@@ -1,9 +1,11 @@
 """Request, inference and batching metrics, with prometheus_client, correct across worker processes.
 
-Every label value comes from a fixed set, so no request can grow the table: methods outside
-:data:`METHODS` and paths outside the app's routes are counted as ``"other"``, and status codes are
-integers 100..599 (anything else is ``"other"``). A made-up method or path costs one counter
-increment, never a new series.
+HTTP requests and gRPC calls (:mod:`.grpc_v2`) are counted apart, each with labels of its own; the
+model's metrics (predictions, inference time, batches) count both. Every label value comes from a
+fixed set, so no request can grow the table: methods outside :data:`METHODS` and paths outside the
+app's routes are counted as ``"other"``, and status codes are integers 100..599 (anything else is
+``"other"``); gRPC methods are the service's six and codes are ``grpc.StatusCode`` names. A made-up
+method or path costs one counter increment, never a new series.
 
 With one process the metrics live in a private registry (several apps in one test process do not
 collide). With ``--workers N`` the parent sets ``PROMETHEUS_MULTIPROC_DIR`` to a private temporary
@@ -88,6 +90,11 @@ class Metrics:
         self._queue = Histogram("mnist_deploy_batch_queue_seconds",
                                 "Time a request waited in the dynamic batcher's queue before its model call.",
                                 buckets=QUEUE_BUCKETS, registry=r)
+        self._rpcs = Counter("mnist_deploy_grpc_requests", "gRPC calls by method and status code.",
+                             ("method", "code"), registry=r)
+        self._rpc_latency = Histogram("mnist_deploy_grpc_request_duration_seconds",
+                                      "Time from a gRPC call's request to its answer, by method.", ("method",),
+                                      buckets=LATENCY_BUCKETS, registry=r)
         self._children: dict[tuple, object] = {}  # labels() looks up under a lock; a dict get is cheaper
         self._own = _ProcessCollector(self)
         r.register(self._own)
@@ -121,6 +128,11 @@ class Metrics:
         if not isinstance(status, int) or status >= 400:
             self._child(self._errors, route, code).inc()
         self._child(self._latency, route).observe(seconds)
+
+    def rpc(self, method: str, code: str, seconds: float) -> None:
+        """One gRPC call: ``method`` from the service's fixed list, ``code`` a ``grpc.StatusCode`` name."""
+        self._child(self._rpcs, method, code).inc()
+        self._child(self._rpc_latency, method).observe(seconds)
 
     def inferred(self, runtime: str, images: int, seconds: float) -> None:
         self._child(self._predictions, runtime).inc(images)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -53,6 +54,7 @@ class Service:
         self.max_image_pixels = config.max_image_pixels
         self.max_batch = config.max_batch
         self.draining = False  # set at SIGTERM: readiness answers 503 from then on
+        self.on_drain: list[Callable[[], None]] = []  # called by begin_drain (the gRPC server's stop)
         self.batcher: DynamicBatcher | PassThrough = PassThrough(lambda x: self.logits(self.ready(), x))
 
     def start(self) -> None:
@@ -68,7 +70,10 @@ class Service:
         await self.batcher.close(drain=True)
 
     def begin_drain(self) -> None:
+        """Readiness false from now on, and the other protocols told (may run in a signal handler)."""
         self.draining = True
+        for hook in self.on_drain:
+            hook()
 
     def ready(self) -> LoadedModel:
         if self.model is None:

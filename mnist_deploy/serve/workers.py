@@ -4,7 +4,9 @@ The parent binds the listening socket once (so ``--port 0`` gives every worker t
 starts ``workers`` processes with multiprocessing's *spawn* context, each handed the socket. Each
 worker builds its own app, loads its own copy of the model with its own share of the runtime's
 threads, and runs uvicorn (uvloop, httptools, the guarded protocol of :mod:`.connections`) on the
-shared socket; the kernel hands each new connection to whichever worker accepts it first.
+shared socket; the kernel hands each new connection to whichever worker accepts it first. With
+``config.grpc_port`` each worker also serves gRPC (:mod:`.grpc_v2`), binding that port itself with
+SO_REUSEPORT (grpc takes no socket handed to it), so the kernel spreads gRPC connections the same way.
 
 Why not ``uvicorn.run(workers=N)``: it needs the app as an import string and a picklable config,
 while our protocol class is made per run; a supervisor of our own is ~100 lines and also owns the
@@ -216,7 +218,8 @@ def run_workers(config: ServeConfig, *, announce=print, max_start_failures: int 
     supervisor = _Supervisor(config, socks, metrics_dir, max_start_failures=max_start_failures,
                              restart_backoff=restart_backoff, max_backoff=max_backoff, stable_after=stable_after)
     try:
-        announce(f"listening on http://{config.host}:{socks[0].getsockname()[1]} with {config.workers} worker "
+        grpc = f" and gRPC on {config.host}:{config.grpc_port}" if config.grpc_port else ""
+        announce(f"listening on http://{config.host}:{socks[0].getsockname()[1]}{grpc} with {config.workers} worker "
                  f"processes (parent pid {os.getpid()})")
         supervisor.run(stop)
     finally:

@@ -1,0 +1,278 @@
+"""The Open Inference Protocol's gRPC half, ``inference.GRPCInferenceService``, as a thin translation onto the
+:class:`.service.Service`.
+
+Served by grpcio's asyncio server on the event loop uvicorn runs (``--grpc-port``, in every worker: grpc
+binds its port with SO_REUSEPORT, so the kernel spreads connections over the workers as it does for
+HTTP), it shares the worker's model, dynamic batcher, limits and metrics with the HTTP routes: a gRPC
+request and an HTTP one can meet in the same model call. The messages come from
+``proto/grpc_predict_v2.proto``, generated on first use (:mod:`.protos`).
+
+Methods: ``ServerLive``, ``ServerReady``, ``ModelReady``, ``ServerMetadata``, ``ModelMetadata``,
+``ModelInfer``; anything else (Triton's statistics, repository, shared-memory calls) is UNIMPLEMENTED.
+``ModelInfer`` reads one input, ``input`` (FP32) or ``pixels`` (UINT8), as ``raw_input_contents``
+(what tritonclient sends) or as typed ``contents`` (``fp32_contents``, ``uint_contents``), validated by
+the same code as the REST route, and answers ``logits`` (and ``probabilities`` when asked for) as
+``raw_output_contents``, little-endian FP32, as Triton does. The request id is echoed.
+
+Errors are the typed errors of :mod:`mnist_deploy.errors` mapped by their HTTP status to a gRPC status
+code (:data:`CODES`): INVALID_ARGUMENT for a bad request, NOT_FOUND for an unknown model or version,
+UNAVAILABLE before the model is loaded or once the server drains, RESOURCE_EXHAUSTED for a message over
+``--max-body`` (refused by grpc itself before it is read) or more calls at once than ``max_connections``,
+INTERNAL (with no detail) for a bug. Each call is counted in ``mnist_deploy_grpc_requests{method, code}``.
+
+Shutdown: at SIGTERM :meth:`GrpcServer.drain` stops the server with a grace of the drain timeout (less a
+margin): the port closes and new calls are refused (UNAVAILABLE) at once, calls in flight are answered,
+and what is still running when the grace ends is cancelled, so the worker exits within
+``--drain-timeout``. The lifespan's shutdown waits for it before it closes the batcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+import socket
+import time
+
+import grpc
+import numpy as np
+
+from .. import __version__
+from ..errors import InputError, MnistDeployError, NotReady
+from ..predict import softmax
+from . import v2
+from .config import ServeConfig
+from .connections import default_max_connections
+from .protos import load_protos
+from .service import Service
+
+_LOG = logging.getLogger("uvicorn.error")
+SERVER_NAME = "mnist-deploy"
+# The HTTP status each typed error carries -> the gRPC status code (anything else: INTERNAL).
+CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+         415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT, 499: grpc.StatusCode.CANCELLED,
+         503: grpc.StatusCode.UNAVAILABLE}
+_RAW_DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}  # raw contents are little-endian
+_TYPED_FIELDS = {"FP32": ("fp32_contents", np.float32), "UINT8": ("uint_contents", np.int64)}
+
+
+def status_code(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status for an error raised while answering a call (:data:`CODES`)."""
+    status = exc.http_status if isinstance(exc, MnistDeployError) else 500
+    return CODES.get(status, grpc.StatusCode.INTERNAL)
+
+
+def grpc_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail now, in one line, if something already listens on ``host:port``: grpc binds with SO_REUSEPORT,
+    so a second server of the same user on the port would otherwise share its connections, silently."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no obstacle; a listener is
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise InputError(f"cannot listen for gRPC on {grpc_address(host, port)}: {exc.strerror or exc}; "
+                             "choose another port with --grpc-port (0: no gRPC)") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests into the values v2's validation reads, and answers out of the logits.
+
+
+def input_spec(request) -> dict:
+    """The request's one input as v2 reads a JSON one: name, shape, datatype and its data as an array."""
+    if len(request.inputs) != 1:
+        raise InputError(f"expected one input tensor ('{v2.INPUT}' FP32 or '{v2.PIXELS}' UINT8), "
+                         f"got {len(request.inputs)}")
+    t = request.inputs[0]
+    shape = list(t.shape)
+    raw = request.raw_input_contents
+    if raw:
+        if len(raw) != 1:
+            raise InputError(f"raw_input_contents must hold one entry per input (1), got {len(raw)}")
+        if t.HasField("contents"):
+            raise InputError(f"input '{t.name}': data in both contents and raw_input_contents; send one of them")
+        data = _raw_array(t.name, t.datatype, shape, raw[0])
+    else:
+        data = _typed_array(t)
+    return {"name": t.name, "shape": shape, "datatype": t.datatype, "data": data}
+
+
+def _raw_array(name: str, datatype: str, shape: list[int], blob: bytes) -> np.ndarray:
+    dtype = _RAW_DTYPES.get(datatype)
+    if dtype is None or any(d < 0 for d in shape):
+        return np.empty(0, np.float32)  # v2's checks name the datatype or shape at fault first
+    want = math.prod(shape) * dtype.itemsize
+    if len(blob) != want:
+        raise InputError(f"input '{name}': raw_input_contents holds {len(blob)} bytes; shape {shape} of {datatype} "
+                         f"takes {want}")
+    return np.frombuffer(blob, dtype)
+
+
+def _typed_array(t) -> np.ndarray:
+    field, dtype = _TYPED_FIELDS.get(t.datatype, (None, None))
+    if field is None:
+        return np.empty(0, np.float32)  # v2's check names the datatype at fault
+    values = getattr(t.contents, field)
+    if not values:
+        raise InputError(f"input '{t.name}': no data; send raw_input_contents or contents.{field} ({t.datatype})")
+    return np.fromiter(values, dtype, count=len(values))
+
+
+def wanted_outputs(request) -> list[str]:
+    return v2._outputs([{"name": o.name} for o in request.outputs] or None)
+
+
+def infer_response(pb2, request, version: str, wanted: list[str], logits: np.ndarray):
+    """The ModelInferResponse: each wanted output as FP32 ``[N, 10]`` in ``raw_output_contents``."""
+    reply = pb2.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
+    for name in wanted:
+        y = logits if name == "logits" else softmax(logits)
+        reply.outputs.add(name=name, datatype="FP32", shape=[int(logits.shape[0]), 10])
+        reply.raw_output_contents.append(np.ascontiguousarray(y, "<f4").tobytes())
+    return reply
+
+
+# ---------------------------------------------------------------------------------------------
+# The service.
+
+
+def _rpc(method):
+    """One call: time and count it, and turn a raised error into the call's status (:func:`status_code`)."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def call(self, request, context):
+        t0 = time.perf_counter()
+        try:
+            reply = await method(self, request, context)
+        except MnistDeployError as exc:
+            code, message = status_code(exc), str(exc)
+        except asyncio.CancelledError:  # the client went away, or its deadline passed
+            self.service.metrics.rpc(name, grpc.StatusCode.CANCELLED.name, time.perf_counter() - t0)
+            raise
+        except Exception:
+            _LOG.exception("gRPC %s failed", name)
+            code, message = grpc.StatusCode.INTERNAL, "internal server error"
+        else:
+            self.service.metrics.rpc(name, grpc.StatusCode.OK.name, time.perf_counter() - t0)
+            return reply
+        self.service.metrics.rpc(name, code.name, time.perf_counter() - t0)
+        await context.abort(code, message)
+
+    return call
+
+
+class Servicer:
+    """``GRPCInferenceService``'s six methods over a :class:`.service.Service`."""
+
+    def __init__(self, service: Service, pb2) -> None:
+        self.service, self.pb2 = service, pb2
+
+    @_rpc
+    async def ServerLive(self, request, context):
+        return self.pb2.ServerLiveResponse(live=True)
+
+    @_rpc
+    async def ServerReady(self, request, context):
+        return self.pb2.ServerReadyResponse(ready=self.service.health() is not None)  # loaded, not draining
+
+    @_rpc
+    async def ModelReady(self, request, context):
+        try:
+            v2._model(self.service, request.name, request.version)  # an unknown model stays NOT_FOUND
+        except NotReady:
+            return self.pb2.ModelReadyResponse(ready=False)
+        return self.pb2.ModelReadyResponse(ready=not self.service.draining)
+
+    @_rpc
+    async def ServerMetadata(self, request, context):
+        return self.pb2.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=[])
+
+    @_rpc
+    async def ModelMetadata(self, request, context):
+        meta = v2.metadata(self.service, v2._model(self.service, request.name, request.version))
+        reply = self.pb2.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"])
+        for key in ("inputs", "outputs"):
+            for t in meta[key]:
+                getattr(reply, key).add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+        return reply
+
+    @_rpc
+    async def ModelInfer(self, request, context):
+        service = self.service
+        m = v2._model(service, request.model_name, request.model_version)
+        wanted = wanted_outputs(request)
+        x = v2._tensor(input_spec(request), service, m)  # validated before it joins a batch
+        logits = await service.infer(x)
+        return infer_response(self.pb2, request, v2.model_version(m), wanted, logits)
+
+
+def server_options(config: ServeConfig) -> list[tuple[str, int]]:
+    """grpc's channel arguments: the message size limit is the HTTP body limit; the port is shared (workers)."""
+    return [("grpc.max_receive_message_length", config.max_body_bytes), ("grpc.so_reuseport", 1)]
+
+
+class GrpcServer:
+    """One worker's gRPC server, on the running event loop: :meth:`start`, :meth:`drain`, :meth:`stop`."""
+
+    def __init__(self, service: Service, config: ServeConfig) -> None:
+        self.service, self.config = service, config
+        drain = config.drain_timeout
+        self.grace = max(0.0, drain - min(1.0, drain / 10))  # as the HTTP drain: answered before the exit
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Future | None = None
+
+    async def start(self) -> int:
+        """Listen on ``config.host:config.grpc_port`` and serve; returns the port."""
+        pb2, pb2_grpc = load_protos()
+        c = self.config
+        self._loop = asyncio.get_running_loop()
+        self._server = grpc.aio.server(options=server_options(c),
+                                       maximum_concurrent_rpcs=c.max_connections or default_max_connections())
+        pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(self.service, pb2), self._server)
+        address = grpc_address(c.host, c.grpc_port)
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise InputError(f"cannot listen for gRPC on {address}: {exc}; choose another --grpc-port") from None
+        await self._server.start()
+        self.service.on_drain.append(self.drain_threadsafe)
+        if self.service.draining:  # the signal came while the server was starting
+            self.drain()
+        return self.port
+
+    def drain(self) -> None:
+        """Refuse new calls, answer those in flight within the grace (on the loop; once)."""
+        if self._stopping is None and self._server is not None:
+            self._stopping = asyncio.ensure_future(self._server.stop(self.grace))
+
+    def drain_threadsafe(self) -> None:
+        """:meth:`drain` from a signal handler or another thread."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.drain)
+
+    async def stop(self) -> None:
+        """Drain (if no signal did) and wait until the server has stopped."""
+        self.drain()
+        if self._stopping is not None:
+            await self._stopping
+
+
+async def start_grpc(service: Service, config: ServeConfig) -> GrpcServer:
+    """A started :class:`GrpcServer` for ``service``, drained with it (``service.begin_drain``)."""
+    server = GrpcServer(service, config)
+    port = await server.start()
+    _LOG.info("gRPC (inference.GRPCInferenceService) on %s", grpc_address(config.host, port))
+    return server
+
+
+__all__ = ["CODES", "GrpcServer", "Servicer", "check_port", "grpc_address", "input_spec", "start_grpc",
+           "status_code"]
