@@ -17,7 +17,9 @@ The modules, bottom up:
 * :mod:`.service` -- the model, limits, metrics and the batcher behind one object that knows
   nothing of HTTP;
 * :mod:`.routes` -- the route handlers, at module level, and the one error-to-answer mapping;
-* :mod:`.v2` -- the Open Inference Protocol (REST) onto the same service;
+* :mod:`.v2_core` -- the Open Inference Protocol's model side with no transport (model names, inputs,
+  outputs, metadata), shared by HTTP and gRPC;
+* :mod:`.v2` -- the Open Inference Protocol (REST, JSON and binary tensors) onto the same service;
 * :mod:`.guard` -- plain ASGI around the app: body limit, metrics, the JSON fast path;
 * :mod:`.connections` -- below ASGI: bounded connections, request deadlines (slowloris), the drain;
 * :mod:`.app` -- :func:`create_app` and :func:`serve` (one process);

@@ -1,27 +1,26 @@
-"""The Open Inference Protocol (KServe v2, REST) as a thin translation onto the :class:`.service.Service`.
+"""The Open Inference Protocol (KServe v2, REST) as a thin translation onto :mod:`.v2_core` and the service.
 
 Routes (each model route also under ``/versions/{version}``):
 ``GET /v2``, ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2/models/{name}``,
 ``GET /v2/models/{name}/ready``, ``POST /v2/models/{name}/infer``.
 
-The model takes one of two inputs, both listed in its metadata: ``input``, FP32 of the model's
-shape with batch -1, already normalised (what an exported model takes: the same tensor Triton would
-be sent); or ``pixels``, UINT8 raw 0..255 values ``[-1, 28, 28]`` (``[-1, 784]`` is accepted too),
-normalised here with the manifest's mean and std. ``input`` values must lie in the range normalised
-pixels have (stated in the metadata's ``parameters``: a 3e38 would make the logits non-finite).
-Outputs: ``logits`` FP32 ``[-1, 10]``, and ``probabilities`` FP32 ``[-1, 10]`` when asked for in
-``outputs`` (each name at most once, so an answer is at most two tensors). Tensor ``data`` is row-major,
-flat or nested. Errors are 400 ``{"error": "..."}``, an unknown model or version 404 (the typed errors
-of :mod:`mnist_deploy.errors`, answered by the server's one handler, :func:`.routes.error_reply`).
-Readiness false is 400 (the spec: "a 4xx status code indicates false"); inference or metadata before
-the model is loaded is 503. With no ``outputs`` only ``logits`` is returned: the spec says "all outputs produced by the
-model", and the exported model produces ``logits``; ``probabilities`` is computed here on request
-(MLServer does the same, docs/mlserver.md). Where the spec is silent: the model version is the
-manifest's ``model.version`` or ``"1"`` (a Triton repository's first version); the binary tensor
-extension is not supported (``extensions`` is empty), so clients send JSON data; a binary request
-(tritonclient's default, marked by ``Inference-Header-Content-Length``) gets a 400 saying so and how. An infer body may be
-compressed (``Content-Encoding: gzip`` or ``deflate``, as tritonclient's ``request_compression_algorithm``
-sends it and Triton and MLServer take it), held to the same size limit once decompressed.
+The models, inputs and outputs are :mod:`.v2_core`'s: ``<name>`` takes ``input`` (FP32, normalised),
+``<name>-pixels`` takes ``pixels`` (UINT8 0..255), and ``<name>`` still takes ``pixels`` as before.
+Tensor ``data`` is row-major, flat or nested. Errors are 400 ``{"error": "..."}``, an unknown model or
+version 404 (the typed errors of :mod:`mnist_deploy.errors`, answered by the server's one handler,
+:func:`.routes.error_reply`). Readiness false is 400 (the spec: "a 4xx status code indicates
+false"); inference or metadata before the model is loaded is 503. An infer body may be compressed
+(``Content-Encoding: gzip`` or ``deflate``), held to the same size limit once decompressed.
+
+The binary tensor data extension (Triton's and KServe's, tritonclient's default): a request whose
+``Inference-Header-Content-Length`` header says the body starts with that many bytes of JSON, followed by
+the raw tensor bytes (little-endian, row-major) of each input whose ``parameters`` carry
+``binary_data_size``, in input order. Outputs come back binary when asked with ``"binary_data": true``
+on a requested output, or, for outputs that do not say, ``"binary_data_output": true`` in the request's
+``parameters``: the response is then the JSON part (the output carries ``binary_data_size``, no
+``data``) followed by the bytes, with ``Inference-Header-Content-Length`` set. The parsing is
+:func:`read_request`; :func:`infer_reply` is the whole infer call, shared by the FastAPI route and the
+guard's fast path (:mod:`.guard`), which answers v2 infer without the framework as it does ``/predict``.
 """
 
 from __future__ import annotations
@@ -33,25 +32,19 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from ..errors import BadRequest, InputError, NotFound, NotReady, PayloadTooLarge
-from ..predict import LoadedModel, softmax
+from ..errors import BadRequest, InputError, NotReady, PayloadTooLarge
+from . import v2_core as core
 from .parsing import dumps, has_bool, loads
 from .service import Service
 
 router = APIRouter(prefix="/v2")
-PIXELS, INPUT = "pixels", "input"
-OUTPUTS = ("logits", "probabilities")
-_DTYPES = {"FP32": np.float32, "UINT8": np.uint8}
+EXTENSIONS = ["binary_tensor_data"]
 # The binary tensor data extension marks its requests with this header (the JSON part's length).
 BINARY_HEADER = "inference-header-content-length"
-BINARY_UNSUPPORTED = (
-    "the binary tensor data extension is not supported (yet): send tensor data as JSON in the request body "
-    "(tritonclient: set_data_from_numpy(x, binary_data=False) on each InferInput and "
-    "InferRequestedOutput(name, binary_data=False) on each output)")
-INPUT_SLACK = 1e-3  # of the normalised range: room for a client's rounding, none for 3e38
+JSON_TYPE, BINARY_TYPE = "application/json", "application/octet-stream"
 
 
-def _decoded(body: bytes, encoding: str, limit: int) -> bytes:
+def decoded(body: bytes, encoding: str, limit: int) -> bytes:
     """An infer body with its ``Content-Encoding`` undone; the decompressed size is capped like a plain body's."""
     encoding = encoding.strip().lower()
     if encoding not in ("gzip", "deflate"):  # others are read as they are, as MLServer does
@@ -69,132 +62,138 @@ def _decoded(body: bytes, encoding: str, limit: int) -> bytes:
 
 
 def _reply(obj: Any, status: int = 200) -> Response:
-    return Response(dumps(obj), status_code=status, media_type="application/json")
+    return Response(dumps(obj), status_code=status, media_type=JSON_TYPE)
 
 
-def model_name(m: LoadedModel) -> str:
-    return str(m.manifest["model"]["name"])
+def _header_length(value: str | bytes | None, size: int) -> int | None:
+    """The ``Inference-Header-Content-Length`` value, checked against the (decompressed) body's size."""
+    if value is None:
+        return None
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    try:
+        n = int(text.strip())
+    except ValueError:
+        raise BadRequest(f"Inference-Header-Content-Length must be an integer, got {text[:40]!r}") from None
+    if n < 0 or n > size:
+        raise BadRequest(f"Inference-Header-Content-Length {n:,} is outside the body of {size:,} bytes")
+    return n
 
 
-def model_version(m: LoadedModel) -> str:
-    return str(m.manifest["model"].get("version", "1"))
+def _binary_size(spec: dict) -> int | None:
+    """An input's ``binary_data_size`` parameter (None when the tensor is in JSON ``data``)."""
+    params = spec.get("parameters")
+    if params is None:
+        return None
+    if not isinstance(params, dict):
+        raise InputError(f"input '{spec.get('name')}': parameters must be an object")
+    size = params.get("binary_data_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        raise InputError(f"input '{spec.get('name')}': binary_data_size must be a non-negative integer, "
+                         f"got {size!r}")
+    return size
 
 
-def _model(service: Service, name: str, version: str | None) -> LoadedModel:
-    m = service.ready()
-    if name != model_name(m):
-        raise NotFound(f"unknown model '{name}'; this server serves '{model_name(m)}'")
-    if version not in (None, "", model_version(m)):
-        raise NotFound(f"unknown version '{version}' of model '{name}'; it has version '{model_version(m)}'")
-    return m
+def _flag(params: Any, key: str, where: str) -> bool | None:
+    if params is None:
+        return None
+    if not isinstance(params, dict):
+        raise InputError(f"{where}: parameters must be an object")
+    value = params.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise InputError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
 
 
-def input_range(service: Service, m: LoadedModel) -> tuple[float, float]:
-    """The values an ``input`` (FP32, normalised) tensor may hold: normalised pixels 0 and 255, widened by
-    :data:`INPUT_SLACK` of the span so that a client's own float rounding is never refused."""
-    lo, hi = (float(v) for v in service.normalize(m, np.array([[0.0] * 783 + [255.0]], np.float32))[0, [0, -1]])
-    slack = INPUT_SLACK * (hi - lo)
-    return lo - slack, hi + slack
+def _outputs(req: dict) -> list[tuple[str, bool]]:
+    """The outputs asked for, each with whether it goes back as binary data."""
+    default = bool(_flag(req.get("parameters"), "binary_data_output", "request"))
+    wanted = req.get("outputs")
+    if wanted is None or wanted == []:
+        return [(name, default) for name in core.output_names(None)]
+    if not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted):
+        raise InputError(f'outputs must be a list of {{"name": ...}} with names from {list(core.OUTPUTS)}')
+    names = core.output_names([o.get("name") for o in wanted])
+    binary = [_flag(o.get("parameters"), "binary_data", f"output '{o.get('name')}'") for o in wanted]
+    return [(n, default if b is None else b) for n, b in zip(names, binary, strict=True)]
 
 
-def metadata(service: Service, m: LoadedModel) -> dict:
-    lo, hi = input_range(service, m)
-    shape = [-1, *m.input_shape]
-    return {
-        "name": model_name(m), "versions": [model_version(m)], "platform": f"mnist-deploy/{m.runtime}",
-        "inputs": [{"name": INPUT, "datatype": "FP32", "shape": shape,
-                    "parameters": {"min": round(lo, 6), "max": round(hi, 6)}},
-                   {"name": PIXELS, "datatype": "UINT8", "shape": [-1, 28, 28]}],
-        "outputs": [{"name": name, "datatype": "FP32", "shape": [-1, 10]} for name in OUTPUTS],
-    }
+def read_request(service: Service, served: core.ServedModel, body: bytes,
+                 header_length: int | None = None) -> tuple[dict, list[tuple[str, bool]], np.ndarray]:
+    """An infer body (decompressed) -> (the JSON request, [(output name, binary?)], the model's input batch),
+    all validated before any model call (a bad request never joins a dynamic batch).
 
-
-def _tensor(spec: Any, service: Service, m: LoadedModel) -> np.ndarray:
-    """One request input -> the model's normalised float32 (N, 784) batch, validated."""
+    ``header_length`` (from ``Inference-Header-Content-Length``) splits a binary-extension body: the
+    JSON part, then each binary input's bytes, exactly ``binary_data_size`` of them, in input order,
+    with nothing left over."""
+    head = body if header_length is None else body[:header_length]
+    req = loads(head)
+    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or len(req["inputs"]) != 1:
+        raise InputError(f'expected {{"inputs": [one tensor: "{served.input}" '
+                         f'({core.INPUT_DATATYPE[served.input]})]}}')
+    spec = req["inputs"][0]
     if not isinstance(spec, dict):
         raise InputError("each input must be an object with name, shape, datatype and data")
-    name, shape, dtype, data = (spec.get(k) for k in ("name", "shape", "datatype", "data"))
-    if name not in (INPUT, PIXELS):
-        raise InputError(f"unknown input '{name}'; the model takes '{INPUT}' (FP32, normalised) or '{PIXELS}' "
-                         "(UINT8, 0..255)")
-    want = "FP32" if name == INPUT else "UINT8"
-    if dtype != want:
-        raise InputError(f"input '{name}' has datatype {want}, got {dtype!r}")
-    if (not isinstance(shape, list) or not shape
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise InputError(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
-    count = int(np.prod(shape, dtype=object))
-    if len(shape) < 2 or count != shape[0] * 784 or shape[0] < 1:
-        raise InputError(f"input '{name}': shape {shape} is not a batch of 28x28 images ([N, 784], [N, 28, 28] "
-                         "or the model's own shape)")
-    if shape[0] > service.max_batch:
-        raise InputError(f"input '{name}': at most {service.max_batch} images per request, got {shape[0]}")
-    try:
-        arr = np.asarray(data)
-    except (ValueError, TypeError, OverflowError):
-        raise InputError(f"input '{name}': data must be a flat or nested list of numbers") from None
-    if arr.dtype.kind not in "iuf" or arr.size != count:
-        raise InputError(f"input '{name}': data must hold {count} numbers (shape {shape}), got "
-                         f"{arr.size} values of kind {arr.dtype.kind!r}")
-    x = arr.astype(np.float32).reshape(shape[0], 784)
-    if not np.isfinite(x).all():
-        raise InputError(f"input '{name}': data must be finite numbers")
-    if name == INPUT:
-        lo, hi = input_range(service, m)
-        if ((x < lo) | (x > hi)).any():  # 3e38 is finite, but the model's logits would not be
-            raise InputError(f"input '{name}': FP32 data must be normalised pixels, in {lo:.4f}..{hi:.4f} "
-                             "(the model's metadata states the range)")
-        return x
-    if arr.dtype.kind == "f" and not np.array_equal(x, np.round(x)):
-        raise InputError(f"input '{name}': UINT8 data must be integers")
-    if ((x < 0) | (x > 255)).any():
-        raise InputError(f"input '{name}': UINT8 data must be in 0..255")
-    return service.normalize(m, x)
-
-
-def parse_infer(service: Service, m: LoadedModel, body: bytes) -> tuple[dict, list, np.ndarray]:
-    """An inference request body -> (request, wanted outputs, the model's input batch), all validated
-    before any model call (a bad request never joins a dynamic batch)."""
-    req = loads(body)
-    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or len(req["inputs"]) != 1:
-        raise InputError('expected {"inputs": [one tensor: "input" (FP32) or "pixels" (UINT8)]}')
-    if (b"true" in body or b"false" in body) and has_bool(req["inputs"]):
-        raise InputError("tensor data must be numbers, got booleans (true/false) among them")
     if "id" in req and not isinstance(req["id"], str):
         raise InputError("id must be a string (it is echoed in the response)")
-    return req, _outputs(req.get("outputs")), _tensor(req["inputs"][0], service, m)
+    outputs = _outputs(req)
+    name, shape, dtype = spec.get("name"), spec.get("shape"), spec.get("datatype")
+    size = _binary_size(spec)
+    rest = len(body) - len(head)
+    if size is None:
+        if rest:
+            raise InputError(f"{rest:,} bytes of binary data follow the JSON header, but input '{name}' has no "
+                             "binary_data_size parameter saying they are its data")
+        if "data" not in spec:
+            raise InputError(f"input '{name}' has neither data nor a binary_data_size parameter")
+        if (b"true" in head or b"false" in head) and has_bool(spec["data"]):
+            raise InputError("tensor data must be numbers, got booleans (true/false) among them")
+        data = spec["data"]
+    else:
+        if header_length is None:
+            raise InputError(f"input '{name}' has binary_data_size but the request has no "
+                             "Inference-Header-Content-Length header")
+        if "data" in spec:
+            raise InputError(f"input '{name}' has both data and binary_data_size; send one")
+        if size != rest:
+            raise InputError(f"input '{name}': binary_data_size is {size:,} bytes, but {rest:,} bytes follow "
+                             "the JSON header")
+        count = core.check_input(service, served, name, dtype, shape)
+        data = core.array_from_bytes(name, dtype, count, memoryview(body)[len(head):])
+    return req, outputs, core.input_batch(service, served, name, dtype, shape, data)
 
 
-def _outputs(wanted: Any) -> list[str]:
-    """The output names asked for, each at most once: the response is at most len(OUTPUTS) tensors."""
-    if wanted is None or wanted == []:
-        return ["logits"]
-    names = [o.get("name") for o in wanted if isinstance(o, dict)] if isinstance(wanted, list) else None
-    if names is None or len(names) != len(wanted) or not all(n in OUTPUTS for n in names):
-        raise InputError(f'outputs must be a list of {{"name": ...}} with names from {list(OUTPUTS)}')
-    if len(set(names)) != len(names):
-        raise InputError(f"outputs names each output at most once, got {len(names)} entries for "
-                         f"{len(set(names))} names")
-    return names
-
-
-def answer(m: LoadedModel, req: dict, wanted: list, logits: np.ndarray) -> dict:
-    """The response dict (the spec's $inference_response) for the request's logits."""
-    out = []
-    for name in wanted:
-        y = logits if name == "logits" else softmax(logits)
-        out.append({"name": name, "datatype": "FP32", "shape": [int(logits.shape[0]), 10],
-                    "data": y.astype(np.float32).ravel().tolist()})
-    reply = {"model_name": model_name(m), "model_version": model_version(m), "outputs": out}
+def response_body(served: core.ServedModel, req: dict, outputs: list[tuple[str, bool]],
+                  logits: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """(body, extra headers) of the response (the spec's $inference_response); binary outputs follow the
+    JSON part, whose length the ``Inference-Header-Content-Length`` header then gives."""
+    binary = dict(outputs)
+    tensors, blobs = [], []
+    for name, y in core.output_arrays([n for n, _ in outputs], logits):
+        t = {"name": name, "datatype": "FP32", "shape": [int(y.shape[0]), 10]}
+        if binary[name]:
+            blob = y.astype("<f4", copy=False).tobytes()
+            t["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            t["data"] = y.ravel().tolist()
+        tensors.append(t)
+    reply = {"model_name": served.name, "model_version": served.version, "outputs": tensors}
     if "id" in req:
         reply["id"] = req["id"]
-    return reply
+    head = dumps(reply)
+    if not blobs:
+        return head, {"content-type": JSON_TYPE}
+    return b"".join([head, *blobs]), {"content-type": BINARY_TYPE, BINARY_HEADER: str(len(head))}
 
 
-async def infer(service: Service, m: LoadedModel, body: bytes) -> dict:
-    """An inference request body -> the response dict; the model call is the rows' place in the next batch."""
-    req, wanted, x = parse_infer(service, m, body)
-    return answer(m, req, wanted, await service.infer(x))
+async def infer_reply(service: Service, name: str, version: str | None, body: bytes, header_length: Any = None,
+                      encoding: str = "") -> tuple[bytes, dict[str, str]]:
+    """An infer request as it came (the raw body, its ``Inference-Header-Content-Length`` and
+    ``Content-Encoding`` header values) -> the 200 response's (body, headers); typed errors otherwise."""
+    served = core.resolve(service, name, version)
+    body = decoded(body, encoding, service.max_body_bytes)
+    req, outputs, x = read_request(service, served, body, _header_length(header_length, len(body)))
+    return response_body(served, req, outputs, await service.infer(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +208,7 @@ def _service(request: Request) -> Service:
 async def server_metadata(request: Request):
     from .. import __version__
 
-    return _reply({"name": "mnist-deploy", "version": __version__, "extensions": []})
+    return _reply({"name": "mnist-deploy", "version": __version__, "extensions": EXTENSIONS})
 
 
 @router.get("/health/live", summary="v2: liveness", tags=["v2"])
@@ -224,28 +223,24 @@ async def ready(request: Request):
 
 
 async def _metadata(request: Request, name: str, version: str | None = None):
-    service = _service(request)
-    return _reply(metadata(service, _model(service, name, version)))
+    return _reply(core.metadata(core.resolve(_service(request), name, version)))
 
 
 async def _ready(request: Request, name: str, version: str | None = None):
     service = _service(request)
     try:
-        m = _model(service, name, version)  # an unknown model stays 404
+        served = core.resolve(service, name, version)  # an unknown model stays 404
     except NotReady as exc:
         return _reply({"error": str(exc)}, 400)  # a 4xx is "not ready" (the spec)
     if service.draining:
         return _reply({"error": "the server is shutting down"}, 400)
-    return _reply({"name": model_name(m), "ready": True})
+    return _reply({"name": served.name, "ready": True})
 
 
 async def _infer(request: Request, name: str, version: str | None = None):
-    service = _service(request)
-    m = _model(service, name, version)
-    if BINARY_HEADER in request.headers:  # tritonclient's default: JSON then raw bytes, not valid JSON
-        raise BadRequest(BINARY_UNSUPPORTED)
-    body = _decoded(await request.body(), request.headers.get("content-encoding", ""), service.max_body_bytes)
-    return _reply(await infer(service, m, body))
+    body, headers = await infer_reply(_service(request), name, version, await request.body(),
+                                      request.headers.get(BINARY_HEADER), request.headers.get("content-encoding", ""))
+    return Response(body, headers=headers)
 
 
 for _suffix in ("", "/versions/{version}"):
@@ -256,4 +251,17 @@ for _suffix in ("", "/versions/{version}"):
     router.add_api_route("/models/{name}" + _suffix + "/infer", _infer, methods=["POST"], tags=["v2"],
                          summary="v2: inference")
 
-__all__ = ["answer", "infer", "input_range", "metadata", "parse_infer", "router"]
+
+def infer_path(path: str) -> tuple[str, str | None] | None:
+    """(model name, version or None) of a v2 infer path, or None for any other path (the guard's test)."""
+    parts = path.split("/")
+    if len(parts) == 5 and parts[4] == "infer" and parts[:3] == ["", "v2", "models"] and parts[3]:
+        return parts[3], None
+    if (len(parts) == 7 and parts[6] == "infer" and parts[:3] == ["", "v2", "models"] and parts[4] == "versions"
+            and parts[3] and parts[5]):
+        return parts[3], parts[5]
+    return None
+
+
+__all__ = ["BINARY_HEADER", "EXTENSIONS", "decoded", "infer_path", "infer_reply", "read_request", "response_body",
+           "router"]

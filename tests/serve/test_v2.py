@@ -3,8 +3,6 @@ real `mnist-deploy serve` process, results compared with the PyTorch model (the 
 
 from __future__ import annotations
 
-import json
-
 import httpx
 import numpy as np
 import pytest
@@ -47,13 +45,18 @@ def test_health_and_metadata(triton, torch_model):
     assert triton.is_model_ready(name) and triton.is_model_ready(name, "1")
     assert not triton.is_model_ready("no-such-model")
     meta = triton.get_server_metadata()
-    assert meta["name"] == "mnist-deploy" and meta["extensions"] == []
+    assert meta["name"] == "mnist-deploy" and meta["extensions"] == ["binary_tensor_data"]
+    # One model, one input list: each input form is its own model name.
     model = triton.get_model_metadata(name)
     assert model["name"] == name and model["versions"] == ["1"]
-    inputs = {i["name"]: i for i in model["inputs"]}
-    assert inputs["input"]["datatype"] == "FP32" and inputs["input"]["shape"] == [-1, 784]
-    assert inputs["pixels"]["datatype"] == "UINT8" and inputs["pixels"]["shape"] == [-1, 28, 28]
-    assert {o["name"]: o["shape"] for o in model["outputs"]} == {"logits": [-1, 10], "probabilities": [-1, 10]}
+    assert [(i["name"], i["datatype"], i["shape"]) for i in model["inputs"]] == [("input", "FP32", [-1, 784])]
+    pixels = triton.get_model_metadata(f"{name}-pixels")
+    assert pixels["name"] == f"{name}-pixels" and pixels["versions"] == ["1"]
+    assert [(i["name"], i["datatype"], i["shape"]) for i in pixels["inputs"]] == [("pixels", "UINT8", [-1, 28, 28])]
+    for meta in (model, pixels):
+        assert {o["name"]: o["shape"] for o in meta["outputs"]} == {"logits": [-1, 10], "probabilities": [-1, 10]}
+    assert triton.is_model_ready(f"{name}-pixels") and triton.is_model_ready(f"{name}-pixels", "1")
+    assert not triton.is_model_ready(f"{name}-pixels", "2")
 
 
 @pytest.mark.parametrize("batch", [1, 64])
@@ -114,32 +117,37 @@ def test_v2_errors(server, torch_model):
     assert "/predict" in httpx.get(f"{url}/openapi.json").json()["paths"]  # the other routes are still there
 
 
-def test_binary_tensor_request_says_what_to_send_instead(server, triton, torch_model, digits):
-    """tritonclient's default (binary_data=True) sends the JSON header, then raw tensor bytes, with an
-    Inference-Header-Content-Length header: the error names the unsupported extension and the fix."""
+@pytest.mark.parametrize("batch", [1, 64])
+@pytest.mark.parametrize("kind", ["pixels", "input"])
+def test_tritonclient_defaults_binary_tensors_match_the_pytorch_model(triton, torch_model, digits, batch, kind):
+    """tritonclient's defaults: binary tensor data both ways (set_data_from_numpy's binary_data=True, and
+    with no outputs named, binary_data_output), each input form under its own model name."""
     import tritonclient.http as httpclient
-    from tritonclient.utils import InferenceServerException
 
+    images = digits[0][:batch]
+    want = torch_model.logits(normalize_pixels(images))
     name = torch_model.manifest["model"]["name"]
-    x = normalize_pixels(digits[0][:2])
-    tensor = httpclient.InferInput("input", [2, 784], "FP32")
-    tensor.set_data_from_numpy(x)  # the client's default: binary tensor data
-    with pytest.raises(InferenceServerException) as caught:
-        triton.infer(name, [tensor])
-    text = str(caught.value)
-    assert "400" in text and "binary tensor data extension is not supported" in text
-    assert "binary_data=False" in text and "UTF-8" not in text
-    # The same bytes by hand: the JSON header then the raw float32 data, as the extension defines it.
-    header = json.dumps({"inputs": [{"name": "input", "shape": [2, 784], "datatype": "FP32",
-                                     "parameters": {"binary_data_size": x.nbytes}}]}).encode()
-    r = httpx.post(f"{server[0]}/v2/models/{name}/infer", content=header + x.astype(np.float32).tobytes(),
-                   headers={"Inference-Header-Content-Length": str(len(header)),
-                            "Content-Type": "application/octet-stream"})
-    assert r.status_code == 400 and "binary tensor data extension is not supported" in r.json()["error"]
-    # The advice works: JSON inputs and outputs are answered.
-    tensor.set_data_from_numpy(x, binary_data=False)
-    result = triton.infer(name, [tensor], outputs=[httpclient.InferRequestedOutput("logits", binary_data=False)])
-    np.testing.assert_allclose(result.as_numpy("logits"), torch_model.logits(x), atol=1e-4, rtol=1e-4)
+    if kind == "pixels":
+        name += "-pixels"
+        tensor = httpclient.InferInput("pixels", [batch, 28, 28], "UINT8")
+        tensor.set_data_from_numpy(images.astype(np.uint8))
+    else:
+        tensor = httpclient.InferInput("input", [batch, 784], "FP32")
+        tensor.set_data_from_numpy(normalize_pixels(images))
+    result = triton.infer(name, [tensor])
+    assert result.get_response()["model_name"] == name
+    assert result.get_response()["outputs"][0]["parameters"] == {"binary_data_size": batch * 40}
+    logits = result.as_numpy("logits")
+    assert logits.shape == (batch, 10) and logits.dtype == np.float32
+    np.testing.assert_allclose(logits, want, atol=1e-4, rtol=1e-4)
+    # Binary outputs asked for by name (InferRequestedOutput's default), the second one as JSON.
+    outputs = [httpclient.InferRequestedOutput("probabilities"),
+               httpclient.InferRequestedOutput("logits", binary_data=False)]
+    result = triton.infer(name, [tensor], outputs=outputs)
+    kinds = {o["name"]: ("data" in o, o.get("parameters")) for o in result.get_response()["outputs"]}
+    assert kinds == {"probabilities": (False, {"binary_data_size": batch * 40}), "logits": (True, None)}
+    np.testing.assert_allclose(result.as_numpy("logits"), want, atol=1e-4, rtol=1e-4)
+    assert (result.as_numpy("probabilities").argmax(axis=1) == want.argmax(axis=1)).all()
 
 
 # -- issue 18: outputs amplification (item 1) and non-finite outputs (item 12) -----------------
