@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/mlserver_env.sh  # MLServer in its own venv, for tests/serve/test_mlserver.py (~30-50 s the first time)
+bash scripts/tritonclient_env.sh  # tritonclient[grpc] in its own venv, for tests/serve/test_grpc_v2.py (~30 s the first time)
 bash scripts/system_deps.sh
 bash scripts/js_env.sh  # npm ci in js/ (onnxruntime-node, onnxruntime-web) from the lock file
 if [ -z "${MNIST_DEPLOY_DATA:-}" ] && [ ! -d ../shared/data/mnist ]; then

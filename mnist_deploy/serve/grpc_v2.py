@@ -9,9 +9,11 @@ request and an HTTP one can meet in the same model call. The messages come from
 
 Methods: ``ServerLive``, ``ServerReady``, ``ModelReady``, ``ServerMetadata``, ``ModelMetadata``,
 ``ModelInfer``; anything else (Triton's statistics, repository, shared-memory calls) is UNIMPLEMENTED.
-``ModelInfer`` reads one input, ``input`` (FP32) or ``pixels`` (UINT8), as ``raw_input_contents``
-(what tritonclient sends) or as typed ``contents`` (``fp32_contents``, ``uint_contents``), validated by
-the same code as the REST route, and answers ``logits`` (and ``probabilities`` when asked for) as
+The models are those of the REST routes (:mod:`.v2_core`): ``<name>`` takes ``input`` (FP32, normalised;
+``pixels`` too, as before the split) and ``<name>-pixels`` takes ``pixels`` (UINT8 0..255), each
+listing its one input in its metadata. ``ModelInfer`` reads the input as ``raw_input_contents`` (what
+tritonclient sends) or as typed ``contents`` (``fp32_contents``, ``uint_contents``), validated by the
+same core functions as the REST route, and answers ``logits`` (and ``probabilities`` when asked for) as
 ``raw_output_contents``, little-endian FP32, as Triton does. The request id is echoed.
 
 Errors are the typed errors of :mod:`mnist_deploy.errors` mapped by their HTTP status to a gRPC status
@@ -20,10 +22,12 @@ UNAVAILABLE before the model is loaded or once the server drains, RESOURCE_EXHAU
 ``--max-body`` (refused by grpc itself before it is read) or more calls at once than ``max_connections``,
 INTERNAL (with no detail) for a bug. Each call is counted in ``mnist_deploy_grpc_requests{method, code}``.
 
-Shutdown: at SIGTERM :meth:`GrpcServer.drain` stops the server with a grace of the drain timeout (less a
-margin): the port closes and new calls are refused (UNAVAILABLE) at once, calls in flight are answered,
-and what is still running when the grace ends is cancelled, so the worker exits within
-``--drain-timeout``. The lifespan's shutdown waits for it before it closes the batcher.
+Shutdown, as for HTTP (:mod:`.connections`): at SIGTERM readiness turns false at once (``ServerReady``,
+``ModelReady``); calls keep being answered for ``DRAIN_IDLE_GRACE`` (1 s), so that those clients had
+already sent are read and answered; then the server stops (:meth:`GrpcServer.drain`): the port closes
+and new calls are refused (UNAVAILABLE), calls in flight are answered, and what is still running when
+the drain timeout (less a margin) ends is cancelled, so the worker exits within ``--drain-timeout``.
+The lifespan's shutdown waits for it before it closes the batcher.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import socket
 import time
 
@@ -40,10 +43,9 @@ import numpy as np
 
 from .. import __version__
 from ..errors import InputError, MnistDeployError, NotReady
-from ..predict import softmax
-from . import v2
+from . import v2_core as core
 from .config import ServeConfig
-from .connections import default_max_connections
+from .connections import DRAIN_IDLE_GRACE, default_max_connections
 from .protos import load_protos
 from .service import Service
 
@@ -53,8 +55,9 @@ SERVER_NAME = "mnist-deploy"
 CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
          415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT, 499: grpc.StatusCode.CANCELLED,
          503: grpc.StatusCode.UNAVAILABLE}
-_RAW_DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}  # raw contents are little-endian
-_TYPED_FIELDS = {"FP32": ("fp32_contents", np.float32), "UINT8": ("uint_contents", np.int64)}
+# Where typed contents hold each datatype's values, and the array type they are read into (uint_contents
+# is uint32 on the wire: int64 keeps a 300 a 300 for the 0..255 check).
+TYPED_FIELDS = {"FP32": ("fp32_contents", np.float32), "UINT8": ("uint_contents", np.int64)}
 
 
 def status_code(exc: BaseException) -> grpc.StatusCode:
@@ -81,60 +84,40 @@ def check_port(host: str, port: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Requests into the values v2's validation reads, and answers out of the logits.
+# Requests into the values the protocol's core reads (:mod:`.v2_core`), and answers out of its arrays.
 
 
-def input_spec(request) -> dict:
-    """The request's one input as v2 reads a JSON one: name, shape, datatype and its data as an array."""
+def read_input(service: Service, served: core.ServedModel, request) -> np.ndarray:
+    """The request's one input -> the model's validated, normalised float32 (N, 784) batch."""
     if len(request.inputs) != 1:
-        raise InputError(f"expected one input tensor ('{v2.INPUT}' FP32 or '{v2.PIXELS}' UINT8), "
-                         f"got {len(request.inputs)}")
+        raise InputError(f"expected one input tensor, '{served.input}' ({core.INPUT_DATATYPE[served.input]}) for "
+                         f"model '{served.name}', got {len(request.inputs)}")
     t = request.inputs[0]
     shape = list(t.shape)
+    count = core.check_input(service, served, t.name, t.datatype, shape)  # name, datatype, shape: before the data
     raw = request.raw_input_contents
     if raw:
         if len(raw) != 1:
             raise InputError(f"raw_input_contents must hold one entry per input (1), got {len(raw)}")
         if t.HasField("contents"):
             raise InputError(f"input '{t.name}': data in both contents and raw_input_contents; send one of them")
-        data = _raw_array(t.name, t.datatype, shape, raw[0])
+        data = core.array_from_bytes(t.name, t.datatype, count, raw[0])
     else:
-        data = _typed_array(t)
-    return {"name": t.name, "shape": shape, "datatype": t.datatype, "data": data}
+        field, dtype = TYPED_FIELDS[t.datatype]
+        values = getattr(t.contents, field)
+        if not values:
+            raise InputError(f"input '{t.name}': no data; send raw_input_contents or contents.{field} "
+                             f"({t.datatype})")
+        data = np.fromiter(values, dtype, count=len(values))
+    return core.input_batch(service, served, t.name, t.datatype, shape, data)
 
 
-def _raw_array(name: str, datatype: str, shape: list[int], blob: bytes) -> np.ndarray:
-    dtype = _RAW_DTYPES.get(datatype)
-    if dtype is None or any(d < 0 for d in shape):
-        return np.empty(0, np.float32)  # v2's checks name the datatype or shape at fault first
-    want = math.prod(shape) * dtype.itemsize
-    if len(blob) != want:
-        raise InputError(f"input '{name}': raw_input_contents holds {len(blob)} bytes; shape {shape} of {datatype} "
-                         f"takes {want}")
-    return np.frombuffer(blob, dtype)
-
-
-def _typed_array(t) -> np.ndarray:
-    field, dtype = _TYPED_FIELDS.get(t.datatype, (None, None))
-    if field is None:
-        return np.empty(0, np.float32)  # v2's check names the datatype at fault
-    values = getattr(t.contents, field)
-    if not values:
-        raise InputError(f"input '{t.name}': no data; send raw_input_contents or contents.{field} ({t.datatype})")
-    return np.fromiter(values, dtype, count=len(values))
-
-
-def wanted_outputs(request) -> list[str]:
-    return v2._outputs([{"name": o.name} for o in request.outputs] or None)
-
-
-def infer_response(pb2, request, version: str, wanted: list[str], logits: np.ndarray):
+def infer_response(pb2, served: core.ServedModel, request_id: str, wanted: list[str], logits: np.ndarray):
     """The ModelInferResponse: each wanted output as FP32 ``[N, 10]`` in ``raw_output_contents``."""
-    reply = pb2.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
-    for name in wanted:
-        y = logits if name == "logits" else softmax(logits)
-        reply.outputs.add(name=name, datatype="FP32", shape=[int(logits.shape[0]), 10])
-        reply.raw_output_contents.append(np.ascontiguousarray(y, "<f4").tobytes())
+    reply = pb2.ModelInferResponse(model_name=served.name, model_version=served.version, id=request_id)
+    for name, y in core.output_arrays(wanted, logits):
+        reply.outputs.add(name=name, datatype="FP32", shape=list(y.shape))
+        reply.raw_output_contents.append(y.astype("<f4", copy=False).tobytes())
     return reply
 
 
@@ -185,7 +168,7 @@ class Servicer:
     @_rpc
     async def ModelReady(self, request, context):
         try:
-            v2._model(self.service, request.name, request.version)  # an unknown model stays NOT_FOUND
+            core.resolve(self.service, request.name, request.version)  # an unknown model stays NOT_FOUND
         except NotReady:
             return self.pb2.ModelReadyResponse(ready=False)
         return self.pb2.ModelReadyResponse(ready=not self.service.draining)
@@ -196,7 +179,7 @@ class Servicer:
 
     @_rpc
     async def ModelMetadata(self, request, context):
-        meta = v2.metadata(self.service, v2._model(self.service, request.name, request.version))
+        meta = core.metadata(core.resolve(self.service, request.name, request.version))
         reply = self.pb2.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"])
         for key in ("inputs", "outputs"):
             for t in meta[key]:
@@ -205,12 +188,11 @@ class Servicer:
 
     @_rpc
     async def ModelInfer(self, request, context):
-        service = self.service
-        m = v2._model(service, request.model_name, request.model_version)
-        wanted = wanted_outputs(request)
-        x = v2._tensor(input_spec(request), service, m)  # validated before it joins a batch
-        logits = await service.infer(x)
-        return infer_response(self.pb2, request, v2.model_version(m), wanted, logits)
+        served = core.resolve(self.service, request.model_name, request.model_version)
+        wanted = core.output_names([o.name for o in request.outputs])
+        x = read_input(self.service, served, request)  # validated before it joins a batch
+        logits = await self.service.infer(x)
+        return infer_response(self.pb2, served, request.id, wanted, logits)
 
 
 def server_options(config: ServeConfig) -> list[tuple[str, int]]:
@@ -224,6 +206,7 @@ class GrpcServer:
     def __init__(self, service: Service, config: ServeConfig) -> None:
         self.service, self.config = service, config
         drain = config.drain_timeout
+        self.grace_before_stop = min(DRAIN_IDLE_GRACE, drain / 2)  # as HTTP keeps idle connections open
         self.grace = max(0.0, drain - min(1.0, drain / 10))  # as the HTTP drain: answered before the exit
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -249,10 +232,19 @@ class GrpcServer:
             self.drain()
         return self.port
 
-    def drain(self) -> None:
-        """Refuse new calls, answer those in flight within the grace (on the loop; once)."""
+    def drain(self, *, wait_first: bool = True) -> None:
+        """Begin the stop, once (call it on the loop). Readiness is already false (``service.draining``);
+        calls keep being answered for :attr:`grace_before_stop` seconds, so that one a client had sent
+        before it saw the signal is read and answered (grpc cancels a call it has received but not yet
+        handed to the application when it stops); then new calls are refused, and those in flight get
+        :attr:`grace` seconds more."""
         if self._stopping is None and self._server is not None:
-            self._stopping = asyncio.ensure_future(self._server.stop(self.grace))
+            self._stopping = asyncio.ensure_future(self._stop(self.grace_before_stop if wait_first else 0.0))
+
+    async def _stop(self, wait: float) -> None:
+        if wait:
+            await asyncio.sleep(wait)
+        await self._server.stop(max(0.0, self.grace - wait))
 
     def drain_threadsafe(self) -> None:
         """:meth:`drain` from a signal handler or another thread."""
@@ -260,8 +252,8 @@ class GrpcServer:
             self._loop.call_soon_threadsafe(self.drain)
 
     async def stop(self) -> None:
-        """Drain (if no signal did) and wait until the server has stopped."""
-        self.drain()
+        """Stop now (if no drain began) and wait until the server has stopped."""
+        self.drain(wait_first=False)
         if self._stopping is not None:
             await self._stopping
 
@@ -274,5 +266,5 @@ async def start_grpc(service: Service, config: ServeConfig) -> GrpcServer:
     return server
 
 
-__all__ = ["CODES", "GrpcServer", "Servicer", "check_port", "grpc_address", "input_spec", "start_grpc",
-           "status_code"]
+__all__ = ["CODES", "GrpcServer", "Servicer", "check_port", "grpc_address", "infer_response", "read_input",
+           "start_grpc", "status_code"]

@@ -1,0 +1,436 @@
+"""The Open Inference Protocol over gRPC (mnist_deploy/serve/grpc_v2.py).
+
+Against the real `mnist-deploy serve` process (two workers on one gRPC port): Triton's own client,
+tritonclient[grpc], from its own venv (.venv-tritonclient, scripts/tritonclient_env.sh: its protobuf<7
+clashes with onnx's), run as a subprocess (_triton_grpc_client.py); logits compared with the PyTorch model.
+In this process: grpcio's stub generated from our .proto, for what tritonclient cannot send (typed
+contents, malformed requests), the batcher shared with HTTP, and the metrics. And SIGTERM with calls in
+flight, on a real server process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from _serving import mnist_test_digits, serve_process
+
+from mnist_deploy.data.mnist import normalize_pixels
+from mnist_deploy.predict import load_model
+
+REPO = Path(__file__).resolve().parents[2]
+VENV = Path(os.environ.get("TRITONCLIENT_VENV") or REPO / ".venv-tritonclient")
+CLIENT = Path(__file__).with_name("_triton_grpc_client.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def torch_model(served):
+    return load_model(artifacts=served, runtime="pytorch")
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_dir):
+    return mnist_test_digits(mnist_dir, 64)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_cache(tmp_path_factory):
+    """The session's cache (conftest's ``_isolate_env``) for this module's own fixtures too, which run before
+    that function-scoped one: the generated gRPC modules go there, never to ~/.cache, servers included."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MNIST_DEPLOY_CACHE", str(tmp_path_factory.getbasetemp() / "env-cache"))
+        yield
+
+
+@pytest.fixture(scope="module")
+def protos():
+    from mnist_deploy.serve.protos import load_protos
+
+    return load_protos()
+
+
+def _stub(port: int, protos):
+    import grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    grpc.channel_ready_future(channel).result(timeout=30)
+    return channel, protos[1].GRPCInferenceServiceStub(channel)
+
+
+def _pixels_request(pb2, model: str, images: np.ndarray, **fields):
+    req = pb2.ModelInferRequest(model_name=model, raw_input_contents=[images.astype(np.uint8).tobytes()], **fields)
+    req.inputs.add(name="pixels", datatype="UINT8", shape=[len(images), 28, 28])
+    return req
+
+
+def _logits(reply, index: int = 0) -> np.ndarray:
+    return np.frombuffer(reply.raw_output_contents[index], "<f4").reshape(list(reply.outputs[index].shape))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tritonclient[grpc] against the real server, two workers.
+
+
+@pytest.fixture(scope="session")  # session scope: set up before `served`, so no training when it is missing
+def tritonclient_venv() -> Path:
+    if not (VENV / "bin" / "python").exists():
+        msg = f"tritonclient[grpc] is not installed in {VENV} (bash scripts/tritonclient_env.sh creates it)"
+        if os.environ.get("MNIST_DEPLOY_REQUIRE_SYSTEM_TOOLS"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return VENV
+
+
+@pytest.fixture(scope="module")
+def triton_run(tritonclient_venv, served, torch_model, digits, tmp_path_factory):
+    """One run of the client script against `serve --workers 2 --grpc-port P`: (report, logits, metrics text)."""
+    tmp = tmp_path_factory.mktemp("triton-grpc")
+    images = digits[0]
+    np.savez(tmp / "in.npz", pixels=images, input=normalize_pixels(images))
+    name = torch_model.manifest["model"]["name"]
+    port = free_port()
+    with serve_process(served, "--workers", "2", "--grpc-port", str(port), "--log-level", "warning") as (url, proc):
+        run = subprocess.run([str(tritonclient_venv / "bin" / "python"), str(CLIENT), f"127.0.0.1:{port}", name,
+                              f"{name}-pixels", str(tmp / "in.npz"), str(tmp / "out.npz")],
+                             capture_output=True, text=True, timeout=180)
+        assert run.returncode == 0, f"{run.stderr}\nserver log:\n{Path(proc.log_path).read_text()}"
+        metrics = httpx.get(f"{url}/metrics").text
+    return json.loads(run.stdout), dict(np.load(tmp / "out.npz")), metrics
+
+
+@pytest.mark.integration
+def test_tritonclient_health_and_metadata(triton_run, torch_model):
+    report, _, _ = triton_run
+    name = torch_model.manifest["model"]["name"]
+    assert report["live"] is True and report["ready"] is True and report["model_ready"] == [True, True, True]
+    assert report["server"]["name"] == "mnist-deploy" and report["server"]["version"]
+    meta = report["metadata"]
+    assert meta[name]["inputs"] == {"input": ["FP32", [-1, 784]]} and meta[name]["versions"] == ["1"]
+    assert meta[f"{name}-pixels"]["inputs"] == {"pixels": ["UINT8", [-1, 28, 28]]}
+    for m in meta.values():
+        assert m["outputs"] == {"logits": ["FP32", [-1, 10]], "probabilities": ["FP32", [-1, 10]]}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("batch", [1, 64])
+@pytest.mark.parametrize("kind", ["input", "pixels"])
+def test_tritonclient_infer_matches_the_pytorch_model(triton_run, torch_model, digits, batch, kind):
+    report, results, _ = triton_run
+    name = torch_model.manifest["model"]["name"]
+    want = torch_model.logits(normalize_pixels(digits[0][:batch]))
+    logits = results[f"{kind}-{batch}"]
+    assert logits.shape == (batch, 10) and logits.dtype == np.float32
+    np.testing.assert_allclose(logits, want, atol=1e-4, rtol=1e-4)
+    probs = results[f"{kind}-{batch}-probabilities"]
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert (probs.argmax(axis=1) == want.argmax(axis=1)).all()
+    assert report[f"{kind}-{batch}"] == {"id": f"{kind}-{batch}",
+                                         "model_name": name if kind == "input" else f"{name}-pixels"}
+
+
+@pytest.mark.integration
+def test_tritonclient_errors_are_the_right_status_codes(triton_run):
+    report, _, metrics = triton_run
+    got = {case: r["status"] for case, r in report["errors"].items()}
+    assert got == {
+        "unknown model": "StatusCode.NOT_FOUND", "unknown version": "StatusCode.NOT_FOUND",
+        "model ready, unknown model": "StatusCode.NOT_FOUND", "metadata, unknown model": "StatusCode.NOT_FOUND",
+        "wrong datatype": "StatusCode.INVALID_ARGUMENT", "unknown input": "StatusCode.INVALID_ARGUMENT",
+        "not 28x28": "StatusCode.INVALID_ARGUMENT", "FP32 out of range": "StatusCode.INVALID_ARGUMENT",
+        "over the size limit": "StatusCode.RESOURCE_EXHAUSTED", "Triton-only method": "StatusCode.UNIMPLEMENTED",
+    }
+    assert "no-such-model" in report["errors"]["unknown model"]["message"]
+    assert "normalised pixels" in report["errors"]["FP32 out of range"]["message"]
+    # The workers' counts, summed by /metrics whichever worker answered it: 2 inputs x 2 batch sizes.
+    ok = [line for line in metrics.splitlines()
+          if line.startswith('mnist_deploy_grpc_requests_total{code="OK",method="ModelInfer"}')]
+    assert ok and float(ok[0].split()[-1]) == 4.0, ok
+
+
+# ---------------------------------------------------------------------------------------------------------
+# grpcio's own stub, in this process.
+
+
+@pytest.fixture
+def grpc_app(model, live):
+    """(app, gRPC port, HTTP url) of an app serving gRPC on a free port, with the batcher waiting 0.3 s."""
+    from mnist_deploy.serve import create_app
+
+    port = free_port()
+    app = create_app(model=model, grpc_port=port, max_batch_size=64, max_queue_delay_us=300_000)
+    with live(app) as url:
+        yield app, port, url
+
+
+def _typed_request(pb2, model: str, name: str, values: np.ndarray):
+    req = pb2.ModelInferRequest(model_name=model)
+    t = req.inputs.add(name=name, datatype="FP32" if name == "input" else "UINT8", shape=list(values.shape))
+    field = t.contents.fp32_contents if name == "input" else t.contents.uint_contents
+    field.extend(values.ravel().tolist())
+    return req
+
+
+@pytest.mark.integration
+def test_typed_contents_match_the_pytorch_model(grpc_app, protos, torch_model, digits):
+    app, port, _ = grpc_app
+    pb2 = protos[0]
+    name = torch_model.manifest["model"]["name"]
+    images = digits[0][:64]
+    want = torch_model.logits(normalize_pixels(images))
+    channel, stub = _stub(port, protos)
+    with channel:
+        by_pixels = stub.ModelInfer(_typed_request(pb2, f"{name}-pixels", "pixels", images.reshape(64, 784)))
+        by_input = stub.ModelInfer(_typed_request(pb2, name, "input", normalize_pixels(images)))
+    for reply in (by_pixels, by_input):
+        assert [o.name for o in reply.outputs] == ["logits"] and len(reply.raw_output_contents) == 1
+        np.testing.assert_allclose(_logits(reply), want, atol=1e-4, rtol=1e-4)
+
+
+def _bad_requests(pb2, name: str, image: np.ndarray) -> dict:
+    """Requests tritonclient cannot make, each with the status it must get and a word of its message."""
+    ok = _pixels_request(pb2, f"{name}-pixels", image)
+    both = _pixels_request(pb2, f"{name}-pixels", image)
+    both.inputs[0].contents.uint_contents.extend([0] * 784)
+    short = _pixels_request(pb2, f"{name}-pixels", image)
+    short.raw_input_contents[0] = image.tobytes()[:-1]
+    two_raw = _pixels_request(pb2, f"{name}-pixels", image)
+    two_raw.raw_input_contents.append(image.tobytes())
+    two_inputs = _pixels_request(pb2, f"{name}-pixels", image)
+    two_inputs.inputs.add(name="pixels", datatype="UINT8", shape=[1, 28, 28])
+    no_data = _pixels_request(pb2, f"{name}-pixels", image)
+    del no_data.raw_input_contents[:]
+    too_bright = _typed_request(pb2, f"{name}-pixels", "pixels", np.full((1, 784), 300))
+    nan = _typed_request(pb2, name, "input", np.full((1, 784), np.nan, np.float32))
+    repeated = _pixels_request(pb2, f"{name}-pixels", image)
+    repeated.outputs.add(name="logits")
+    repeated.outputs.add(name="logits")
+    unknown_output = _pixels_request(pb2, f"{name}-pixels", image)
+    unknown_output.outputs.add(name="nope")
+    over_batch = _pixels_request(pb2, f"{name}-pixels", np.zeros((257, 28, 28), np.uint8))
+    wrong_form = _typed_request(pb2, f"{name}-pixels", "input", np.zeros((1, 784), np.float32))
+    version = _pixels_request(pb2, f"{name}-pixels", image, model_version="2")
+    return {
+        "both contents and raw": (both, "INVALID_ARGUMENT", "both"),
+        "one byte short": (short, "INVALID_ARGUMENT", "bytes"),
+        "two raw entries": (two_raw, "INVALID_ARGUMENT", "one entry per input"),
+        "two inputs": (two_inputs, "INVALID_ARGUMENT", "one input"),
+        "no data": (no_data, "INVALID_ARGUMENT", "no data"),
+        "pixel 300": (too_bright, "INVALID_ARGUMENT", "0..255"),
+        "NaN": (nan, "INVALID_ARGUMENT", "finite"),
+        "an output twice": (repeated, "INVALID_ARGUMENT", "at most once"),
+        "unknown output": (unknown_output, "INVALID_ARGUMENT", "outputs"),
+        "257 images": (over_batch, "INVALID_ARGUMENT", "at most 256"),
+        "input to the pixels model": (wrong_form, "INVALID_ARGUMENT", f"model '{name}'"),
+        "unknown version": (version, "NOT_FOUND", "version"),
+        "fine": (ok, "OK", ""),
+    }
+
+
+@pytest.mark.integration
+def test_malformed_requests_get_invalid_argument_and_are_counted(grpc_app, protos, torch_model, digits):
+    import grpc
+
+    app, port, _ = grpc_app
+    name = torch_model.manifest["model"]["name"]
+    cases = _bad_requests(protos[0], name, digits[0][:1])
+    channel, stub = _stub(port, protos)
+    got = {}
+    with channel:
+        for case, (req, _, _) in cases.items():
+            try:
+                stub.ModelInfer(req, timeout=30)
+                got[case] = ("OK", "")
+            except grpc.RpcError as exc:
+                got[case] = (exc.code().name, exc.details())
+        try:  # a method of Triton's .proto that this service does not have
+            channel.unary_unary("/inference.GRPCInferenceService/ModelStatistics")(b"", timeout=30)
+        except grpc.RpcError as exc:
+            got["Triton-only method"] = (exc.code().name, "")
+    for case, (_, code, word) in cases.items():
+        assert got[case][0] == code and word in got[case][1], (case, got[case])
+    assert got["Triton-only method"][0] == "UNIMPLEMENTED"
+    text = app.service.render_metrics()
+    assert 'mnist_deploy_grpc_requests_total{code="INVALID_ARGUMENT",method="ModelInfer"} 11.0' in text
+    assert 'mnist_deploy_grpc_requests_total{code="NOT_FOUND",method="ModelInfer"} 1.0' in text
+    assert 'mnist_deploy_grpc_requests_total{code="OK",method="ModelInfer"} 1.0' in text
+
+
+@pytest.mark.integration
+def test_a_grpc_and_an_http_request_share_one_batch(grpc_app, protos, torch_model, digits):
+    """The batcher waits 0.3 s for company: a gRPC call and an HTTP v2 call sent together are one model call."""
+    app, port, url = grpc_app
+    name = torch_model.manifest["model"]["name"]
+    images = digits[0][:2]
+    channel, stub = _stub(port, protos)
+    with channel:
+        stub.ServerLive(protos[0].ServerLiveRequest())  # connected before the clock starts
+        future = stub.ModelInfer.future(_pixels_request(protos[0], f"{name}-pixels", images[:1]))
+        http = httpx.post(f"{url}/v2/models/{name}-pixels/infer", timeout=30, json={"inputs": [
+            {"name": "pixels", "datatype": "UINT8", "shape": [1, 28, 28], "data": images[1].ravel().tolist()}]})
+        reply = future.result(timeout=30)
+    want = torch_model.logits(normalize_pixels(images))
+    np.testing.assert_allclose(_logits(reply), want[:1], atol=1e-4, rtol=1e-4)
+    assert http.status_code == 200, http.text
+    np.testing.assert_allclose(np.array(http.json()["outputs"][0]["data"]).reshape(1, 10), want[1:], atol=1e-4)
+    text = app.service.render_metrics()
+    assert "mnist_deploy_batch_size_count 1.0" in text and "mnist_deploy_batch_size_sum 2.0" in text, text
+
+
+@pytest.mark.integration
+def test_readiness_follows_the_drain(grpc_app, protos, torch_model):
+    import grpc
+
+    app, port, _ = grpc_app
+    pb2 = protos[0]
+    name = torch_model.manifest["model"]["name"]
+    channel, stub = _stub(port, protos)
+    with channel:
+        assert stub.ServerReady(pb2.ServerReadyRequest()).ready
+        assert stub.ModelReady(pb2.ModelReadyRequest(name=f"{name}-pixels")).ready
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.ModelReady(pb2.ModelReadyRequest(name="nope"))
+        assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+        app.service.begin_drain()  # what SIGTERM does: not ready at once, then no new calls after a grace
+        assert not stub.ServerReady(pb2.ServerReadyRequest()).ready
+        assert not stub.ModelReady(pb2.ModelReadyRequest(name=f"{name}-pixels")).ready
+        assert _refused_within(port, protos, 10.0), "the gRPC server still takes calls 10 s after the drain began"
+
+
+def test_every_typed_error_has_its_status_code():
+    import grpc
+
+    from mnist_deploy import errors
+    from mnist_deploy.serve.grpc_v2 import status_code
+
+    code = grpc.StatusCode
+    assert status_code(errors.InputError("x")) == code.INVALID_ARGUMENT
+    assert status_code(errors.BadRequest("x")) == code.INVALID_ARGUMENT
+    assert status_code(errors.UnsupportedMedia("x")) == code.INVALID_ARGUMENT
+    assert status_code(errors.NotFound("x")) == code.NOT_FOUND
+    assert status_code(errors.PayloadTooLarge("x")) == code.RESOURCE_EXHAUSTED
+    assert status_code(errors.NotReady("x")) == code.UNAVAILABLE
+    assert status_code(errors.BatcherClosed("x")) == code.UNAVAILABLE
+    assert status_code(errors.RuntimeUnavailable("x")) == code.UNAVAILABLE
+    assert status_code(errors.IntegrityError("x")) == code.INTERNAL
+    assert status_code(ValueError("a bug")) == code.INTERNAL
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SIGTERM with calls in flight, on the real server.
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_answers_the_calls_in_flight_and_refuses_new_ones(served, protos, torch_model, digits, workers):
+    """The batcher holds each call up to 1 s, so four calls are in flight when SIGTERM comes: they are
+    answered, a new call is refused (UNAVAILABLE), and the server exits 0 well within the drain timeout."""
+
+    pb2 = protos[0]
+    name = torch_model.manifest["model"]["name"]
+    images = digits[0][:4]
+    port = free_port()
+    args = ("--workers", str(workers), "--grpc-port", str(port), "--max-queue-delay-us", "1000000",
+            "--drain-timeout", "8", "--log-level", "warning")
+    with serve_process(served, *args) as (_url, proc):
+        channel, stub = _stub(port, protos)
+        with channel:
+            stub.ServerLive(pb2.ServerLiveRequest())
+            futures = [stub.ModelInfer.future(_pixels_request(pb2, f"{name}-pixels", images[i:i + 1], id=str(i)))
+                       for i in range(4)]
+            time.sleep(0.3)  # received, and waiting in the batcher
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            refused = _refused_within(port, protos, 5.0)
+            replies = [f.result(timeout=15) for f in futures]
+            code = proc.wait(timeout=15)
+            took = time.monotonic() - t0
+    assert refused, "a new call was still accepted 5 s after SIGTERM"
+    assert [r.id for r in replies] == ["0", "1", "2", "3"]
+    want = torch_model.logits(normalize_pixels(images))
+    np.testing.assert_allclose(np.concatenate([_logits(r) for r in replies]), want, atol=1e-4, rtol=1e-4)
+    assert code == 0, Path(proc.log_path).read_text()
+    assert took < 8, f"stopped {took:.1f} s after SIGTERM; the drain timeout is 8 s"
+
+
+def _refused_within(port: int, protos, seconds: float) -> bool:
+    """Whether a new call on a new connection is refused (UNAVAILABLE) within ``seconds``."""
+    import grpc
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = protos[1].GRPCInferenceServiceStub(channel)
+            try:
+                stub.ServerLive(protos[0].ServerLiveRequest(), timeout=1)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    return True
+        time.sleep(0.05)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CLI's checks, before anything starts.
+
+
+def test_cli_refuses_a_taken_grpc_port_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from mnist_deploy.cli import cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        res = CliRunner().invoke(cli, ["serve", "--artifacts", str(tmp_path), "--grpc-port", str(port)])
+    assert res.exit_code == 2, res.output
+    assert f"cannot listen for gRPC on 127.0.0.1:{port}" in res.output and "--grpc-port" in res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [["--port", "8123", "--grpc-port", "8123"], ["--grpc-port", "70000"],
+                                  ["--grpc-port", "-1"]])
+def test_cli_refuses_bad_grpc_ports(tmp_path, args):
+    from click.testing import CliRunner
+
+    from mnist_deploy.cli import cli
+
+    res = CliRunner().invoke(cli, ["serve", "--artifacts", str(tmp_path), *args])
+    assert res.exit_code == 2 and "--grpc-port" in res.output and "Traceback" not in res.output, res.output
+
+
+def test_grpc_is_off_unless_asked_in_python_and_on_8001_in_the_cli():
+    from click.testing import CliRunner
+
+    from mnist_deploy.cli import cli
+    from mnist_deploy.serve import ServeConfig
+
+    assert ServeConfig().grpc_port == 0
+    assert "[default: 8001;" in CliRunner().invoke(cli, ["serve", "--help"]).output
+
+
+def test_two_threads_loading_the_protos_get_one_module(protos):
+    from mnist_deploy.serve.protos import load_protos
+
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(load_protos())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(g[0] is protos[0] and g[1] is protos[1] for g in got)
