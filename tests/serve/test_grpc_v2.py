@@ -388,19 +388,40 @@ def _refused_within(port: int, protos, seconds: float) -> bool:
 # The CLI's checks, before anything starts.
 
 
-def test_cli_refuses_a_taken_grpc_port_in_one_line(tmp_path):
+@pytest.fixture
+def taken_port():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        yield taken.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_cli_refuses_a_taken_grpc_port_in_one_line(served, taken_port, monkeypatch):
+    from click.testing import CliRunner
+
+    import mnist_deploy.serve
+    from mnist_deploy.cli import cli
+
+    def _must_not_start(*_a, **_k):
+        raise AssertionError("serve started on a taken gRPC port")
+
+    monkeypatch.setattr(mnist_deploy.serve, "run_server", _must_not_start)
+    res = CliRunner().invoke(cli, ["serve", "--artifacts", str(served), "--port", "0", "--grpc-port",
+                                   str(taken_port)])
+    assert res.exit_code == 2, res.output
+    assert f"cannot listen for gRPC on 127.0.0.1:{taken_port}" in res.output and "--grpc-port" in res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_a_bad_artifact_is_reported_before_the_grpc_port(tmp_path, taken_port):
+    """The artifact is the first thing checked, whatever holds port 8001 on this machine."""
     from click.testing import CliRunner
 
     from mnist_deploy.cli import cli
 
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        port = taken.getsockname()[1]
-        res = CliRunner().invoke(cli, ["serve", "--artifacts", str(tmp_path), "--grpc-port", str(port)])
-    assert res.exit_code == 2, res.output
-    assert f"cannot listen for gRPC on 127.0.0.1:{port}" in res.output and "--grpc-port" in res.output
-    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    res = CliRunner().invoke(cli, ["serve", "--artifacts", str(tmp_path / "none"), "--grpc-port", str(taken_port)])
+    assert res.exit_code == 2 and "no such artifacts folder" in res.output and "gRPC" not in res.output, res.output
 
 
 @pytest.mark.parametrize("args", [["--port", "8123", "--grpc-port", "8123"], ["--grpc-port", "70000"],
