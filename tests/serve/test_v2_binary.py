@@ -100,6 +100,8 @@ _BAD = {
                                "binary_data_output must be true or false"),
     "bad-binary-data": (*_binary({**_input(), "outputs": [{"name": "logits", "parameters": {"binary_data": 1}}]},
                                  RAW_X), "binary_data must be true or false"),
+    "classification": (*_binary({**_input(), "outputs": [{"name": "logits", "parameters": {"classification": 3}}]},
+                                RAW_X), "classification extension is not supported"),
     "out-of-range-fp32": (*_binary(_input(), np.full(1568, 3e38, "<f4").tobytes()), "normalised pixels"),
     "nan-fp32": (*_binary(_input(), np.full(1568, np.nan, "<f4").tobytes()), "finite"),
     "bad-gzip": (_binary(_input(), RAW_X)[0], {**_binary(_input(), RAW_X)[1], "Content-Encoding": "gzip"},
