@@ -112,12 +112,13 @@ def plan(*, workers: int, max_batch_size: int, max_queue_delay_us: int, options:
 
 
 def run_wrk(url: str, body_path: Path, *, connections: int, seconds: float, threads: int = 1,
-            wrk: str = "wrk", timeout_s: float = 10.0) -> dict:
-    """One wrk run; the figures wrk_predict.lua prints, plus the command."""
+            wrk: str = "wrk", timeout_s: float = 10.0, env: dict[str, str] | None = None) -> dict:
+    """One wrk run; the figures wrk_predict.lua prints, plus the command. ``env``: more of the script's
+    settings (MNIST_WRK_CONTENT_TYPE, MNIST_WRK_HEADER_LENGTH)."""
     threads = max(1, min(threads, connections))
     cmd = [wrk, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", f"--timeout={timeout_s:g}s",
            "-s", str(LUA_SCRIPT), url]
-    env = {**os.environ, "MNIST_WRK_BODY": str(body_path)}
+    env = {**os.environ, **(env or {}), "MNIST_WRK_BODY": str(body_path)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=seconds + timeout_s + 60)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
     if proc.returncode != 0 or line is None:

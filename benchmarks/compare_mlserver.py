@@ -172,11 +172,25 @@ def send(client, base: str, probe: Probe, name: str, version: str) -> Reply:
     except httpx.HTTPError as exc:  # no reply at all: status 0, kept in the table rather than raised
         return Reply(0, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)
     seconds = time.perf_counter() - t0
+    length = r.headers.get("inference-header-content-length")
     try:
-        parsed = r.json()
+        parsed = r.json() if length is None else binary_reply(r.content, int(length))
     except ValueError:
         parsed = r.text
     return Reply(r.status_code, parsed, seconds)
+
+
+def binary_reply(content: bytes, length: int) -> dict:
+    """A binary-extension response (JSON part, then the tensors) as its JSON form: each binary output's
+    bytes put back as FP32 ``data``, so that it compares with a JSON answer."""
+    head = json.loads(content[:length])
+    offset = length
+    for out in head.get("outputs", []):
+        size = (out.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            out["data"] = np.frombuffer(content[offset:offset + size], "<f4").tolist()
+            offset += size
+    return head
 
 
 def _outputs(body: object) -> dict[str, dict]:

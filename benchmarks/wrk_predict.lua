@@ -3,6 +3,9 @@
 --
 --   MNIST_WRK_BODY=body.json wrk -t1 -c64 -d3s -s benchmarks/wrk_predict.lua http://127.0.0.1:8000/predict
 --
+-- Optional: MNIST_WRK_CONTENT_TYPE (default application/json) and MNIST_WRK_HEADER_LENGTH, sent as
+-- Inference-Header-Content-Length (a v2 binary tensor request; benchmarks/bench_v2.py).
+--
 -- The body is read once per wrk thread and sent unchanged with every request (wrk's static request
 -- path: no Lua call per request, so the load generator stays cheap).
 
@@ -14,7 +17,11 @@ local fh = assert(io.open(path, "rb"))
 wrk.method = "POST"
 wrk.body = fh:read("*a")
 fh:close()
-wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Content-Type"] = os.getenv("MNIST_WRK_CONTENT_TYPE") or "application/json"
+local header_length = os.getenv("MNIST_WRK_HEADER_LENGTH")
+if header_length ~= nil and header_length ~= "" then
+  wrk.headers["Inference-Header-Content-Length"] = header_length
+end
 
 function done(summary, latency, requests)
   local e = summary.errors

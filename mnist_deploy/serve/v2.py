@@ -113,6 +113,9 @@ def _outputs(req: dict) -> list[tuple[str, bool]]:
     if not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted):
         raise InputError(f'outputs must be a list of {{"name": ...}} with names from {list(core.OUTPUTS)}')
     names = core.output_names([o.get("name") for o in wanted])
+    if any(isinstance(o.get("parameters"), dict) and "classification" in o["parameters"] for o in wanted):
+        raise InputError("the classification extension is not supported: ask for 'probabilities' instead "
+                         "(tritonclient: InferRequestedOutput without class_count)")
     binary = [_flag(o.get("parameters"), "binary_data", f"output '{o.get('name')}'") for o in wanted]
     return [(n, default if b is None else b) for n, b in zip(names, binary, strict=True)]
 

@@ -7,6 +7,7 @@ Every function here takes plain Python and numpy values and raises the typed err
 :class:`~mnist_deploy.errors.InputError` -> INVALID_ARGUMENT). A request is handled in four calls::
 
     served = resolve(service, name, version)               # which model, which input form
+    meta = metadata(served)                                 # (a metadata request stops here)
     x = input_batch(service, served, in_name, datatype, shape, array)   # validated (N, 784) float32
     wanted = output_names([...names asked for...])          # or output_names(None): logits only
     logits = await service.infer(x)                         # the shared batcher

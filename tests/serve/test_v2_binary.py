@@ -1,5 +1,6 @@
 """The v2 binary tensor data extension and the two model names, byte by byte: each malformed request is one
-400 (or 413 for size) with one clear message, through the guard's fast path and the FastAPI route alike.
+400 (or 413 for size) with one clear message, through the guard's fast path and the FastAPI route alike
+(and with dynamic batching on).
 tritonclient's own binary requests are in test_v2.py (a real server process)."""
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ X = normalize_pixels(np.arange(2 * 784).reshape(2, 784) % 256)  # two normalised
 RAW_X = X.astype("<f4").tobytes()
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["fast-path", "fastapi-route"])
+@pytest.fixture(scope="module", params=[(True, 0), (False, 0), (True, 8)],
+                ids=["fast-path", "fastapi-route", "fast-path-batching"])
 def client(request, model):
-    with TestClient(create_app(model=model, fast_path=request.param, max_body_bytes=1 << 20)) as c:
+    fast_path, batch = request.param
+    with TestClient(create_app(model=model, fast_path=fast_path, max_body_bytes=1 << 20,
+                               max_batch_size=batch)) as c:
         yield c
 
 
@@ -96,6 +100,8 @@ _BAD = {
                                "binary_data_output must be true or false"),
     "bad-binary-data": (*_binary({**_input(), "outputs": [{"name": "logits", "parameters": {"binary_data": 1}}]},
                                  RAW_X), "binary_data must be true or false"),
+    "classification": (*_binary({**_input(), "outputs": [{"name": "logits", "parameters": {"classification": 3}}]},
+                                RAW_X), "classification extension is not supported"),
     "out-of-range-fp32": (*_binary(_input(), np.full(1568, 3e38, "<f4").tobytes()), "normalised pixels"),
     "nan-fp32": (*_binary(_input(), np.full(1568, np.nan, "<f4").tobytes()), "finite"),
     "bad-gzip": (_binary(_input(), RAW_X)[0], {**_binary(_input(), RAW_X)[1], "Content-Encoding": "gzip"},
