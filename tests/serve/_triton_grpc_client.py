@@ -28,11 +28,12 @@ def _status(call) -> dict:
     return {"status": "OK", "message": ""}
 
 
-def _infer(client, model: str, name: str, array: np.ndarray, **kwargs):
+def _infer(client, model: str, name: str, array: np.ndarray, class_count: int = 0, **kwargs):
     datatype = "UINT8" if array.dtype == np.uint8 else "FP32"
     tensor = grpcclient.InferInput(name, list(array.shape), datatype)
     tensor.set_data_from_numpy(array)
-    outputs = [grpcclient.InferRequestedOutput("logits"), grpcclient.InferRequestedOutput("probabilities")]
+    outputs = [grpcclient.InferRequestedOutput("logits", class_count=class_count),
+               grpcclient.InferRequestedOutput("probabilities")]
     return client.infer(model, [tensor], outputs=outputs, **kwargs)
 
 
@@ -74,6 +75,7 @@ def main(url: str, model: str, pixels_model: str, inputs: str, out: str) -> None
         "over the size limit": _status(lambda: _infer(client, pixels_model, "pixels",
                                                       np.zeros((2048, 28, 28), np.uint8))),
         "Triton-only method": _status(lambda: client.get_inference_statistics(model)),
+        "classification (class_count)": _status(lambda: _infer(client, pixels_model, "pixels", pixels, class_count=3)),
     }
     np.savez(out, **results)
     client.close()

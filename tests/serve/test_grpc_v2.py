@@ -153,7 +153,9 @@ def test_tritonclient_errors_are_the_right_status_codes(triton_run):
         "wrong datatype": "StatusCode.INVALID_ARGUMENT", "unknown input": "StatusCode.INVALID_ARGUMENT",
         "not 28x28": "StatusCode.INVALID_ARGUMENT", "FP32 out of range": "StatusCode.INVALID_ARGUMENT",
         "over the size limit": "StatusCode.RESOURCE_EXHAUSTED", "Triton-only method": "StatusCode.UNIMPLEMENTED",
+        "classification (class_count)": "StatusCode.INVALID_ARGUMENT",
     }
+    assert "probabilities" in report["errors"]["classification (class_count)"]["message"]
     assert "no-such-model" in report["errors"]["unknown model"]["message"]
     assert "normalised pixels" in report["errors"]["FP32 out of range"]["message"]
     # The workers' counts, summed by /metrics whichever worker answered it: 2 inputs x 2 batch sizes.
