@@ -5,8 +5,8 @@
 Starts the real `mnist-deploy serve --workers 1 --grpc-port P` (batching on, as by default) on loopback,
 checks that both transports give the same logits for a real MNIST digit, then for each batch size:
 ``--requests`` calls one after another from one caller (p50/p99 latency), and ``--requests`` calls from
-``--concurrency`` callers at once on one asyncio loop (req/s, rows/s, p50/p99, errors), each after a
-warm-up. The baseline is v2 JSON (`POST /v2/models/<name>-pixels/infer`, httpx, keep-alive, the body
+``--concurrency`` threads at once, each with its own connection (req/s, rows/s, p50/p99, errors), each
+after a warm-up. The baseline is v2 JSON (`POST /v2/models/<name>-pixels/infer`, httpx, keep-alive, the body
 encoded once); gRPC is `ModelInfer` with `raw_input_contents` (grpcio's stub generated from our .proto). Prints one Markdown
 table with each gRPC figure as a ratio to the baseline measured in the same run. Both clients are Python
 in one process beside the server, on the same cores: read the ratios, not the absolute numbers.
@@ -15,9 +15,9 @@ in one process beside the server, on the same cores: read the ratios, not the ab
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,7 +42,7 @@ def _pct(samples: list[float], q: float) -> float:
 
 
 class _Clients:
-    """One HTTP (v2 JSON) and one gRPC caller for the same model, sync and async."""
+    """One HTTP (v2 JSON) and one gRPC caller for the same model, each with its own connection."""
 
     def __init__(self, url: str, grpc_port: int, model: str) -> None:
         import grpc
@@ -51,9 +51,10 @@ class _Clients:
         from mnist_deploy.serve.protos import load_protos
 
         self.pb2, self.pb2_grpc = load_protos()
-        self.url, self.target, self.model = url, f"127.0.0.1:{grpc_port}", model
+        self.url, self.port, self.model = url, grpc_port, model
         self.http = httpx.Client(timeout=30)
-        self.channel = grpc.insecure_channel(self.target)
+        # a connection of its own (channels to one target otherwise share one), as each HTTP client has
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)])
         self.stub = self.pb2_grpc.GRPCInferenceServiceStub(self.channel)
 
     def json_body(self, images: np.ndarray) -> bytes:
@@ -88,53 +89,54 @@ def _sequential(call, n: int) -> list[float]:
     return times
 
 
-async def _concurrent(make_call, n: int, concurrency: int) -> tuple[float, list[float], int]:
-    """``n`` calls from ``concurrency`` callers: (seconds, latencies, errors)."""
-    call = await make_call()
+def _concurrent(make_call, n: int, concurrency: int) -> tuple[float, list[float], int]:
+    """``n`` calls from ``concurrency`` threads, each with a client of its own: (seconds, latencies, errors)."""
+    calls = [make_call() for _ in range(concurrency)]
+    for call in calls:  # warm-up: every connection made
+        call()
     todo = iter(range(n))
-    times, errors = [], 0
+    lock = threading.Lock()
+    times, errors = [], []
 
-    async def caller():
-        nonlocal errors
-        for _ in todo:
+    def caller(call):
+        while True:
+            with lock:
+                if next(todo, None) is None:
+                    return
             t0 = time.perf_counter()
             try:
-                await call()
+                call()
                 times.append(time.perf_counter() - t0)
-            except Exception:
-                errors += 1
+            except Exception as exc:
+                errors.append(exc)
 
-    await asyncio.gather(*[call() for _ in range(concurrency)])  # warm-up: every connection made
+    threads = [threading.Thread(target=caller, args=(c,)) for c in calls]
     t0 = time.perf_counter()
-    await asyncio.gather(*[caller() for _ in range(concurrency)])
-    return time.perf_counter() - t0, times, errors
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0, times, len(errors)
 
 
 def _measure(c: _Clients, images: np.ndarray, requests: int, concurrency: int) -> list[dict]:
     """Both transports at one batch size: one caller, then ``concurrency`` callers."""
-    import grpc
-    import httpx
-
     body, req = c.json_body(images), c.grpc_request(images)
     np.testing.assert_allclose(c.grpc_logits(req), c.http_logits(body), atol=1e-5)  # the same answers
 
-    async def http_call():
-        client = httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=concurrency))
-        path = f"{c.url}/v2/models/{c.model}/infer"
+    def http_call():
+        mine = _Clients(c.url, c.port, c.model)
+        return lambda: mine.http_logits(body)
 
-        async def call():
-            (await client.post(path, content=body, headers=JSON)).raise_for_status()
-        return call
-
-    async def grpc_call():
-        stub = c.pb2_grpc.GRPCInferenceServiceStub(grpc.aio.insecure_channel(c.target))
-        return lambda: stub.ModelInfer(req, timeout=30)
+    def grpc_call():
+        mine = _Clients(c.url, c.port, c.model)
+        return lambda: mine.grpc_logits(req)
 
     rows = []
     for label, seq, conc in (("v2 JSON", lambda: c.http_logits(body), http_call),
                              ("gRPC raw", lambda: c.grpc_logits(req), grpc_call)):
         lat = _sequential(seq, requests)
-        seconds, times, errors = asyncio.run(_concurrent(conc, requests, concurrency))
+        seconds, times, errors = _concurrent(conc, requests, concurrency)
         n = len(images)
         rows.append({"transport": label, "batch": n, "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99),
                      "req_s": len(times) / seconds, "rows_s": len(times) * n / seconds,
