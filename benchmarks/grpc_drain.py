@@ -1,0 +1,82 @@
+"""SIGTERM under gRPC load: what each call got while the server drained, and how long the stop took.
+
+    python benchmarks/grpc_drain.py --artifacts artifacts [--workers 1] [--clients 16] [--seconds 2]
+
+Starts the real `mnist-deploy serve --grpc-port P`, runs ``--clients`` threads, each with a connection of
+its own, sending one-image `ModelInfer` calls back to back; after ``--seconds`` sends SIGTERM to the server
+and counts each call's status until every client has been refused (UNAVAILABLE: the port is closed). The
+clients do not look at readiness, so they keep sending through the whole drain: the worst case for the
+calls in transit when the port closes. Prints the counts, the exit code and the seconds from SIGTERM to
+the exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import load_test  # noqa: E402  (benchmarks/load_test.py: serve_subprocess, free_port)
+
+
+def run(*, artifacts: str, workers: int, clients: int, seconds: float) -> dict:
+    import grpc
+    import httpx
+
+    from mnist_deploy.serve.protos import load_protos
+
+    pb2, pb2_grpc = load_protos()
+    port = load_test.free_port()
+    counts: collections.Counter = collections.Counter()
+    lock = threading.Lock()
+    args = ["--workers", str(workers), "--grpc-port", str(port), "--log-level", "warning", "--drain-timeout", "10"]
+    with load_test.serve_subprocess(artifacts, args) as (url, proc):
+        name = httpx.get(f"{url}/model").json()["model"]["name"] + "-pixels"
+        req = pb2.ModelInferRequest(model_name=name, raw_input_contents=[bytes(784)])
+        req.inputs.add(name="pixels", datatype="UINT8", shape=[1, 28, 28])
+
+        def client():
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+            stub = pb2_grpc.GRPCInferenceServiceStub(channel)
+            while True:
+                try:
+                    stub.ModelInfer(req, timeout=10)
+                    code = "OK"
+                except grpc.RpcError as exc:
+                    code = exc.code().name
+                with lock:
+                    counts[code] += 1
+                if code == "UNAVAILABLE":
+                    return
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        time.sleep(seconds)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        took = time.monotonic() - t0
+        for t in threads:
+            t.join()
+    return {"counts": dict(counts), "exit_code": code, "seconds_to_exit": round(took, 2)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--seconds", type=float, default=2.0)
+    a = p.parse_args()
+    print(run(artifacts=a.artifacts, workers=a.workers, clients=a.clients, seconds=a.seconds))
+
+
+if __name__ == "__main__":
+    main()
