@@ -131,12 +131,13 @@ def serve_cmd(host, port, grpc_port, runtime, artifacts, device, workers, reuse_
         raise click.BadParameter(str(exc), param_hint=hint) from None
     # Loaded here once even with several workers: a bad artifact is one clear error before anything starts.
     model = load_model(artifacts=artifacts, runtime=runtime, device=device, threads=config.threads)
-    if grpc_port:  # before anything starts too: a taken port, or grpcio missing, is one line now
-        from ..serve.grpc_v2 import check_port
+    if grpc_port:  # before anything starts too: grpcio missing, or a taken port, is one line now
         from ..serve.protos import load_protos
 
+        load_protos()  # generated once here, not by every worker at once; says so if grpcio is missing
+        from ..serve.grpc_v2 import check_port
+
         check_port(host, grpc_port)
-        load_protos()  # generated once here, not by every worker at once
     click.echo(_banner(config, model), err=True)
     if not is_loopback(host):
         click.secho(f"warning: listening on {host}: other machines can reach this server (no authentication)",

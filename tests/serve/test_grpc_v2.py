@@ -426,6 +426,32 @@ def test_a_bad_artifact_is_reported_before_the_grpc_port(tmp_path, taken_port):
     assert res.exit_code == 2 and "no such artifacts folder" in res.output and "gRPC" not in res.output, res.output
 
 
+_NO_GRPC = """
+import importlib.metadata as md, sys
+sys.modules["grpc"] = sys.modules["grpc_tools"] = None  # import grpc: ImportError, as where it is not installed
+real = md.version
+def version(name):
+    if name in ("grpcio", "grpcio-tools"):
+        raise md.PackageNotFoundError(name)
+    return real(name)
+md.version = version
+from mnist_deploy.cli import main
+sys.argv = ["mnist-deploy", "serve", "--artifacts", sys.argv[1], "--port", "0", "--grpc-port", sys.argv[2]]
+main()
+"""
+
+
+@pytest.mark.integration
+def test_serve_without_grpcio_says_what_to_do_in_one_line(served):
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _NO_GRPC, str(served), str(free_port())], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "gRPC needs the grpcio package" in res.stderr and "--grpc-port 0" in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
 @pytest.mark.parametrize("args", [["--port", "8123", "--grpc-port", "8123"], ["--grpc-port", "70000"],
                                   ["--grpc-port", "-1"]])
 def test_cli_refuses_bad_grpc_ports(tmp_path, args):
