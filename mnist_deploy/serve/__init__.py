@@ -20,6 +20,9 @@ The modules, bottom up:
 * :mod:`.v2_core` -- the Open Inference Protocol's model side with no transport (model names, inputs,
   outputs, metadata), shared by HTTP and gRPC;
 * :mod:`.v2` -- the Open Inference Protocol (REST, JSON and binary tensors) onto the same service;
+* :mod:`.protos` -- the gRPC modules, generated from ``proto/grpc_predict_v2.proto`` on first use;
+* :mod:`.grpc_v2` -- the Open Inference Protocol over gRPC (``--grpc-port``) onto the same service, on
+  uvicorn's event loop (grpcio and grpc_tools are imported only when it is on);
 * :mod:`.guard` -- plain ASGI around the app: body limit, metrics, the JSON fast path;
 * :mod:`.connections` -- below ASGI: bounded connections, request deadlines (slowloris), the drain;
 * :mod:`.app` -- :func:`create_app` and :func:`serve` (one process);

@@ -126,7 +126,8 @@ def serve(app, config: ServeConfig | None = None, *, sockets=None, ready=None) -
     """Serve ``app`` with uvicorn until SIGINT or SIGTERM, then drain (see :mod:`.connections`).
 
     On ``sockets`` (a worker of :func:`.workers.run_workers`), else on ``config.host:config.port``.
-    Readiness (``/health``, v2 ready) turns 503 the moment the signal arrives. ``ready`` (an Event, for
+    Readiness (``/health``, v2 ready, gRPC ``ServerReady``) turns false the moment the signal arrives, and
+    the gRPC server, if any, begins its drain (:meth:`.grpc_v2.GrpcServer.drain`). ``ready`` (an Event, for
     the worker supervisor) is set once the app's startup has run and the socket is served.
     """
     import uvicorn
