@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from _serving import serve_process
+from _serving import serve_process, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -231,7 +231,7 @@ def test_readiness_turns_503_when_the_drain_begins(model):
     app = create_app(model=model)
     name = model.manifest["model"]["name"]
     with TestClient(app) as c:
-        assert c.get("/health").status_code == 200 and c.get("/v2/health/ready").status_code == 200
+        assert wait_ready(c).status_code == 200 and c.get("/v2/health/ready").status_code == 200
         app.service.begin_drain()
         r = c.get("/health")
         assert r.status_code == 503 and r.json() == {"status": "draining"}
