@@ -50,7 +50,8 @@ def probes(port: int | str) -> dict:
     ready, live = {"path": READY_PATH, "port": port}, {"path": LIVE_PATH, "port": port}
     return {
         "startupProbe": {"httpGet": ready, "periodSeconds": 2, "failureThreshold": STARTUP_BUDGET_SECONDS // 2},
-        "readinessProbe": {"httpGet": ready, "periodSeconds": 5, "failureThreshold": 1},
+        # two misses: one probe landing on a worker that is being replaced (still warming up) is not enough
+        "readinessProbe": {"httpGet": ready, "periodSeconds": 5, "failureThreshold": 2},
         "livenessProbe": {"httpGet": live, "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3},
     }
 
