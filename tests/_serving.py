@@ -82,3 +82,16 @@ def serve_process(artifacts: Path, *args: str, log_path: Path | None = None,
             yield url, proc
     except _load_test.ServerError as exc:  # raised only while starting, before the yield
         raise AssertionError(f"serve {exc.problem}:\n{exc.log}") from None
+
+
+def wait_ready(client, timeout: float = 10.0):
+    """Poll ``GET /health`` on ``client`` (a TestClient or an httpx.Client with a base URL) until it is 200:
+    after startup, readiness waits for the model's warm-up, which runs in the background. Returns the answer."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        r = client.get("/health")
+        if r.status_code == 200 or time.monotonic() > deadline:
+            return r
+        time.sleep(0.01)

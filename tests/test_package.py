@@ -228,7 +228,8 @@ def test_inference_service_yaml_keeps_any_storage_uri_one_scalar(uri):
     doc = yaml.safe_load(inference_service(name="digits", cfg=PackageConfig(storage_uri=uri)))
     model = doc["spec"]["predictor"]["model"]
     assert model["storageUri"] == uri
-    assert sorted(model) == ["modelFormat", "protocolVersion", "resources", "storageUri"]
+    assert sorted(model) == ["livenessProbe", "modelFormat", "protocolVersion", "readinessProbe", "resources",
+                             "startupProbe", "storageUri"]
     assert sorted(doc) == ["apiVersion", "kind", "metadata", "spec"]
 
 

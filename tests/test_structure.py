@@ -7,9 +7,8 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "mnist_deploy"
-TOP_LEVEL_MODULES = {"__init__", "__main__", "devices", "errors", "faults", "metrics", "models", "package",
-                     "plots", "predict"}
-PACKAGES = {"artifacts", "bench", "cli", "data", "export", "formats", "serve", "train"}
+TOP_LEVEL_MODULES = {"__init__", "__main__", "devices", "errors", "faults", "metrics", "models", "plots", "predict"}
+PACKAGES = {"artifacts", "bench", "cli", "data", "export", "formats", "package", "serve", "train"}
 # Layer of each top-level unit: a module may import from its own layer's unit or from a lower layer only.
 # The package root holds only __version__ and lazy re-exports, so any module may read __version__ from it.
 LAYERS = {

@@ -179,26 +179,37 @@ PACKAGE_FORMATS = written_as(".onnx")  # the registry's formats written as .onnx
 @click.option("--instance-kind", type=click.Choice(["cpu", "gpu", "auto"]), default="cpu", show_default=True)
 @click.option("--storage-uri", default=None,
               help="KServe storageUri of the uploaded model_repository folder. Default: a placeholder to fill in.")
+@click.option("--image", default=None,
+              help="Container image of this server for deployment.yaml (the package and the artifacts folder at "
+                   "/app/artifacts). Default: a placeholder to fill in.")
+@click.option("--replicas", type=int, default=1, show_default=True, callback=positive,
+              help="Pods of the Deployment in deployment.yaml.")
+@click.option("--drain-timeout", type=click.FloatRange(0.1, 3600), default=30.0, show_default=True,
+              help="serve's --drain-timeout in deployment.yaml; the pod's termination grace period is set above it.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model folder of the same name.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 def package_cmd(artifacts, out, fmt, name, model_version, max_batch_size, max_queue_delay_us, preferred, instances,
-                instance_kind, storage_uri, overwrite, as_json) -> None:
-    """Package the ONNX export for a cluster: a Triton model repository and a KServe InferenceService.
+                instance_kind, storage_uri, image, replicas, drain_timeout, overwrite, as_json) -> None:
+    """Package the ONNX export for a cluster: a Triton model repository, a KServe InferenceService, and a
+    Kubernetes Deployment + Service running this server.
 
     Writes OUT/model_repository/NAME/config.pbtxt (platform onnxruntime_onnx, dynamic batching),
-    OUT/model_repository/NAME/VERSION/model.onnx (the export, checked against the manifest's sha256)
-    and OUT/inferenceservice.yaml (KServe v1beta1, modelFormat onnx, protocol v2). Run the repository
-    with `tritonserver --model-repository OUT/model_repository`, or upload it and apply the YAML.
+    OUT/model_repository/NAME/VERSION/model.onnx (the export, checked against the manifest's sha256),
+    OUT/inferenceservice.yaml (KServe v1beta1, modelFormat onnx, protocol v2) and OUT/deployment.yaml
+    (`mnist-deploy serve` with startup, readiness and liveness probes on /v2/health/ready and
+    /v2/health/live). Run the repository with `tritonserver --model-repository OUT/model_repository`,
+    or upload it and apply the YAML.
     """
     import time
 
-    from ..package import STORAGE_URI_PLACEHOLDER, PackageConfig, package_artifacts
+    from ..package import IMAGE_PLACEHOLDER, STORAGE_URI_PLACEHOLDER, PackageConfig, package_artifacts
 
     t0 = time.perf_counter()
     cfg = PackageConfig(name=name, format=fmt, version=model_version, max_batch_size=max_batch_size,
                         max_queue_delay_us=max_queue_delay_us, preferred_batch_sizes=tuple(preferred),
                         instances=instances, instance_kind=instance_kind,
-                        storage_uri=storage_uri or STORAGE_URI_PLACEHOLDER, overwrite=overwrite)
+                        storage_uri=storage_uri or STORAGE_URI_PLACEHOLDER, overwrite=overwrite,
+                        image=IMAGE_PLACEHOLDER if image is None else image, replicas=replicas, drain_timeout=drain_timeout)
     result = package_artifacts(artifacts=artifacts, out=out, config=cfg)
     seconds = time.perf_counter() - t0
     if as_json:
@@ -208,7 +219,10 @@ def package_cmd(artifacts, out, fmt, name, model_version, max_batch_size, max_qu
     click.echo(f"{result.config_path}  platform onnxruntime_onnx, max_batch_size {max_batch_size}, "
                f"inputs {', '.join(f'{s.name} {s.datatype} {list(s.dims)}' for s in result.inputs)}")
     click.echo(f"{result.inference_service_path}  KServe InferenceService '{result.name}'")
+    click.echo(f"{result.deployment_path}  Deployment + Service '{result.name}' running `mnist-deploy serve`")
     if storage_uri is None:
         click.echo("fill in storageUri in the InferenceService once the repository is uploaded", err=True)
+    if image is None:
+        click.echo("fill in the image in deployment.yaml (or pass --image)", err=True)
 
 

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from ..predict import LoadedModel, load_model
 from .config import MAX_BODY_BYTES, REQUEST_TIMEOUT, ServeConfig
-from .connections import default_max_connections, guarded_protocol, log_accept_errors_once
+from .connections import default_max_connections, guarded_protocol, log_accept_errors_once, stop_accepting
 from .guard import Guard
 from .routes import HANDLERS, IMAGE_DECODERS, STATIC_FILES, router
 from .service import Service, bound_image_metadata
@@ -146,6 +146,12 @@ def serve(app, config: ServeConfig | None = None, *, sockets=None, ready=None) -
             if service is not None:
                 service.begin_drain()
             super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets=None) -> None:
+            # Take what the kernel has queued before uvicorn closes the listening sockets (which would
+            # reset those connections, their requests sent and never answered).
+            await stop_accepting(sockets or [s for srv in self.servers for s in srv.sockets])
+            await super().shutdown(sockets=sockets)
 
     server = DrainingServer(uvicorn_config(app, config, **where))
     if threading.current_thread() is not threading.main_thread():

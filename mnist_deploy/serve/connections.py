@@ -13,6 +13,10 @@ enough of them (slowloris) use every descriptor, and asyncio then logs a traceba
   ``408`` (when no response has started) and closed. A request being handled by the app is never
   timed out here;
 * asyncio's "socket.accept() out of system resource" error is logged once, not per accept;
+* a shutdown stops accepting without resetting anyone (:func:`stop_accepting`): the listening sockets
+  first drop new connection attempts (a kernel socket filter), the connections the kernel had already
+  queued are accepted and answered, and only then are the sockets closed (closing a socket with
+  connections still queued resets them, their requests unanswered);
 * a shutdown (SIGTERM, SIGINT) drains instead of cutting connections: a request being received or
   handled is answered, with ``Connection: close``; an idle kept-alive connection stays open for
   :data:`DRAIN_IDLE_GRACE` seconds, so that a request its client had already sent is read and answered
@@ -28,8 +32,12 @@ was tested with, and tests/serve/test_connections.py fails loudly if what it rel
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import resource
+import socket
+import struct
+import sys
 
 _LOG = logging.getLogger("uvicorn.error")
 _TIMEOUT_BODY = b'{"detail":"request not received in time; connection closed"}'
@@ -181,6 +189,45 @@ def guarded_protocol(*, max_connections: int, request_timeout: float,
         "_refusals": _Refusals(max_connections)})
 
 
+SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)  # Linux's value
+_DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)  # classic BPF: "ret #0", keep no byte of any packet
+_TCPI_UNACKED = 24  # offset of tcpi_unacked in struct tcp_info: for a listener, its accept queue's length
+
+
+def _queued(sock) -> int:
+    """Connections the kernel has queued on a listening socket that nobody has accepted yet."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return struct.unpack_from("I", info, _TCPI_UNACKED)[0]
+
+
+async def stop_accepting(sockets, timeout: float = 1.0) -> bool:
+    """Let the listening ``sockets`` take no new connection, and wait (at most ``timeout`` s) until the
+    ones the kernel had queued are accepted; the caller then closes them. Linux only (elsewhere, and
+    when the kernel refuses the filter, returns False at once and the sockets are closed as before).
+
+    A listening socket closed with connections in its accept queue resets them, and their clients have
+    typically sent a request already; a socket filter that drops every packet stops new handshakes
+    (a client's SYN is retransmitted after a second, and then finds the socket closed: refused), while
+    the event loop's accept callback keeps taking what was queued."""
+    if not sys.platform.startswith("linux") or not sockets:
+        return False
+    program = ctypes.create_string_buffer(_DROP_ALL, len(_DROP_ALL))
+    fprog = struct.pack("HP", 1, ctypes.addressof(program))  # struct sock_fprog {len; filter*}
+    try:
+        for sock in sockets:
+            sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    except (OSError, AttributeError) as exc:
+        _LOG.warning("could not stop new connections before closing (%s); queued ones may be reset", exc)
+        return False
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        await asyncio.sleep(0.01)  # also lets a handshake already under way land in the queue
+        if not any(_queued(sock) for sock in sockets):
+            return True
+    return False
+
+
 class _OnceFilter(logging.Filter):
     """Lets the first record with a given message through and drops the rest (asyncio's accept errors)."""
 
@@ -207,4 +254,4 @@ def log_accept_errors_once() -> None:
 
 
 __all__ = ["DRAIN_IDLE_GRACE", "UVICORN_INTERNALS", "default_max_connections", "guarded_protocol",
-           "log_accept_errors_once"]
+           "log_accept_errors_once", "stop_accepting"]

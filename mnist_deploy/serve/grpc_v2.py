@@ -163,7 +163,7 @@ class Servicer:
 
     @_rpc
     async def ServerReady(self, request, context):
-        return self.pb2.ServerReadyResponse(ready=self.service.health() is not None)  # loaded, not draining
+        return self.pb2.ServerReadyResponse(ready=self.service.health() is not None)  # loaded, warmed up, not draining
 
     @_rpc
     async def ModelReady(self, request, context):
@@ -171,7 +171,7 @@ class Servicer:
             core.resolve(self.service, request.name, request.version)  # an unknown model stays NOT_FOUND
         except NotReady:
             return self.pb2.ModelReadyResponse(ready=False)
-        return self.pb2.ModelReadyResponse(ready=not self.service.draining)
+        return self.pb2.ModelReadyResponse(ready=self.service.unready() is None)  # loaded, warm, not draining
 
     @_rpc
     async def ServerMetadata(self, request, context):

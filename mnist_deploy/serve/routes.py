@@ -148,7 +148,7 @@ async def health(request: Request):
     service = _service(request)
     answer = service.health()
     if answer is None:
-        return json_response({"status": "draining" if service.draining else "loading"}, 503)
+        return json_response({"status": service.unready()}, 503)
     return json_response(answer)
 
 

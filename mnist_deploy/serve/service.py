@@ -11,6 +11,9 @@ direct, inline call) when it is off, so nothing here forks on the setting.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -32,6 +35,8 @@ from .metrics import Metrics
 # needs none of it; these caps make a header read cheap whatever the chunks claim.
 MAX_PNG_TEXT_CHUNK = 64 << 10
 MAX_PNG_TEXT_MEMORY = 256 << 10
+WARMUP_CALLS = 3  # model calls per warm-up batch size
+_LOG = logging.getLogger("uvicorn.error")
 
 
 def bound_image_metadata() -> None:
@@ -55,19 +60,63 @@ class Service:
         self.max_batch = config.max_batch
         self.draining = False  # set at SIGTERM: readiness answers 503 from then on
         self.on_drain: list[Callable[[], None]] = []  # called by begin_drain (the gRPC server's stop)
+        self.warm = False  # set once warm_up() has run: readiness answers 503 until then
+        self.warming: asyncio.Event | None = None  # set while warm_up() runs; requests wait for it
+        self.warm_error: str | None = None
+        self._warm_task: asyncio.Task | None = None
         self.batcher: DynamicBatcher | PassThrough = PassThrough(lambda x: self.logits(self.ready(), x))
 
     def start(self) -> None:
-        """Put the configured batcher in front of the (loaded) model. Requests are validated before they
-        are queued, so a bad one never reaches a batch; one model call runs at a time, inline on the loop."""
+        """Put the configured batcher in front of the (loaded) model and start :meth:`warm_up` in the
+        background (call it on the server's event loop). Requests are validated before they are queued,
+        so a bad one never reaches a batch; one model call runs at a time, inline on the loop."""
         m = self.ready()
         c = self.config
         self.batcher = make_batcher(lambda x: self.logits(m, x), max_batch_size=c.max_batch_size,
                                     max_queue_delay_us=c.max_queue_delay_us,
                                     preferred_batch_sizes=c.preferred_batch_sizes, on_batch=self.metrics.batched)
+        # Warmed up in the background: the server answers liveness meanwhile, readiness after it.
+        self.warming = asyncio.Event()
+        self._warm_task = asyncio.get_running_loop().create_task(self._warm_up_quietly(), name="warm-up")
+
+    async def _warm_up_quietly(self) -> None:
+        with contextlib.suppress(Exception):  # logged by warm_up(); readiness then stays false
+            await self.warm_up()
 
     async def stop(self) -> None:
+        if self._warm_task is not None:
+            self._warm_task.cancel()
         await self.batcher.close(drain=True)
+
+    def warm_up_sizes(self) -> tuple[int, ...]:
+        """The batch sizes the model is warmed up at: 1 and the batcher's largest batch."""
+        return tuple(sorted({1, self.batcher.max_batch_size}))
+
+    async def warm_up(self, calls: int = WARMUP_CALLS) -> dict[int, float]:
+        """A few model calls at each of :meth:`warm_up_sizes`, timed and logged in one line; readiness
+        turns true after them. Returns the median seconds per call by batch size.
+
+        They run in a worker thread, so that the event loop keeps answering liveness while a runtime
+        compiles or allocates on its first calls; requests that reach :meth:`infer` meanwhile wait for
+        them. They call the model directly: the metrics count only requests."""
+        m = self.ready()
+        self.warming = self.warming or asyncio.Event()
+        try:
+            x = self.normalize(m, np.zeros((max(self.warm_up_sizes()), 784), np.float32))
+            t0 = time.perf_counter()
+            per_call = await anyio.to_thread.run_sync(_time_calls, m, x, self.warm_up_sizes(), calls)
+            self.warm = True
+            sizes = ", ".join(f"batch {n} {s * 1e3:.2f} ms" for n, s in per_call.items())
+            _LOG.info("warm-up: %d calls at each of batch sizes %s in %.1f ms (median per call: %s); ready",
+                      calls, list(per_call), (time.perf_counter() - t0) * 1e3, sizes)
+            return per_call
+        except Exception as exc:
+            self.warm_error = f"warm-up failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            _LOG.error("%s; readiness stays false", self.warm_error)
+            raise
+        finally:
+            self.warming.set()
+            self.warming = None
 
     def begin_drain(self) -> None:
         """Readiness false from now on, and the other protocols told (may run in a signal handler)."""
@@ -88,7 +137,11 @@ class Service:
         return z
 
     async def infer(self, x: np.ndarray) -> np.ndarray:
-        """Logits of validated rows: their place in the next batch (or one direct call, batching off)."""
+        """Logits of validated rows: their place in the next batch (or one direct call, batching off).
+        While the model warms up (in a thread), they wait for it: the model is never called from two
+        threads at once. Every protocol's model calls come through here."""
+        if self.warming is not None:
+            await self.warming.wait()
         return await self.batcher.infer(x)
 
     def normalize(self, m: LoadedModel, pixels: np.ndarray) -> np.ndarray:
@@ -159,10 +212,20 @@ class Service:
 
     # -- what is served ------------------------------------------------------------------------
 
+    def unready(self) -> str | None:
+        """Why the server is not ready (loading, warming up, draining), or None when it is."""
+        if self.draining:
+            return "draining"
+        if self.model is None:
+            return "loading"
+        if not self.warm:
+            return self.warm_error or "warming up"
+        return None
+
     def health(self) -> dict | None:
-        """The health answer, or None while the model loads or once a drain has begun (not ready)."""
+        """The health answer, or None while the model loads or warms up, or once a drain has begun (not ready)."""
         m = self.model
-        if m is None or self.draining:
+        if m is None or self.unready() is not None:
             return None
         return {"status": "ok", "runtime": m.runtime, "model": m.manifest["model"]["name"], "pid": os.getpid()}
 
@@ -190,6 +253,19 @@ class Service:
 
     def render_metrics(self) -> str:
         return self.metrics.render(self.model_labels())
+
+
+def _time_calls(m: LoadedModel, x: np.ndarray, sizes: tuple[int, ...], calls: int) -> dict[int, float]:
+    """Median seconds of ``calls`` model calls at each batch size (the first rows of ``x``)."""
+    out = {}
+    for n in sizes:
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            m.logits(x[:n])
+            times.append(time.perf_counter() - t0)
+        out[n] = float(np.median(times))
+    return out
 
 
 def single_answer(answer: dict) -> dict:

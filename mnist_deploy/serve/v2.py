@@ -221,7 +221,7 @@ async def live(request: Request):
 
 @router.get("/health/ready", summary="v2: readiness", tags=["v2"])
 async def ready(request: Request):
-    ok = _service(request).health() is not None  # loaded, and not draining
+    ok = _service(request).health() is not None  # loaded, warmed up, and not draining
     return _reply({"ready": ok}, 200 if ok else 400)  # the spec: 200 is true, a 4xx is false
 
 
@@ -235,8 +235,8 @@ async def _ready(request: Request, name: str, version: str | None = None):
         served = core.resolve(service, name, version)  # an unknown model stays 404
     except NotReady as exc:
         return _reply({"error": str(exc)}, 400)  # a 4xx is "not ready" (the spec)
-    if service.draining:
-        return _reply({"error": "the server is shutting down"}, 400)
+    if (why := service.unready()) is not None:  # warming up, or draining
+        return _reply({"error": "the server is shutting down" if why == "draining" else why}, 400)
     return _reply({"name": served.name, "ready": True})
 
 

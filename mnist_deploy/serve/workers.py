@@ -223,11 +223,14 @@ def run_workers(config: ServeConfig, *, announce=print, max_start_failures: int 
                  f"processes (parent pid {os.getpid()})")
         supervisor.run(stop)
     finally:
+        # The parent's copies of the listening sockets go first: once a draining worker closes its own,
+        # the socket is closed and a new connection is refused, rather than queued where nobody will
+        # accept it and reset, its request unanswered, when the parent exits (issue 21).
+        for s_ in set(socks):
+            s_.close()
         supervisor.stop_all(config.drain_timeout + 5)
         for s, h in handlers.items():
             signal.signal(s, h)
-        for s_ in set(socks):
-            s_.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
         if previous is None:
             os.environ.pop(MULTIPROC_ENV, None)

@@ -15,7 +15,7 @@ import zlib
 import httpx
 import numpy as np
 import pytest
-from _serving import mnist_test_digits, png_bytes, serve_process
+from _serving import mnist_test_digits, png_bytes, serve_process, wait_ready
 from _tolerance import PROBABILITIES_ATOL
 from click.testing import CliRunner
 from PIL import Image
@@ -232,7 +232,7 @@ def test_health_is_503_until_the_model_is_loaded(served):
     assert r.status_code == 503 and r.json() == {"status": "loading"}
     assert bare.post("/predict", json={"pixels": [0] * 784}).status_code == 503
     with TestClient(app) as c:
-        r = c.get("/health")
+        r = wait_ready(c)  # loaded, then warmed up in the background
         assert r.status_code == 200 and r.json() == {"status": "ok", "runtime": "onnx", "model": "mlp", "pid": os.getpid()}
         assert c.post("/predict", json={"pixels": [0] * 784}).status_code == 200
 
@@ -433,7 +433,7 @@ def test_startup_objects_are_frozen_out_of_the_collectors_reach(model):
     assert gc.get_freeze_count() == 0
     try:
         with TestClient(create_app(model=model)) as c:
-            assert c.get("/health").status_code == 200
+            assert wait_ready(c).status_code == 200
             assert gc.get_freeze_count() > 10_000  # torch, the runtime, FastAPI, the model
     finally:
         gc.unfreeze()

@@ -13,12 +13,14 @@ import json
 import re
 import signal
 import socket
+import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from _serving import serve_process
+from _serving import serve_process, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -229,7 +231,7 @@ def test_readiness_turns_503_when_the_drain_begins(model):
     app = create_app(model=model)
     name = model.manifest["model"]["name"]
     with TestClient(app) as c:
-        assert c.get("/health").status_code == 200 and c.get("/v2/health/ready").status_code == 200
+        assert wait_ready(c).status_code == 200 and c.get("/v2/health/ready").status_code == 200
         app.service.begin_drain()
         r = c.get("/health")
         assert r.status_code == 503 and r.json() == {"status": "draining"}
@@ -264,3 +266,136 @@ def test_the_uvicorn_internals_the_protocol_relies_on_are_there():
     shutdown = inspect.getsource(uvicorn.Server.shutdown)
     assert "connection.shutdown()" in shutdown and "timeout_graceful_shutdown" in shutdown
     assert list(inspect.signature(uvicorn.Server.handle_exit).parameters) == ["self", "sig", "frame"]
+
+
+# -- issue 21: SIGTERM in the middle of load -----------------------------------------------------
+
+
+class _Client(threading.Thread):
+    """A keep-alive client sending POST /predict one after another on one connection, reconnecting when
+    an answer says ``Connection: close``, until a connection is refused (the server has stopped listening).
+
+    Records how each request it sent ended: "200", "503", "reset" (the connection was reset after the
+    request was sent), "unanswered" (closed without an answer) -- and "refused" connects, which are fine."""
+
+    def __init__(self, url: str, request: bytes, stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        host, port = url.removeprefix("http://").split(":")
+        self.addr, self.request, self.stop = (host, int(port)), request, stop
+        self.outcomes: list[tuple[float, str]] = []
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                s = socket.create_connection(self.addr, timeout=30)
+            except ConnectionRefusedError:
+                self.outcomes.append((time.monotonic(), "refused"))
+                return
+            with s:
+                while not self.stop.is_set():
+                    end = self._one(s)
+                    self.outcomes.append((time.monotonic(), end))
+                    if end != "200":
+                        break
+
+    def _one(self, s: socket.socket) -> str:
+        try:
+            s.sendall(self.request)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = s.recv(65536)
+                if not chunk:
+                    return "unanswered"
+                data += chunk
+            head, rest = data.split(b"\r\n\r\n", 1)
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            while len(rest) < length:
+                chunk = s.recv(65536)
+                if not chunk:
+                    return "unanswered"
+                rest += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            return "reset"
+        except TimeoutError:
+            return "unanswered"
+        status = head.split(b" ", 2)[1].decode()
+        if b"connection: close" in head.lower():
+            return f"{status}-close" if status != "200" else "200-close"
+        return status
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_under_load_answers_every_request_sent_and_exits_0_within_the_drain(served, workers):
+    body = json.dumps({"pixels": [0] * 784}).encode()
+    request = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+               % (len(body), body))
+    drain = 6.0
+    with serve_process(served, "--workers", workers, "--drain-timeout", str(drain), "--log-level", "info") as (url, proc):
+        stop = threading.Event()
+        clients = [_Client(url, request, stop) for _ in range(32)]
+        for c in clients:
+            c.start()
+        time.sleep(1.5)  # under load
+        t_signal = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(drain + 10)
+        finally:
+            exited = time.monotonic() - t_signal
+            stop.set()
+            for c in clients:
+                c.join(35)
+        log = proc.log_path.read_text()
+    outcomes = [o for c in clients for o in c.outcomes]
+    counts = {k: sum(1 for _, o in outcomes if o == k) for k in {o for _, o in outcomes}}
+    before = sum(1 for t, o in outcomes if t < t_signal and o.startswith("200"))
+    after = sum(1 for t, o in outcomes if t >= t_signal and o.startswith("200"))
+    assert before > 32 and after > 0, counts  # load before the signal; requests in flight answered after it
+    bad = {k: v for k, v in counts.items() if k not in ("200", "200-close", "503-close", "refused")}
+    assert not bad, f"requests already sent were not answered cleanly: {counts}"
+    assert rc == 0, log
+    assert exited < drain + 3, f"exited {exited:.1f} s after SIGTERM with --drain-timeout {drain}"
+    assert "Traceback" not in log, log
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a Linux socket filter")
+def test_stop_accepting_drops_new_handshakes_and_waits_for_the_queued_ones():
+    # Closing a listening socket resets the connections queued on it, whose clients have sent their
+    # requests; stop_accepting first stops new handshakes, then waits until the queue is taken.
+    import select
+
+    from mnist_deploy.serve.connections import _queued, stop_accepting
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    addr = listener.getsockname()
+    queued = [socket.create_connection(addr, timeout=5) for _ in range(3)]
+    for s in queued:
+        s.sendall(GET_HEALTH)
+    time.sleep(0.05)
+    assert _queued(listener) == 3
+
+    async def scenario():
+        waiting = asyncio.create_task(stop_accepting([listener], timeout=5))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # the queue is not empty yet
+        late = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        late.setblocking(False)
+        late.connect_ex(addr)
+        await asyncio.sleep(0.3)
+        connected = bool(select.select([], [late], [], 0)[1])
+        accepted = [listener.accept()[0] for _ in range(3)]  # what the event loop's accept callback does
+        return await waiting, connected, accepted, late
+
+    done, late_connected, accepted, late = asyncio.run(scenario())
+    try:
+        assert done is True
+        assert not late_connected, "a new connection was let in after stop_accepting"
+        assert all(a.recv(1024) == GET_HEALTH for a in accepted)  # the queued requests, intact
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    finally:
+        for s in [*queued, *accepted, late, listener]:
+            s.close()

@@ -1,8 +1,10 @@
-"""Package an exported ONNX artifact for a cluster: a Triton model repository and a KServe InferenceService.
+"""Package an exported ONNX artifact for a cluster: a Triton model repository, a KServe InferenceService,
+and a Kubernetes Deployment + Service for this server (:mod:`.kubernetes`).
 
     <out>/model_repository/<name>/config.pbtxt     Triton's model configuration (text protobuf)
     <out>/model_repository/<name>/<version>/model.onnx
     <out>/inferenceservice.yaml                    KServe v1beta1, modelFormat onnx, protocol v2
+    <out>/deployment.yaml                          a Deployment and a Service running `mnist-deploy serve`
 
 The ONNX file is the one the manifest vouches for (its sha256 is checked before it is copied, and
 the copy is checked again), so a package never carries a file that the parity gate did not pass.
@@ -24,20 +26,25 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .artifacts.files import atomic_write_text, fsync_dir, sha256_file
-from .artifacts.manifest import load_manifest, manifest_path
-from .errors import ExportError, InputError, IntegrityError, ManifestError
-from .formats import artifact_path, written_as
+from ..artifacts.files import atomic_write_text, fsync_dir, sha256_file
+from ..artifacts.manifest import load_manifest, manifest_path
+from ..errors import ExportError, InputError, IntegrityError, ManifestError
+from ..formats import artifact_path, written_as
+from .kubernetes import (
+    IMAGE_PLACEHOLDER,
+    NAME,
+    STORAGE_URI_PLACEHOLDER,
+    check_image,
+    deployment,
+    inference_service,
+)
 
-__all__ = ["PackageConfig", "PackageResult", "TensorSpec", "onnx_tensor_specs", "package_artifacts"]
+__all__ = ["PackageConfig", "PackageResult", "TensorSpec", "onnx_tensor_specs", "package_artifacts", "triton_config"]
 
 # The registry's formats that Triton's onnxruntime backend runs: those written as .onnx files.
 ONNX_FORMATS = written_as(".onnx")
 INSTANCE_KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU", "auto": "KIND_AUTO"}
-STORAGE_URI_PLACEHOLDER = "s3://YOUR-BUCKET/PATH/TO/model_repository"
-# A Kubernetes object name (RFC 1123 label); also a valid Triton model (directory) name. Always used
-# with fullmatch: "$" also matches before a trailing newline, and "mlp\n" passed the check once.
-_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_NAME = NAME
 # Triton's ModelConfig field types (model_config.proto): a value outside them makes Triton refuse the
 # config ("Value out of range"). version is int64 and names a folder, so at least 1.
 _INT32_MAX, _INT64_MAX, _UINT64_MAX = 2**31 - 1, 2**63 - 1, 2**64 - 1
@@ -46,6 +53,7 @@ _RANGES = {  # PackageConfig field -> (option, least, most)
     "max_batch_size": ("--max-batch-size", 1, _INT32_MAX),  # int32
     "instances": ("--instances", 1, _INT32_MAX),  # instance_group.count: int32
     "max_queue_delay_us": ("--max-queue-delay-us", 0, _UINT64_MAX),  # max_queue_delay_microseconds: uint64
+    "replicas": ("--replicas", 1, _INT32_MAX),  # a Deployment's replicas: int32
 }
 # A KServe storageUri: a scheme (s3, gs, pvc, https, ...) and a path, with no spaces or control characters.
 _STORAGE_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\x00-\x20\x7f]+")
@@ -75,6 +83,10 @@ class PackageConfig:
     instance_kind: str = "cpu"  # cpu | gpu | auto
     storage_uri: str = STORAGE_URI_PLACEHOLDER
     overwrite: bool = False
+    # the Deployment of this server (deployment.yaml)
+    image: str = IMAGE_PLACEHOLDER
+    replicas: int = 1
+    drain_timeout: float = 30.0  # serve's --drain-timeout; the pod's grace period is set above it
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,7 @@ class PackageResult:
     config_path: Path
     model_path: Path
     inference_service_path: Path
+    deployment_path: Path
     sha256: str
     size_bytes: int
     inputs: list[TensorSpec] = field(default_factory=list)
@@ -155,6 +168,10 @@ def _check_config(cfg: PackageConfig) -> None:
         raise InputError(f"preferred batch sizes {bad} must lie in 1..{cfg.max_batch_size} (the max batch size)")
     if cfg.instance_kind not in INSTANCE_KINDS:
         raise InputError(f"instance kind '{cfg.instance_kind}' is not one of {', '.join(INSTANCE_KINDS)}")
+    check_image(cfg.image)
+    if isinstance(cfg.drain_timeout, bool) or not isinstance(cfg.drain_timeout, int | float) \
+            or not 0.1 <= cfg.drain_timeout <= 3600:
+        raise InputError(f"--drain-timeout must be a number of seconds in 0.1..3600, got {cfg.drain_timeout!r}")
     if not isinstance(cfg.storage_uri, str) or not _STORAGE_URI.fullmatch(cfg.storage_uri):
         raise InputError(f"--storage-uri {cfg.storage_uri!r} is not a storage URI (SCHEME://PATH, e.g. "
                          "s3://bucket/model_repository, with no spaces or control characters)")
@@ -210,35 +227,6 @@ def triton_config(*, name: str, cfg: PackageConfig, inputs: list[TensorSpec], ou
     return "\n".join(lines) + "\n"
 
 
-def inference_service(*, name: str, cfg: PackageConfig) -> str:
-    """A KServe ``InferenceService`` (serving.kserve.io/v1beta1) for the repository, as YAML text.
-
-    Written by PyYAML from a dict, never by formatting strings: a value is always one scalar, however
-    it is spelled (a storage URI with quotes and a newline once injected a ``runtime`` key)."""
-    import yaml
-
-    doc = {
-        "apiVersion": "serving.kserve.io/v1beta1",
-        "kind": "InferenceService",
-        "metadata": {"name": name},
-        "spec": {"predictor": {"model": {
-            "modelFormat": {"name": "onnx"},
-            "protocolVersion": "v2",
-            "storageUri": cfg.storage_uri,
-            "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
-        }}},
-    }
-    if not isinstance(name, str) or not _NAME.fullmatch(name):  # it is also written into the comments
-        raise InputError(f"model name {name!r} is not a valid Kubernetes name")
-    header = (
-        f"# Written by `mnist-deploy package`. Upload the model_repository folder (the one holding {name}/)\n"
-        "# to storage your cluster can read, set storageUri to it, then `kubectl apply -f` this file.\n"
-        "# KServe picks its Triton runtime for modelFormat onnx with protocol v2; the model is then at\n"
-        f"# /v2/models/{name} on the service's URL.\n"
-    )
-    return header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, allow_unicode=False)
-
-
 @contextlib.contextmanager
 def _staging(parent: Path):
     parent.mkdir(parents=True, exist_ok=True)
@@ -249,9 +237,9 @@ def _staging(parent: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _commit(stage: Path, model_dir: Path, final: Path, staged_isvc: Path, isvc: Path) -> None:
-    """Move the staged model folder and YAML into place as one unit: if the YAML cannot be moved, the
-    model folder is put back as it was (none, or the previous one)."""
+def _commit(stage: Path, model_dir: Path, final: Path, staged: dict[Path, Path]) -> None:
+    """Move the staged model folder and YAML files (staged path -> final path) into place as one unit: if
+    a YAML file cannot be moved, the model folder is put back as it was (none, or the previous one)."""
     old = None
     if final.exists():  # overwrite: swap the old folder out, the new one in, then drop the old
         old = stage / ".old"
@@ -259,7 +247,8 @@ def _commit(stage: Path, model_dir: Path, final: Path, staged_isvc: Path, isvc: 
     try:
         os.replace(model_dir, final)
         try:
-            os.replace(staged_isvc, isvc)
+            for src, dst in staged.items():
+                os.replace(src, dst)
         except BaseException:
             os.replace(final, stage / ".failed")  # removed with the staging folder
             raise
@@ -315,12 +304,15 @@ def package_artifacts(*, artifacts: str | os.PathLike = "artifacts", out: str | 
         text = triton_config(name=name, cfg=cfg, inputs=inputs, outputs=outputs, sha256=sha,
                              source=f"{manifest_path(folder)} ({cfg.format})")
         (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
-        staged_isvc = stage / "inferenceservice.yaml"
-        atomic_write_text(staged_isvc, inference_service(name=name, cfg=cfg))
-        _commit(stage, model_dir, final, staged_isvc, isvc)
+        staged = {stage / "inferenceservice.yaml": isvc, stage / "deployment.yaml": out / "deployment.yaml"}
+        atomic_write_text(stage / "inferenceservice.yaml", inference_service(name=name, cfg=cfg))
+        atomic_write_text(stage / "deployment.yaml", deployment(
+            name=name, image=cfg.image, replicas=cfg.replicas, drain_timeout=cfg.drain_timeout, runtime=cfg.format))
+        _commit(stage, model_dir, final, staged)
         fsync_dir(repository)
         fsync_dir(out)
     model_file = final / str(cfg.version) / "model.onnx"
     return PackageResult(name=name, version=cfg.version, repository=repository, config_path=final / "config.pbtxt",
-                         model_path=model_file, inference_service_path=isvc, sha256=sha,
+                         model_path=model_file, inference_service_path=isvc,
+                         deployment_path=out / "deployment.yaml", sha256=sha,
                          size_bytes=model_file.stat().st_size, inputs=inputs, outputs=outputs)
