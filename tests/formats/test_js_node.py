@@ -222,6 +222,28 @@ def test_a_bad_request_is_one_error_and_the_runner_goes_on(node_exported):
         predictor.close()
 
 
+def test_a_file_onnxruntime_node_refuses_is_one_load_error(tmp_path):
+    """A well-formed ONNX file (the onnx library reads it) that ONNX Runtime cannot load: refused by the
+    Node runner's hello frame, in one line naming the file, and no process is left running."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from mnist_deploy.formats import LoadError
+
+    _needs_node()
+    graph = helper.make_graph([helper.make_node("NoSuchOp", ["input"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 784])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])])
+    path = tmp_path / "bad.onnx"
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9  # what our exporter writes; onnxruntime-node 1.30 reads IR versions up to 13
+    onnx.save(model, str(path))
+    with pytest.raises(LoadError) as info:
+        load_predictor("onnx-node", path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: the Node runner cannot load it (") and "NoSuchOp" in msg and "\n" not in msg
+
+
 def test_missing_node_is_a_skipped_row_with_the_reason(node_exported, tmp_path, monkeypatch, mnist_dir, cache_dir):
     from mnist_deploy.bench.run import run_bench
 
