@@ -1,13 +1,15 @@
-"""Harness fidelity for the C++ rows: batch-1 p50 of `mnist-deploy bench`'s torchscript-cpp / aoti-cpp rows
-against a bare C++ loop over the same calls.
+"""Harness fidelity for the runner rows: batch-1 p50 of `mnist-deploy bench`'s torchscript-cpp / aoti-cpp /
+onnxruntime-node rows against a bare loop in the same language over the same calls.
 
-The bench drives the runner as a persistent subprocess (mnist_deploy.formats.native) and has it time
-its own loop; the bare loop is the runner's one-shot `bench` mode in a fresh process: the same file
-(sha256-checked), the same real test image, the same threads, per-call steady_clock around the call
-(`p50`), and also one clock read at each end of the loop (`mean`), which shows what reading the clock
-per call costs. Alternating --repeats times so drift hits both.
+The bench drives the runner as a persistent subprocess (mnist_deploy.formats.framed: the C++ runner,
+the Node runner) and has it time its own loop; the bare loop is the runner's one-shot `bench` mode in
+a fresh process: the same file (sha256-checked), the same real test image, the same threads, per-call
+clock reads around the call (`p50`; steady_clock in C++, process.hrtime.bigint around
+`await session.run` in Node), and also one clock read at each end of the loop (`mean`), which shows
+what reading the clock per call costs. Alternating --repeats times so drift hits both.
 
     python benchmarks/bench_native.py --artifacts artifacts --data-dir ../shared/data/mnist
+    python benchmarks/bench_native.py --runtimes onnxruntime-node --artifacts artifacts
 
 Target: the bench's p50 within 10% of the bare loop's (as benchmarks/bench_fidelity.py for ONNX Runtime).
 """
@@ -21,17 +23,30 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 
 KINDS = {"torchscript-cpp": "torchscript", "aoti-cpp": "aoti"}
 
 
-def bare_loop(exe: Path, kind: str, model: str, x_path: str, shape: str, threads: int, warmup: int,
+def bare_command(runtime: str) -> list[str]:
+    """The one-shot `bench` command of the runner behind ``runtime`` (the options follow)."""
+    if runtime == "onnxruntime-node":
+        from mnist_deploy.formats.js_node import RUNNER, js_dir, probe
+
+        found = probe()
+        if isinstance(found, str):
+            sys.exit(f"{runtime}: {found}")
+        return [found["node_path"], str(js_dir() / RUNNER), "bench"]
+    from mnist_deploy.formats.native import ensure_runner
+
+    return [str(ensure_runner(progress=print)), "bench", "--kind", KINDS[runtime]]
+
+
+def bare_loop(command: list[str], model: str, x_path: str, shape: str, threads: int, warmup: int,
               min_time: float) -> dict:
     """The runner's own one-shot bench in a fresh process: JSON with p50_ms and bare_loop_mean_ms."""
-    out = subprocess.run([str(exe), "bench", "--kind", kind, "--model", model, "--input", x_path,
+    out = subprocess.run([*command, "--model", model, "--input", x_path,
                           "--shape", shape, "--threads", str(threads), "--warmup", str(warmup),
                           "--min-time", str(min_time), "--min-calls", "20"],
                          check=True, capture_output=True, text=True, timeout=600).stdout
@@ -42,7 +57,7 @@ def main() -> None:
     from mnist_deploy.artifacts.manifest import load_manifest, verified_path
     from mnist_deploy.bench.run import default_threads, run_bench
     from mnist_deploy.data.mnist import load_splits
-    from mnist_deploy.formats.native import ensure_runner
+    from mnist_deploy.formats import resolve
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifacts", default="artifacts")
@@ -55,7 +70,6 @@ def main() -> None:
     args = ap.parse_args()
 
     manifest = load_manifest(args.artifacts)
-    exe = ensure_runner(progress=print)
     splits, _ = load_splits(args.data_dir, allow_download=False)
     input_shape = tuple(manifest["model"]["input_shape"])
     x = np.ascontiguousarray(splits["test"].images.numpy()[:1].reshape(1, *input_shape), dtype=np.float32)
@@ -64,10 +78,11 @@ def main() -> None:
         fh.write(x.tobytes())
         x_path = fh.name
     print(f"batch 1, {args.threads} threads, {args.min_time} s per measurement, {args.repeats} alternating "
-          f"repeats, runner {exe}, python {sys.version.split()[0]}")
+          f"repeats, python {sys.version.split()[0]}")
     try:
         for runtime in [r.strip() for r in args.runtimes.split(",") if r.strip()]:
-            model = str(verified_path(args.artifacts, runtime, manifest))
+            model = str(verified_path(args.artifacts, resolve(runtime).key, manifest))
+            command = bare_command(runtime)
             rows = []
             for _ in range(args.repeats):
                 result = run_bench(artifacts=args.artifacts, runtimes=runtime, batch_sizes="1", device="cpu",
@@ -76,7 +91,7 @@ def main() -> None:
                 row = result["records"][0]
                 if row["status"] != "ok":
                     sys.exit(f"{runtime}: {row['status']}: {row['reason']}")
-                bare = bare_loop(exe, KINDS[runtime], model, x_path, shape, args.threads, args.warmup, args.min_time)
+                bare = bare_loop(command, model, x_path, shape, args.threads, args.warmup, args.min_time)
                 rows.append((row["p50_ms"], row["n_calls"], bare["p50_ms"], bare["n_calls"], bare["bare_loop_mean_ms"]))
             print(f"\n{runtime}")
             print(f"{'repeat':<8}{'bench p50 (ms)':>16}{'calls':>9}{'bare p50 (ms)':>16}{'calls':>9}"

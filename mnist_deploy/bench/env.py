@@ -101,6 +101,7 @@ def collect_environment(threads: int, devices: Sequence[str] = ("cpu",)) -> dict
             env[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             env[pkg] = None
+    env["runtime_versions"] = runtime_versions()
     env["cpu_int8_path"] = _safe(_int8_path)  # VNNI / AVX512 / AVX2 / ARM-dotprod / ...: where INT8 rows ran
     env["torch_cpu_capability"] = _safe(lambda: torch.backends.cpu.get_cpu_capability())
     env["torch_parallel"] = _safe(lambda: torch.__config__.parallel_info().splitlines()[-1].split(":")[-1].strip())
@@ -110,6 +111,14 @@ def collect_environment(threads: int, devices: Sequence[str] = ("cpu",)) -> dict
     env["cuda"] = torch.version.cuda
     env.update(_git())
     return env
+
+
+def runtime_versions() -> dict:
+    """{runtime: versions} of the registered runtimes that are not Python packages (node, onnxruntime-node),
+    as each entry's ``versions()`` reports them; {} for one that is not available here."""
+    from ..formats import FORMATS
+
+    return {f.runtime: _safe(f.versions) or {} for f in FORMATS.values() if f.versions is not None}
 
 
 def _int8_path() -> dict:
@@ -137,4 +146,5 @@ def _git() -> dict:
     return {"git_commit": commit or None, "git_dirty": bool(dirty)}
 
 
-__all__ = ["collect_environment", "cpu_snapshot", "default_threads", "loadavg", "other_cpu_percent", "run_warnings"]
+__all__ = ["collect_environment", "cpu_snapshot", "default_threads", "loadavg", "other_cpu_percent", "run_warnings",
+           "runtime_versions"]

@@ -193,6 +193,8 @@ class Format:
     # bench puts that note on the runtime's rows.
     cold_start: Callable[[], Callable[[], str]] | None = None
     source: str = ""  # "state_dict": runs the trained weights, nothing to export
+    copy_of: str = ""  # the format whose file this one runs in another runtime (not offered where that file is)
+    versions: Callable[[], dict] | None = None  # versions of a runtime that is not a Python package (Node)
     deprecated: str = ""
     aliases: tuple[str, ...] = ()
 
@@ -321,8 +323,9 @@ def exportable() -> tuple[str, ...]:
 
 
 def written_as(suffix: str) -> tuple[str, ...]:
-    """The formats whose main file ends with ``suffix`` (``.onnx``: what ONNX consumers such as Triton run)."""
-    return tuple(n for n, f in FORMATS.items() if f.files and f.files[0].endswith(suffix))
+    """The formats whose main file ends with ``suffix`` (``.onnx``: what ONNX consumers such as Triton run);
+    a copy of another format's file (``copy_of``) is left out, as its original is there."""
+    return tuple(n for n, f in FORMATS.items() if f.files and f.files[0].endswith(suffix) and not f.copy_of)
 
 
 def packages() -> tuple[str, ...]:

@@ -6,10 +6,10 @@ The build lands in ``$MNIST_DEPLOY_NATIVE_CACHE``, else ``$MNIST_DEPLOY_CACHE/na
 version and the platform, so a build happens once per source and torch and never again; a build
 that fails is one line naming the compiler's first error (and is not retried in the same process).
 
-The protocol is the framed one documented at the top of ``runner.cpp``: one process per loaded model,
-so the parity gate's 10,000 batch-1 calls are 10,000 round trips through a pipe, not 10,000 process
-starts. The runner also times its own calls (``time_calls``), which the bench uses instead of timing
-the pipe.
+The protocol is the framed one documented at the top of ``runner.cpp``, driven by :mod:`.framed`
+(shared with the Node runner): one process per loaded model, so the parity gate's 10,000 batch-1
+calls are 10,000 round trips through a pipe, not 10,000 process starts. The runner also times its
+own calls (``time_calls``), which the bench uses instead of timing the pipe.
 """
 
 from __future__ import annotations
@@ -18,24 +18,20 @@ import hashlib
 import os
 import platform
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import MnistDeployError, RuntimeUnavailable
-from .base import LoadError, Predictor
+from .framed import FramedPredictor, RunnerError
 
 SOURCE_ENV = "MNIST_DEPLOY_NATIVE_SRC"  # a folder with CMakeLists.txt and runner.cpp (default: native/)
 CACHE_ENV = "MNIST_DEPLOY_NATIVE_CACHE"
 SOURCES = ("CMakeLists.txt", "runner.cpp")
 RUNNER = "mnist_runner"
 BUILD_TIMEOUT_S = 1800
-_OP_QUIT, _OP_RUN, _OP_TIME = 0, 1, 2
 
 _lock = threading.Lock()
 _built: dict[str, Path | NativeBuildError] = {}  # cache key -> runner, or the failure (never retried in-process)
@@ -47,7 +43,7 @@ class NativeBuildError(MnistDeployError):
     exit_code = 1
 
 
-class NativeError(MnistDeployError):
+class NativeError(RunnerError):
     """The C++ runner refused a request or died."""
 
     exit_code = 1
@@ -207,128 +203,26 @@ def first_error(log: str) -> str:
 # Running.
 
 
-class NativePredictor(Predictor):
+class NativePredictor(FramedPredictor):
     """A model loaded by the C++ runner in its own process (``torch::jit::load`` or
-    ``AOTIModelPackageLoader``); calls are framed requests over its stdin/stdout.
+    ``AOTIModelPackageLoader``); calls are framed requests over its stdin/stdout (:mod:`.framed`).
 
     ``time_calls`` has the runner time its own loop (warm-up, then per-call steady_clock ns until
     ``min_time`` and ``min_calls``), which is what a C++ service would see; the bench uses it in
     place of timing ``run`` from Python.
     """
 
+    what = "the C++ runner"
+    error = NativeError
+
     def __init__(self, path: Path, kind: str, runtime: str, threads: int | None = None) -> None:
         exe = ensure_runner()
         self.runtime = runtime
         self.device = "cpu"
-        self._lock = threading.Lock()
-        self._stderr = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(
-            [str(exe), "serve", "--kind", kind, "--model", str(path), "--threads", str(threads or 0)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
-        try:
-            status, text = self._read_status()
-        except NativeError as exc:
-            self.close()
-            raise LoadError(f"{path}: the C++ runner cannot load it ({exc})") from None
-        if status != 0:
-            self.close()
-            raise LoadError(f"{path}: the C++ runner cannot load it ({text})")
-        import json
-
-        info = json.loads(text)
+        info = self._start([str(exe), "serve", "--kind", kind, "--model", str(path), "--threads", str(threads or 0)],
+                           path)
         self.details = {"precision": "f32", "threads": info.get("threads"), "runner": str(exe),
                         "timed_by": "the C++ runner (steady_clock around each call)"}
-
-    # -- framing
-    def _read(self, n: int) -> bytes:
-        data = self._proc.stdout.read(n) if n else b""
-        if len(data) != n:
-            code = self._proc.poll()
-            raise NativeError(f"the C++ runner died (exit {code}): {self._stderr_tail()}")
-        return data
-
-    def _read_status(self) -> tuple[int, str]:
-        status, n = struct.unpack("<II", self._read(8))
-        return status, self._read(n).decode("utf-8", "replace")
-
-    def _stderr_tail(self) -> str:
-        try:
-            self._stderr.seek(0)
-            lines = [ln for ln in self._stderr.read().decode("utf-8", "replace").splitlines() if ln.strip()]
-        except (OSError, ValueError):
-            lines = []
-        return lines[-1].strip() if lines else "no message"
-
-    def _send(self, op: int, x: np.ndarray, extra: bytes = b"") -> None:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        header = struct.pack(f"<II{x.ndim}q", op, x.ndim, *x.shape)
-        try:
-            self._proc.stdin.write(header)
-            self._proc.stdin.write(memoryview(x).cast("B"))
-            if extra:
-                self._proc.stdin.write(extra)
-            self._proc.stdin.flush()
-        except (BrokenPipeError, ValueError):
-            raise NativeError(f"the C++ runner died (exit {self._proc.poll()}): {self._stderr_tail()}") from None
-
-    def _reply(self) -> None:
-        (status,) = struct.unpack("<I", self._read(4))
-        if status != 0:
-            (n,) = struct.unpack("<I", self._read(4))
-            raise NativeError(f"the C++ runner: {self._read(n).decode('utf-8', 'replace')}")
-
-    # -- the Predictor signature
-    def prepare(self, x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(x, dtype=np.float32)
-
-    def run(self, prepared: np.ndarray) -> np.ndarray:
-        with self._lock:
-            self._send(_OP_RUN, prepared)
-            self._reply()
-            (ndim,) = struct.unpack("<I", self._read(4))
-            shape = struct.unpack(f"<{ndim}q", self._read(8 * ndim))
-            count = int(np.prod(shape))
-            return np.frombuffer(self._read(4 * count), dtype=np.float32).reshape(shape)
-
-    def finish(self, out: np.ndarray) -> np.ndarray:
-        return out
-
-    def time_calls(self, prepared: np.ndarray, *, warmup: int, min_time: float, min_calls: int,
-                   sync=None) -> np.ndarray:
-        """Per-call ns of the runner's own loop over ``prepared`` (the bench's timing hook)."""
-        with self._lock:
-            self._send(_OP_TIME, prepared, struct.pack("<QQq", warmup, min_calls, int(min_time * 1e9)))
-            self._reply()
-            (n,) = struct.unpack("<Q", self._read(8))
-            return np.frombuffer(self._read(8 * n), dtype=np.int64).copy()
-
-    def close(self) -> None:
-        proc = getattr(self, "_proc", None)
-        if proc is None:
-            return
-        self._proc = None
-        try:
-            if proc.poll() is None:
-                try:
-                    proc.stdin.write(struct.pack("<I", _OP_QUIT))
-                    proc.stdin.close()
-                except (BrokenPipeError, ValueError, OSError):
-                    pass
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        finally:
-            if proc.stdout:
-                proc.stdout.close()
-            self._stderr.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001  (interpreter shutdown)
-            pass
 
 
 __all__ = ["NativeBuildError", "NativeError", "NativePredictor", "build_tools_missing", "cache_root",
