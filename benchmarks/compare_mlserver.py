@@ -277,11 +277,11 @@ def write_repository(root: Path, artifacts: Path, http_port: int, grpc_port: int
     """MLServer's settings.json and <model>/model-settings.json under ``root``; returns (name, version)."""
     from mnist_deploy.artifacts.manifest import load_manifest
     from mnist_deploy.data.mnist import manifest_normalization
-    from mnist_deploy.serve import v2
+    from mnist_deploy.serve import v2_core
 
     manifest = load_manifest(artifacts)
-    shim = SimpleNamespace(manifest=manifest)  # v2's helpers read only .manifest
-    name, version = v2.model_name(shim), v2.model_version(shim)
+    shim = SimpleNamespace(manifest=manifest)  # v2_core's helpers read only .manifest
+    name, version = v2_core.base_name(shim), v2_core.model_version(shim)
     input_shape = [int(d) for d in manifest["model"].get("input_shape", [784])]
     settings = {"host": "127.0.0.1", "http_port": http_port, "grpc_port": grpc_port, "metrics_endpoint": None,
                 "parallel_workers": 0, "debug": False, "server_name": "mlserver"}

@@ -142,8 +142,7 @@ def test_sigterm_drains_keep_alive_clients_without_a_reset(served, mnist_dir):
     with serve_process(served, "--workers", "2", "--drain-timeout", "10", "--log-level", "info") as (url, proc):
         socks = [_open(url, GET_HEALTH) for _ in range(16)]  # 16 kept-alive clients, each answered once
         for s in socks:
-            first, _ = _responses_until_one(s)
-            assert first.startswith(b"HTTP/1.1 200"), first
+            _until_ready(s)
         for s in socks[:8]:
             s.sendall(post)  # sent, and then the signal
         proc.send_signal(signal.SIGTERM)
@@ -169,6 +168,19 @@ def test_sigterm_drains_keep_alive_clients_without_a_reset(served, mnist_dir):
     assert all(answers == [] for answers, _ in ended[12:])
     assert rc == 0, log
     assert "Traceback" not in log, log
+
+
+def _until_ready(s: socket.socket, timeout: float = 20.0) -> None:
+    """Read the answer to the GET /health already sent on ``s``, and ask again until it is 200: each kept-alive
+    connection stays with one worker, and each worker turns ready only after its own warm-up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        head, _ = _responses_until_one(s)
+        if head.startswith(b"HTTP/1.1 200"):
+            return
+        assert head.startswith(b"HTTP/1.1 503") and time.monotonic() < deadline, head
+        time.sleep(0.05)
+        s.sendall(GET_HEALTH)
 
 
 def _responses_until_one(s: socket.socket) -> tuple[bytes, bytes]:
