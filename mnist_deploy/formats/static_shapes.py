@@ -8,9 +8,11 @@ against 0.05 ms of a 1 ms call at batch 1024 on a 2-core EPYC; docs/int8.md). A 
 - a shape gets its own compile on its ``min_calls``-th call (2 by default): one-off shapes (the last
   chunk of a parity pass, a bench's cold-start call) stay on the dynamic model;
 - at most ``capacity`` compiled shapes are kept; when all are taken, a new shape replaces the least
-  recently used one only if that one has not been called in the last ``idle_calls`` calls. A server's
-  dynamic batcher sends many batch sizes: a steady mix of more sizes than ``capacity`` then settles
-  (the busiest keep theirs, the rest run on the dynamic model) instead of recompiling on every call;
+  recently used one only if that one has not been called in the last ``idle_calls`` calls, and at
+  most once per ``idle_calls`` calls. A server's dynamic batcher sends many batch sizes: a steady mix
+  of more sizes than ``capacity`` then settles (the first to be called twice keep theirs, the rest run
+  on the dynamic model) instead of recompiling on every call, and whatever the mix, compiles cost at
+  most one compile per ``idle_calls`` calls once the slots are full (30 ms / 1,024: 30 us a call);
 - a shape whose compile failed is not tried again (the dynamic model answers it, or says why not).
 
 Not thread-safe, like the single infer request each predictor holds: callers serialize their calls.
@@ -27,7 +29,7 @@ from ..errors import first_line
 
 CAPACITY = 8  # compiled shapes kept per predictor
 MIN_CALLS = 2  # a shape's call on which it gets its own compile
-IDLE_CALLS = 256  # a cached shape unused for this many calls may be replaced
+IDLE_CALLS = 1024  # a cached shape unused this long may be replaced, at most once per as many calls
 _MAX_TRACKED = 4096  # shapes counted while not compiled; the count restarts beyond (a bound, not a policy)
 
 
@@ -48,6 +50,7 @@ class StaticShapes:
         self._last: dict[tuple[int, ...], int] = {}  # compiled shape -> the call number of its last call
         self._seen: dict[tuple[int, ...], int] = {}  # shape not compiled -> its calls so far
         self._calls = 0
+        self._last_compile = 0  # the call number of the last compile
 
     def describe(self) -> str:
         if self.capacity == 0:
@@ -79,16 +82,18 @@ class StaticShapes:
             return None
         self.compile_ms.append((time.perf_counter_ns() - t0) / 1e6)
         self.compiles += 1
+        self._last_compile = self._calls
         self.models[shape] = model
         self._last[shape] = self._calls
         return model
 
     def _make_room(self) -> bool:
-        """True when a new shape may be compiled: a free slot, or a least recently used one gone idle."""
+        """True when a new shape may be compiled: a free slot, or a least recently used one gone idle and
+        no compile within the last ``idle_calls`` calls."""
         if len(self.models) < self.capacity:
             return True
         oldest = next(iter(self.models))
-        if self._calls - self._last[oldest] <= self.idle_calls:
+        if min(self._calls - self._last[oldest], self._calls - self._last_compile) <= self.idle_calls:
             return False
         del self.models[oldest], self._last[oldest]
         return True

@@ -60,6 +60,16 @@ def test_a_shape_gone_idle_makes_room_for_a_new_one():
     assert set(cache.models) == {(1,), (3,)} and cache.compiles == 3
 
 
+def test_once_full_at_most_one_compile_per_idle_calls_whatever_the_mix():
+    compiler = _Compiler()
+    cache = StaticShapes(compiler, capacity=2, idle_calls=10)
+    shapes = [(n,) for n in range(1, 101)]  # 100 sizes in turn: every cached one goes idle before it returns
+    for shape in itertools.islice(itertools.cycle(shapes), 1000):
+        cache.get(shape)
+    assert len(cache.models) <= 2
+    assert 2 < cache.compiles <= 2 + 1000 // 11  # replacements happen, but never more than one per 11 calls
+
+
 def test_a_failed_compile_falls_back_and_is_not_retried():
     compiler = _Compiler(fail={(4, 784)})
     cache = StaticShapes(compiler, capacity=2)
