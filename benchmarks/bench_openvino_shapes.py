@@ -2,6 +2,7 @@
 batch 1024, the compile a new shape costs, and a dynamic batcher's variable sizes, in one run.
 
     python benchmarks/bench_openvino_shapes.py --artifacts artifacts [--threads 2] [--calls 500] [--repeats 3]
+                                               [--sections 1 2 3] [--concurrency 16 64] [--trace 10000]
 
 The artifacts folder needs the `openvino` and `openvino-int8` exports (sha256-checked here).
 
@@ -13,9 +14,10 @@ The artifacts folder needs the `openvino` and `openvino-int8` exports (sha256-ch
    only) against the default (a static compile per batch size), PERF_COUNT off, alternating; INT8/fp32
    for each, and what compiling one more shape cost (ms per shape).
 3. Variable batch sizes: the serve's DynamicBatcher (max batch 64, no delay) fed by C concurrent callers
-   of one real digit, for the INT8 predictor with and without static shapes (1 thread, as a server
-   worker); and 4,000 calls at batch sizes drawn uniformly from 1-64 (the worst case for a per-shape
-   cache: more sizes than slots, none dominant), timed whole, compiles included.
+   of one real digit, each pausing a random time (exponential, mean ``--think-us``) between requests
+   so batch sizes vary, for the INT8 predictor with and without static shapes (1 thread, as a server
+   worker); and ``--trace`` calls at batch sizes drawn uniformly from 1-64 (the worst case for a
+   per-shape cache: more sizes than slots, none dominant), timed whole, compiles included, and without.
 Target (issue 17): INT8 at least 2x fp32 images/s at batch 1024 where the CPU has VNNI.
 """
 
@@ -127,7 +129,7 @@ def _through_predictor(paths: dict, threads: int, x: np.ndarray, calls: int, rep
           f"max {max(compile_ms):.1f} ms over {len(compile_ms)} compiles")
 
 
-async def _batched(predictor, x1: np.ndarray, concurrency: int, seconds: float) -> dict:
+async def _batched(predictor, x1: np.ndarray, concurrency: int, seconds: float, think_us: float) -> dict:
     from mnist_deploy.serve.batching import DynamicBatcher
 
     sizes: list[int] = []
@@ -135,14 +137,16 @@ async def _batched(predictor, x1: np.ndarray, concurrency: int, seconds: float) 
     latencies: list[int] = []
     stop = time.perf_counter() + seconds
 
-    async def caller() -> None:
+    async def caller(seed: int) -> None:
+        rng = np.random.default_rng(seed)
         while time.perf_counter() < stop:
+            await asyncio.sleep(rng.exponential(think_us) / 1e6)
             t0 = time.perf_counter_ns()
             await b.infer(x1)
             latencies.append(time.perf_counter_ns() - t0)
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    await asyncio.gather(*(caller(i) for i in range(concurrency)))
     elapsed = time.perf_counter() - t0
     await b.close()
     lat = np.array(latencies) / 1e3
@@ -150,28 +154,31 @@ async def _batched(predictor, x1: np.ndarray, concurrency: int, seconds: float) 
             "p99": float(np.percentile(lat, 99)), "sizes": len(set(sizes)), "mean": float(np.mean(sizes))}
 
 
-def _variable(path: str, x: np.ndarray, seconds: float, concurrency: list[int]) -> None:
+def _variable(path: str, x: np.ndarray, seconds: float, concurrency: list[int], think_us: float, trace: int) -> None:
     from mnist_deploy.formats import OpenVINOPredictor
 
-    print(f"\n3. openvino-int8, 1 thread, variable batch sizes ({seconds:g} s per cell, static then dynamic)")
+    print(f"\n3. openvino-int8, 1 thread, variable batch sizes (batcher: {seconds:g} s per cell, think time mean "
+          f"{think_us:g} us; static then dynamic)")
     print("| load | shapes | calls/s | p50 us | p99 us | distinct sizes | mean size | compiles | compile ms total |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for c in concurrency:
         for shape, kw in (("static", {}), ("dynamic", {"static_shapes": 0})):
             p = OpenVINOPredictor(Path(path), "openvino-int8", "f32", threads=1, **kw)
-            r = asyncio.run(_batched(p, x[:1], c, seconds))
+            r = asyncio.run(_batched(p, x[:1], c, seconds, think_us))
             print(f"| batcher, {c} callers | {shape} | {r['rate']:,.0f} | {r['p50']:.0f} | {r['p99']:.0f} | "
                   f"{r['sizes']} | {r['mean']:.1f} | {p.static.compiles} | {sum(p.static.compile_ms):.0f} |",
                   flush=True)
-    sizes = np.random.default_rng(0).integers(1, 65, size=4000)
+    sizes = np.random.default_rng(0).integers(1, 65, size=trace)
     for shape, kw in (("static", {}), ("dynamic", {"static_shapes": 0})):
         p = OpenVINOPredictor(Path(path), "openvino-int8", "f32", threads=1, **kw)
         t0 = time.perf_counter()
         for n in sizes:
             p(x[:n])
         total = time.perf_counter() - t0
-        print(f"| 4,000 calls, sizes uniform 1-64 | {shape} | {len(sizes) / total:,.0f} | - | - | 64 | "
-              f"{sizes.mean():.1f} | {p.static.compiles} | {sum(p.static.compile_ms):.0f} |", flush=True)
+        spent = sum(p.static.compile_ms) / 1e3
+        print(f"| {trace:,} calls, sizes uniform 1-64 | {shape} | {trace / total:,.0f} ({trace / (total - spent):,.0f}"
+              f" without compiles) | - | - | 64 | {sizes.mean():.1f} | {p.static.compiles} | {1e3 * spent:.0f} |",
+              flush=True)
 
 
 def main() -> None:
@@ -189,6 +196,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=3.0, help="per batcher cell")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--think-us", type=float, default=300.0, help="callers' mean pause between requests")
+    ap.add_argument("--trace", type=int, default=10_000, help="calls at uniform random batch sizes")
+    ap.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
     args = ap.parse_args()
 
     import openvino as ov
@@ -199,9 +209,12 @@ def main() -> None:
     x = np.ascontiguousarray(normalize_pixels(raw.arrays["test-images"][:BATCH]), dtype=np.float32)
     print(f"OpenVINO {ov.__version__}, {args.artifacts}, {args.threads} threads, 8-bit path "
           f"{int8_path().get('path')}, load average before {loadavg()}")
-    _per_layer(paths, args.threads, x, args.calls, args.repeats)
-    _through_predictor(paths, args.threads, x, args.calls, args.repeats)
-    _variable(paths["openvino-int8"], x, args.seconds, args.concurrency)
+    if 1 in args.sections:
+        _per_layer(paths, args.threads, x, args.calls, args.repeats)
+    if 2 in args.sections:
+        _through_predictor(paths, args.threads, x, args.calls, args.repeats)
+    if 3 in args.sections:
+        _variable(paths["openvino-int8"], x, args.seconds, args.concurrency, args.think_us, args.trace)
     print(f"\nload average after {loadavg()}")
 
 
