@@ -54,7 +54,7 @@ def test_static_shape_answers_as_the_dynamic_model(ir, name):
     assert list(static.static.models) == [(1024, 784)] and static.static.compiles == 1
     shape = static.static.models[(1024, 784)].get_compiled_model().input(0).get_partial_shape()
     assert shape.is_static and [d.get_length() for d in shape] == [1024, 784]
-    np.testing.assert_array_equal(first, want)
+    _same(first, want, name)
     _same(got, want, name)
     assert dynamic.static.compiles == 0 and not dynamic.static.models and dynamic.details["shapes"] == "dynamic"
     assert static.details["shapes"].startswith("static per batch size")
