@@ -4,7 +4,8 @@ Both measure the same sha256-checked IR (.xml + .bin) in one run, at batch 1024,
 pinned (`-infer_precision f32`), one stream and synchronous requests (what the LATENCY mode the bench's
 predictor uses gives; benchmark_app wants `-hint none` with `-nthreads`) and the same thread count; they
 alternate --repeats times so drift hits both.
-benchmark_app keeps the model's dynamic batch axis (`-data_shape`, not `-shape`), as bench does; its
+benchmark_app reshapes the model to the static batch shape (`-shape`), as the bench's predictor compiles a
+static shape per batch size it is called with repeatedly (benchmarks/bench_openvino_shapes.py); its
 images/s is computed from the iterations and duration it prints (its own FPS figure counts a batch as
 one frame when the model has no layout), and its Throughput line is printed beside.
 
@@ -30,7 +31,7 @@ BATCH = 1024
 def benchmark_app(xml: str, threads: int, seconds: float) -> dict:
     """Run OpenVINO's benchmark_app (shipped in the openvino wheel) and parse what it reports."""
     exe = shutil.which("benchmark_app") or str(Path(sys.executable).with_name("benchmark_app"))
-    cmd = [exe, "-m", xml, "-d", "CPU", "-data_shape", f"[{BATCH},784]", "-infer_precision", "f32",
+    cmd = [exe, "-m", xml, "-d", "CPU", "-shape", f"[{BATCH},784]", "-infer_precision", "f32",
            "-hint", "none", "-nstreams", "1", "-api", "sync", "-nthreads", str(threads), "-t", f"{seconds:g}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     text = out.stdout + out.stderr

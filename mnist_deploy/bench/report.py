@@ -20,7 +20,7 @@ RECORD_KEYS = (
     "runtime", "format", "device", "batch_size", "status", "reason",
     "p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "max_ms", "std_ms", "n_calls",
     "throughput_per_s", "gflops", "pct_peak", "accuracy", "size_bytes", "cold_start_ms", "load_ms",
-    "first_call_ms", "threads", "precision", "performance_mode", "variant_of",
+    "first_call_ms", "threads", "precision", "performance_mode", "variant_of", "shapes",
 )
 COLUMNS = ("runtime", "device", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms", "images/s",
            "GFLOP/s", "% peak", "accuracy", "size", "cold start ms", "status")

@@ -104,6 +104,8 @@ def test_every_file_runtime_measured_and_outputs_written(exported, tmp_path, mni
     for runtime, precision in (("openvino", "f32"), ("openvino-bf16", "bf16")):
         assert runtime not in here or ov[runtime]["precision"] == precision
     assert {r["performance_mode"] for r in ov.values()} <= {"LATENCY"}
+    assert all(r["shapes"].startswith("static per batch size") for r in ov.values())  # recorded per row
+    assert {r["shapes"] for r in cpu if not r["runtime"].startswith("openvino")} == {None}
     assert "openvino-bf16" not in here or ov["openvino-bf16"]["variant_of"] == "openvino"
     from mnist_deploy.bench.timing import cpu_gemm_library
 
