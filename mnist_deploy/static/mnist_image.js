@@ -33,14 +33,28 @@
     return out;
   }
 
+  const R = f(0.299);
+  const G = f(0.587);
+  const B = f(0.114);
+  const luma = (r, g, b) => f(f(f(r * R) + f(g * G)) + f(b * B));
+  const GRAY = Float32Array.from({ length: 256 }, (_, v) => luma(v, v, v)); // r = g = b: most of a drawing
+
   function grayscale(rgba, w, h) { // Pillow's RGBA -> luminance, transparent pixels as background
     const n = w * h;
     const lum = new Float32Array(n);
-    const alpha = new Float32Array(n);
+    let opaque = true;
+    for (let i = 0, j = 0; i < n; i += 1, j += 4) {
+      const r = rgba[j];
+      const g = rgba[j + 1];
+      const b = rgba[j + 2];
+      lum[i] = r === g && g === b ? GRAY[r] : luma(r, g, b);
+      if (rgba[j + 3] !== 255) opaque = false;
+    }
+    if (opaque) return lum; // lum * 1 + background * 0, exactly
     let weight = 0;
     let inked = 0;
+    const alpha = new Float32Array(n);
     for (let i = 0; i < n; i += 1) {
-      lum[i] = f(f(f(rgba[4 * i] * f(0.299)) + f(rgba[4 * i + 1] * f(0.587))) + f(rgba[4 * i + 2] * f(0.114)));
       alpha[i] = f(rgba[4 * i + 3] / 255);
       weight += alpha[i];
       inked += lum[i] * alpha[i];
@@ -109,14 +123,18 @@
 
   // RGBA pixels (an ImageData's data) -> Float32Array(784) in 0..255, or null when the image is blank.
   function mnistImage(rgba, w, h) {
-    let gray = grayscale(rgba, w, h);
+    let gray = grayscale(rgba, w, h);  // eslint-disable-line prefer-const
     if (median(border(gray, w, h)) > 127.5) gray = gray.map((v) => f(255 - v));
     const edge = border(gray, w, h);
     const level = median(edge);
     const noise = 1.4826 * median(edge.map((v) => Math.abs(f(v - level))));
     const cut = f(level + 5 * noise);
     let peak = 0;
-    gray = gray.map((v) => { const c = Math.max(f(v - cut), 0); peak = Math.max(peak, c); return c; });
+    for (let i = 0; i < gray.length; i += 1) {
+      const c = cut === 0 ? gray[i] : Math.max(f(gray[i] - cut), 0); // v - 0 clipped at 0 is v (v >= 0)
+      gray[i] = c;
+      if (c > peak) peak = c;
+    }
     if (!(peak > 0)) return null;
     const gain = f(255 / peak);
     let top = h; let bottom = -1; let left = w; let right = -1;
