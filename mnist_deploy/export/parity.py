@@ -148,7 +148,10 @@ def would_pass_hint(kind: str, would: dict | None) -> str:
 
 
 def run_batched(predictor, images: np.ndarray, batch: int) -> np.ndarray:
-    """Run ``predictor`` over ``images`` in batches of ``batch`` and stack the logits."""
+    """Run ``predictor`` over ``images`` in batches of ``batch`` and stack the logits (in one request to a
+    runtime that runs outside this process and offers ``run_batches``)."""
+    if getattr(predictor, "run_batches", None) is not None:
+        return predictor.run_batches(images, batch)
     outs = [predictor(images[i : i + batch]) for i in range(0, len(images), batch)]
     return np.concatenate(outs, axis=0)
 

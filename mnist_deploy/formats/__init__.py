@@ -44,6 +44,7 @@ from .base import (
     written_as,
 )
 from .js_node import ONNX_NODE
+from .js_web import ORT_WEB, ORT_WEB_1T, ORT_WEB_WEBGPU
 from .onnx_family import DEFAULT_OPSET, ONNX, ONNX_INT8, OrtPredictor, check_onnx, onnx_opset_range
 from .openvino_family import OPENVINO_BF16, OPENVINO_F32, OPENVINO_INT8, OpenVINOPredictor
 from .torch_family import (
@@ -58,12 +59,13 @@ from .torch_family import (
 )
 
 for _fmt in (PYTORCH, TORCH_COMPILE, TORCHSCRIPT, ONNX, PT2, ONNX_INT8, OPENVINO_F32, OPENVINO_BF16, OPENVINO_INT8,
-             AOTI, TORCHSCRIPT_CPP, AOTI_CPP, ONNX_NODE):
+             AOTI, TORCHSCRIPT_CPP, AOTI_CPP, ONNX_NODE, ORT_WEB, ORT_WEB_1T, ORT_WEB_WEBGPU):
     register(_fmt)
 
 __all__ = [
     "AOTI", "AOTI_CPP", "DEFAULT_OPSET", "DEFAULT_RUNTIME", "EXTRA_FORMATS", "FORMATS", "FP32_PARITY",
-    "MAX_EXPORTED_BATCH", "METADATA_FILE", "ONNX_NODE", "REDUCED_PARITY", "TORCHSCRIPT_CPP", "UNAVAILABLE_ENV",
+    "MAX_EXPORTED_BATCH", "METADATA_FILE", "ONNX_NODE", "ORT_WEB", "ORT_WEB_1T", "ORT_WEB_WEBGPU", "REDUCED_PARITY",
+    "TORCHSCRIPT_CPP", "UNAVAILABLE_ENV",
     "ExportContext", "Format", "LoadError", "NoOptions", "OpenVINOPredictor", "OrtPredictor", "ParitySpec",
     "Predictor", "TorchPredictor", "artifact_path", "available", "build_options", "check_onnx", "entry_problem",
     "entry_usable", "exportable", "format_names", "get_format", "load_eager", "load_predictor", "model_from_state_dict",

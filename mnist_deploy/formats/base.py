@@ -66,6 +66,10 @@ class Predictor:
     # them: ``time_calls(prepared, *, warmup, min_time, min_calls, sync)`` returns per-call ns like
     # bench.timing.time_calls, and the bench uses it instead of timing ``run`` from Python.
     time_calls: Callable[..., np.ndarray] | None = None
+    # Such a runtime may also run a whole pass over many images itself: ``run_batches(x, batch)`` returns
+    # the logits of ``x`` computed ``batch`` images per runtime call (the parity gate's batch-1 pass as
+    # one request, not 10,000 round trips); each call is still the runtime's call on ``batch`` images.
+    run_batches: Callable[..., np.ndarray] | None = None
 
     def sync(self) -> None:
         """Block until queued work is done (CUDA); a no-op on CPU."""

@@ -9,10 +9,12 @@ from importlib import resources
 import anyio
 from fastapi import FastAPI
 
+from ..formats.js_web import ORT_WASM_FILES
 from ..predict import LoadedModel, load_model
 from .config import MAX_BODY_BYTES, REQUEST_TIMEOUT, ServeConfig
 from .connections import default_max_connections, guarded_protocol, log_accept_errors_once, stop_accepting
 from .guard import Guard
+from .in_browser import ORT_URL, load_in_browser
 from .routes import HANDLERS, IMAGE_DECODERS, STATIC_FILES, router
 from .service import Service, bound_image_metadata
 from .v2 import router as v2_router
@@ -29,6 +31,8 @@ def _routes(*routers) -> tuple[str, ...]:
             continue
         if path == "/static/{name}":
             paths.extend(f"/static/{n}" for n in STATIC_FILES)
+        elif path == ORT_URL + "{name}":
+            paths.extend(ORT_URL + n for n in ORT_WASM_FILES)
         elif "{" not in path:
             paths.append(path)
     return tuple(paths)
@@ -57,6 +61,8 @@ def create_app(config: ServeConfig | None = None, *, model: LoadedModel | None =
             service.model = await anyio.to_thread.run_sync(
                 lambda: load_model(artifacts=config.artifacts, runtime=config.runtime, device=config.device,
                                    threads=config.threads))
+        app.state.in_browser = await anyio.to_thread.run_sync(
+            lambda: load_in_browser(config.artifacts, service.model.manifest))
         service.start()
         grpc_server = None
         if config.grpc_port:  # on this loop: the gRPC calls share the batcher with the HTTP routes

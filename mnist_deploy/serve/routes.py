@@ -19,13 +19,16 @@ from starlette.responses import Response
 
 from ..errors import InputError, MnistDeployError, NotFound
 from .config import MAX_BATCH
+from .in_browser import ISOLATION_HEADERS, MODEL_URL, ORT_TYPES, ORT_URL
 from .parsing import dumps, json_field, media_type, uploads
 from .service import Service, single_answer
 
 IMAGE_DECODERS = 2  # images decoded at once (each image its own turn)
-STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
-# The page may talk only to this server: no CDN, no external fonts, images or connections.
-PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "mnist_image.js": "text/javascript; charset=utf-8",
+                "style.css": "text/css; charset=utf-8"}
+# The page may talk only to this server: no CDN, no external fonts, images or connections. It may compile
+# WebAssembly ('wasm-unsafe-eval': ORT-web's .wasm, from this server) but not eval JavaScript.
+PAGE_CSP = ("default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; img-src 'self' data: blob:; "
             "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 V2_PREFIX = "/v2"
 
@@ -154,8 +157,35 @@ async def health(request: Request):
 
 @router.get("/model", summary="What is being served")
 async def model_info(request: Request):
-    """The format, file, sha256, metrics and parity of the served artifact, from the manifest."""
-    return json_response(_service(request).model_info())
+    """The format, file, sha256, metrics and parity of the served artifact, from the manifest; under
+    `browser`, the ONNX file the drawing page may run in the browser and its sha256 (or why it may not)."""
+    info = _service(request).model_info()
+    in_browser = getattr(request.app.state, "in_browser", None)
+    info["browser"] = in_browser.info() if in_browser is not None else {"unavailable": "the server is starting"}
+    return json_response(info)
+
+
+@router.get(MODEL_URL, summary="The ONNX model, for in-browser inference")
+async def model_file(request: Request):
+    """The manifest's ONNX file (sha256 in `/model`'s `browser.sha256`), for the drawing page to run in the
+    browser with onnxruntime-web; 404 when the server has none to send."""
+    _service(request).ready()
+    in_browser = getattr(request.app.state, "in_browser", None)
+    if in_browser is None or in_browser.model is None:
+        raise NotFound(in_browser.unavailable if in_browser is not None else "Not Found")
+    return Response(in_browser.model, media_type="application/octet-stream",
+                    headers={"x-content-type-options": "nosniff", "cache-control": "no-cache"})
+
+
+@router.get(ORT_URL + "{name}", include_in_schema=False)
+async def ort_file(request: Request, name: str):
+    in_browser = getattr(request.app.state, "in_browser", None)
+    if in_browser is None or name not in in_browser.ort:  # a fixed list: no request can name a file on disk
+        raise NotFound("Not Found")
+    # The isolation headers here too: ORT-web's threads are module workers loaded from these files, and a
+    # worker of a cross-origin-isolated page must itself say require-corp, or the browser refuses to start it.
+    return Response(in_browser.ort[name], media_type=ORT_TYPES[name[name.rindex("."):]],
+                    headers={"x-content-type-options": "nosniff", "cache-control": "no-cache", **ISOLATION_HEADERS})
 
 
 @router.get("/metrics", summary="Prometheus metrics")
@@ -168,7 +198,7 @@ async def metrics(request: Request):
 async def index(request: Request):
     return Response(request.app.state.page, media_type="text/html; charset=utf-8",
                     headers={"content-security-policy": PAGE_CSP, "x-content-type-options": "nosniff",
-                             "cache-control": "no-cache"})
+                             "cache-control": "no-cache", **ISOLATION_HEADERS})
 
 
 @router.get("/static/{name}", include_in_schema=False)
