@@ -216,7 +216,7 @@ class NativePredictor(Predictor):
     place of timing ``run`` from Python.
     """
 
-    def __init__(self, path: Path, kind: str, runtime: str, threads: int | None = None) -> None:
+    def __init__(self, path: Path, kind: str, runtime: str, threads: int | None = None, note: str = "") -> None:
         exe = ensure_runner()
         self.runtime = runtime
         self.device = "cpu"
@@ -237,7 +237,7 @@ class NativePredictor(Predictor):
 
         info = json.loads(text)
         self.details = {"precision": "f32", "threads": info.get("threads"), "runner": str(exe),
-                        "timed_by": "the C++ runner (steady_clock around each call)"}
+                        "timed_by": "the C++ runner (steady_clock around each call)", "note": note}
 
     # -- framing
     def _read(self, n: int) -> bytes:
