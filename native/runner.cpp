@@ -56,7 +56,9 @@ class Model {
       module_ = std::make_unique<torch::jit::Module>(torch::jit::load(path, torch::kCPU));
       module_->eval();
     } else if (kind == "aoti") {
-      aoti_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(path);
+      // run_single_threaded: this process makes one call at a time, so the model container's locks
+      // and its pool of model instances are skipped (0.15 to 0.3 us of a ~5.5 us batch-1 call).
+      aoti_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(path, "model", /*run_single_threaded=*/true);
     } else {
       throw std::runtime_error("unknown --kind " + kind + " (torchscript or aoti)");
     }

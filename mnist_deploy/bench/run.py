@@ -146,7 +146,7 @@ def _bench_runtime(fmt: Format, device: str, *, folder: Path, manifest: dict, co
     common.update(accuracy=accuracy, load_ms=(t_loaded - t0) / 1e6, first_call_ms=(t2 - t1) / 1e6,
                   cold_start_ms=(t_loaded - t0 + t2 - t1) / 1e6, precision=details.get("precision"),
                   performance_mode=details.get("performance_mode"), shapes=details.get("shapes"))
-    note = cold_start() if cold_start is not None else ""
+    note = "; ".join(n for n in (cold_start() if cold_start is not None else "", details.get("note")) if n)
     progress(f"{fmt.runtime} ({device}): cold start {common['cold_start_ms']:.1f} ms, accuracy {100 * accuracy:.2f}%")
     rows = []
     for bs in config.batch_sizes:

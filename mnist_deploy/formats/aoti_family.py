@@ -7,10 +7,10 @@ with ``-march=native`` and picks a vector ISA): the compiler, its flags, the ISA
 code may use are recorded in the package's metadata and in the manifest entry, and a package is
 refused, in one line, on a CPU that lacks any of those flags (read from ``/proc/cpuinfo``).
 
-``torchscript-cpp`` and ``aoti-cpp``: the same files run by the C++ runner (``native/``,
-:mod:`.native`), where a C++ service would run them. Each is exported as a byte-for-byte copy of the
-file its Python format just proved (or made afresh when exported alone), gated on parity in C++, and
-timed by the runner's own loop.
+``torchscript-cpp`` and ``aoti-cpp``: files run by the C++ runner (``native/``, :mod:`.native`), where a
+C++ service would run them, gated on parity in C++ and timed by the runner's own loop.
+``torchscript-cpp`` is a byte-for-byte copy of the file ``torchscript`` just proved (or made afresh when
+exported alone). ``aoti-cpp`` is its own compile, the latency build (:data:`AOTI_CPP_CONFIGS`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,19 @@ from .torch_family import TorchPredictor, TorchScriptOptions, _export_torchscrip
 
 TORCH = ("torch",)
 METADATA_PREFIX = "mnist_deploy."
+# What each package is compiled with; recorded in its manifest entry and its own metadata.
+# aoti: inductor's defaults. Its GEMMs call ATen's addmm (MKL), threaded by torch at run time: the build
+# for batches of hundreds. At batch 1 each addmm costs ~1 us of dispatch and MKL set-up besides the work.
+AOTI_CONFIGS: dict = {}
+# aoti-cpp: the latency build, for a C++ service answering one request at a time. Inductor's own C++ GEMM
+# template (max_autotune with the CPP backend: the weights packed at compile time, bias and ReLU fused,
+# no ATen call), with single-threaded kernels (cpp.threads=1: a kernel compiled for 2 threads opens an
+# OpenMP region per layer, and at batch 1 its barriers cost more than the work), and cache blocks of
+# 1 x 4 x 32 register blocks (M x N x K): at M=1 each register block is a chain of dependent FMAs, and
+# short K blocks let the CPU overlap the 4 chains of one K block. docs/native.md has the numbers.
+# Batches of hundreds run slower than with AOTI_CONFIGS (one thread; a kernel made for small M).
+AOTI_CPP_CONFIGS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP", "cpp.threads": 1,
+                    "cpp.gemm_cache_blocking": "1,4,32"}
 # x86 instruction-set extensions as /proc/cpuinfo spells them: what -march=native may emit code for.
 X86_ISA_FLAGS = frozenset("""
     sse sse2 ssse3 sse4_1 sse4_2 sse4a popcnt abm lzcnt bmi1 bmi2 adx aes pclmulqdq vpclmulqdq vaes gfni sha_ni
@@ -132,15 +145,6 @@ def package_metadata(path: Path) -> dict[str, str]:
     return out
 
 
-def _target_in_package(path: Path) -> dict:
-    """The build target a package records (what :func:`build_target` said when it was compiled)."""
-    meta = package_metadata(path)
-    return {"compiler": meta.get(METADATA_PREFIX + "compiler", ""),
-            "flags": meta.get(METADATA_PREFIX + "flags", "").split(),
-            "target_isa": meta.get(METADATA_PREFIX + "target_isa", meta.get("AOTI_CPU_ISA", "")),
-            "required_cpu_flags": sorted(meta.get(METADATA_PREFIX + "required_cpu_flags", "").split())}
-
-
 def _check_package_cpu(path: Path) -> None:
     meta = package_metadata(path)
     required = meta.get(METADATA_PREFIX + "required_cpu_flags", "").split()
@@ -165,15 +169,25 @@ def _aoti_available(device: str) -> str | None:
 # aoti: the package, in Python.
 
 
-def _export_aoti(model, path: Path, options, ctx: ExportContext) -> None:
+def _aoti_exporter(inductor_configs: dict):
+    """An exporter compiling the package with ``inductor_configs`` (recorded with the target)."""
+
+    def export(model, path: Path, options, ctx: ExportContext) -> None:
+        _export_aoti(model, path, ctx, inductor_configs)
+
+    return export
+
+
+def _export_aoti(model, path: Path, ctx: ExportContext, inductor_configs: dict) -> None:
     import torch
 
-    target = build_target()
+    target = {**build_target(), "inductor_configs": dict(inductor_configs)}
     metadata = {**{k: str(v) for k, v in ctx.metadata.items()},
                 METADATA_PREFIX + "required_cpu_flags": " ".join(target["required_cpu_flags"]),
                 METADATA_PREFIX + "target_isa": target["target_isa"],
                 METADATA_PREFIX + "flags": " ".join(target["flags"]),
-                METADATA_PREFIX + "compiler": f"{target['compiler']} ({target['compiler_version']})"}
+                METADATA_PREFIX + "compiler": f"{target['compiler']} ({target['compiler_version']})",
+                METADATA_PREFIX + "inductor_configs": json.dumps(inductor_configs, sort_keys=True)}
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     with quiet():
         try:
@@ -182,12 +196,22 @@ def _export_aoti(model, path: Path, options, ctx: ExportContext) -> None:
             raise ExportError(f"torch.export failed: {first_line(exc)}") from None
         try:
             torch._inductor.aoti_compile_and_package(
-                program, package_path=str(path), inductor_configs={"aot_inductor.metadata": metadata})
+                program, package_path=str(path),
+                inductor_configs={**inductor_configs, "aot_inductor.metadata": metadata})
         except OSError:
             raise
         except Exception as exc:  # inductor raises CppCompileError, InvalidCxxCompiler...
             raise ExportError(f"AOTInductor compile failed: {first_line(exc)}") from None
     ctx.notes.update({"aoti": target})
+
+
+def inductor_configs_of(path: Path) -> dict:
+    """The inductor configs a package was compiled with (empty: inductor's defaults, or an older package)."""
+    text = package_metadata(path).get(METADATA_PREFIX + "inductor_configs", "")
+    try:
+        return json.loads(text) if text else {}
+    except ValueError:
+        return {}
 
 
 def _load_aoti(path: Path, *, device: str, threads: int | None, manifest: dict) -> Predictor:
@@ -222,33 +246,45 @@ def _native_available(device: str) -> str | None:
     return unavailable()
 
 
+def _native_exporter(export):
+    """``export``, then the runner built now (once), so that a build failure fails this export in one line."""
+
+    def write(model, path: Path, options, ctx: ExportContext) -> None:
+        from .native import ensure_runner
+
+        export(model, path, options, ctx)
+        ensure_runner()
+
+    return write
+
+
 def _copy_or_export(source: str, export):
     """An exporter that copies the file ``source`` just proved in this run (so C++ is gated on those
     very bytes), or exports afresh when ``source`` was not exported in this run."""
 
     def write(model, path: Path, options, ctx: ExportContext) -> None:
-        from .native import ensure_runner
-
         passed = ctx.passed.get(source)
         if passed is not None and Path(passed).is_file():
             shutil.copyfile(passed, path)
             ctx.notes["copy_of"] = source
-            if source == "aoti":
-                ctx.notes["aoti"] = _target_in_package(path)
         else:
             export(model, path, options, ctx)
-        ensure_runner()  # build the runner now (once), so a build failure fails this export in one line
 
-    return write
+    return _native_exporter(write)
 
 
 def _native_loader(kind: str, runtime: str):
     def load(path: Path, *, device: str, threads: int | None, manifest: dict) -> Predictor:
         from .native import NativePredictor
 
+        note = ""
         if kind == "aoti":
             _check_package_cpu(path)
-        return NativePredictor(path, kind, runtime, threads)
+            configs = inductor_configs_of(path)
+            if configs.get("cpp.threads") == 1:
+                note = ("latency build: inductor's C++ GEMM template, kernels compiled single-threaded "
+                        "(cpp.threads=1); ATen ops, if any, use the runner's threads")
+        return NativePredictor(path, kind, runtime, threads, note=note)
 
     return load
 
@@ -256,7 +292,8 @@ def _native_loader(kind: str, runtime: str):
 AOTI = Format(
     "aoti", "aotinductor",
     "AOTInductor package (torch.export + aoti_compile_and_package), machine code for this CPU; run in Python",
-    files=("mnist_model_aoti.pt2",), load=_load_aoti, export=_export_aoti, devices=("cpu",), packages=TORCH,
+    files=("mnist_model_aoti.pt2",), load=_load_aoti, export=_aoti_exporter(AOTI_CONFIGS), devices=("cpu",),
+    packages=TORCH,
     available=_aoti_available, check=_verify_aoti, aliases=("aotinductor",),
 )
 TORCHSCRIPT_CPP = Format(
@@ -268,8 +305,8 @@ TORCHSCRIPT_CPP = Format(
 )
 AOTI_CPP = Format(
     "aoti-cpp", "aoti-cpp",
-    "The AOTInductor package run from C++ (AOTIModelPackageLoader in the mnist_runner process)",
+    "An AOTInductor package compiled for batch-1 latency, run from C++ (AOTIModelPackageLoader in mnist_runner)",
     files=("mnist_model_aoti_cpp.pt2",), load=_native_loader("aoti", "aoti-cpp"),
-    export=_copy_or_export("aoti", _export_aoti), options=NoOptions, devices=("cpu",), packages=TORCH,
+    export=_native_exporter(_aoti_exporter(AOTI_CPP_CONFIGS)), options=NoOptions, devices=("cpu",), packages=TORCH,
     available=lambda device: _aoti_available(device) or _native_available(device), check=_verify_aoti,
 )

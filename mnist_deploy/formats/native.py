@@ -215,14 +215,14 @@ class NativePredictor(FramedPredictor):
     what = "the C++ runner"
     error = NativeError
 
-    def __init__(self, path: Path, kind: str, runtime: str, threads: int | None = None) -> None:
+    def __init__(self, path: Path, kind: str, runtime: str, threads: int | None = None, note: str = "") -> None:
         exe = ensure_runner()
         self.runtime = runtime
         self.device = "cpu"
         info = self._start([str(exe), "serve", "--kind", kind, "--model", str(path), "--threads", str(threads or 0)],
                            path)
         self.details = {"precision": "f32", "threads": info.get("threads"), "runner": str(exe),
-                        "timed_by": "the C++ runner (steady_clock around each call)"}
+                        "timed_by": "the C++ runner (steady_clock around each call)", "note": note}
 
 
 __all__ = ["NativeBuildError", "NativeError", "NativePredictor", "build_tools_missing", "cache_root",

@@ -42,7 +42,7 @@ def _needs_toolchain():
 
 @pytest.fixture(scope="module")
 def native_exported(trained_mlp, tmp_path_factory, mnist_dir, cache_dir) -> Path:
-    """The trained MLP exported to the four formats (one AOTI compile, one runner build); read-only."""
+    """The trained MLP exported to the four formats (two AOTI compiles, one runner build); read-only."""
     from mnist_deploy.export.run import export_artifacts
 
     _needs_toolchain()
@@ -72,10 +72,10 @@ def test_cpp_runtimes_pass_the_gate_on_the_same_files(native_exported):
         assert entries[name]["status"] == "ok" and parity["passed"] is True
         assert parity["max_abs_diff"] <= 1e-4 and parity["agreement"] == 1.0
         assert set(parity["batch_sizes"]) == {"1", "10000"}
-    # the C++ rows ran byte-for-byte the files the Python runtimes proved
+    # torchscript-cpp ran byte-for-byte the file torchscript proved; aoti-cpp is its own (latency) build
     assert entries["torchscript-cpp"]["sha256"] == entries["torchscript"]["sha256"]
-    assert entries["aoti-cpp"]["sha256"] == entries["aoti"]["sha256"]
-    assert entries["aoti-cpp"]["copy_of"] == "aoti"
+    assert entries["torchscript-cpp"]["copy_of"] == "torchscript"
+    assert entries["aoti-cpp"]["sha256"] != entries["aoti"]["sha256"] and "copy_of" not in entries["aoti-cpp"]
     assert entries["torchscript-cpp"]["parity"]["applied"]["timed_by"].startswith("the C++ runner")
 
 
@@ -88,6 +88,19 @@ def test_aoti_entry_records_compiler_flags_and_target(native_exported):
     meta = aoti_family.package_metadata(native_exported / entry["path"])
     assert meta["mnist_deploy.required_cpu_flags"].split() == target["required_cpu_flags"]
     assert meta["source_state_dict_sha256"] == entry["source_state_dict_sha256"]
+
+
+def test_each_package_records_its_inductor_configs(native_exported):
+    """aoti is inductor's default build; aoti-cpp the latency build (C++ GEMM template, 1-thread kernels),
+    said in the manifest entry and inside the package, and so in the bench row's note."""
+    entries = load_manifest(native_exported)["artifacts"]
+    assert entries["aoti"]["aoti"]["inductor_configs"] == aoti_family.AOTI_CONFIGS == {}
+    assert entries["aoti-cpp"]["aoti"]["inductor_configs"] == aoti_family.AOTI_CPP_CONFIGS
+    assert entries["aoti-cpp"]["aoti"]["inductor_configs"]["cpp.threads"] == 1
+    for name in ("aoti", "aoti-cpp"):
+        path = native_exported / entries[name]["path"]
+        assert aoti_family.inductor_configs_of(path) == entries[name]["aoti"]["inductor_configs"]
+        assert entries[name]["aoti"]["required_cpu_flags"] and entries[name]["aoti"]["flags"]
 
 
 def test_cpp_predictor_matches_python_at_odd_batch_sizes(native_exported, mnist_dir, cache_dir):
@@ -204,6 +217,8 @@ def test_bench_rows_are_timed_by_the_runner(native_exported, mnist_dir, cache_di
     for r in rows:
         assert r["n_calls"] >= FAST["min_calls"] and 0 < r["min_ms"] <= r["p50_ms"] <= r["p99_ms"]
         assert r["accuracy"] > 0.9
+        # the latency build says so in its row (its kernels ignore the bench's thread count)
+        assert ("cpp.threads=1" in (r["reason"] or "")) == (r["runtime"] == "aoti-cpp")
 
 
 def test_runner_one_shot_modes(native_exported, tmp_path, mnist_dir, cache_dir):
