@@ -109,7 +109,7 @@ def read_input(service: Service, served: core.ServedModel, request) -> np.ndarra
             raise InputError(f"input '{t.name}': no data; send raw_input_contents or contents.{field} "
                              f"({t.datatype})")
         data = np.fromiter(values, dtype, count=len(values))
-    return core.input_batch(service, served, t.name, t.datatype, shape, data)
+    return core.input_batch(service, served, t.name, t.datatype, shape, data, count=count)
 
 
 def infer_response(pb2, served: core.ServedModel, request_id: str, wanted: list[str], logits: np.ndarray):

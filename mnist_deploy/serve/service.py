@@ -64,6 +64,7 @@ class Service:
         self.warming: asyncio.Event | None = None  # set while warm_up() runs; requests wait for it
         self.warm_error: str | None = None
         self._warm_task: asyncio.Task | None = None
+        self._norm: tuple[LoadedModel, dict[str, float]] | None = None  # (model, its manifest's mean and std)
         self.batcher: DynamicBatcher | PassThrough = PassThrough(lambda x: self.logits(self.ready(), x))
 
     def start(self) -> None:
@@ -145,8 +146,12 @@ class Service:
         return await self.batcher.infer(x)
 
     def normalize(self, m: LoadedModel, pixels: np.ndarray) -> np.ndarray:
-        """0..255 pixels -> the model's input, with the mean and std the model was trained with."""
-        return normalize_pixels(pixels, **manifest_normalization(m.manifest))
+        """0..255 pixels -> the model's input, with the mean and std the model was trained with (read from
+        its manifest once per model, not per request)."""
+        norm = self._norm
+        if norm is None or norm[0] is not m:
+            norm = self._norm = (m, manifest_normalization(m.manifest))
+        return normalize_pixels(pixels, **norm[1])
 
     # -- our JSON ------------------------------------------------------------------------------
 

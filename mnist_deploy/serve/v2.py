@@ -162,6 +162,7 @@ def read_request(service: Service, served: core.ServedModel, body: bytes,
                              "the JSON header")
         count = core.check_input(service, served, name, dtype, shape)
         data = core.array_from_bytes(name, dtype, count, memoryview(body)[len(head):])
+        return req, outputs, core.input_batch(service, served, name, dtype, shape, data, count=count)
     return req, outputs, core.input_batch(service, served, name, dtype, shape, data)
 
 

@@ -28,6 +28,7 @@ on request. The version is the manifest's ``model.version``, or ``"1"``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +120,9 @@ def metadata(served: ServedModel) -> dict:
             "inputs": [tensor], "outputs": [{"name": n, "datatype": "FP32", "shape": [-1, 10]} for n in OUTPUTS]}
 
 
+_SHAPE_TYPES, _DIM_TYPES = (list, tuple), (int, np.integer)  # built once: `int | np.integer` is a new object per call
+
+
 def check_input(service: Any, served: ServedModel, name: Any, datatype: Any, shape: Any) -> int:
     """Validate an input's name, datatype and shape for ``served``; return its element count (N * 784).
 
@@ -135,11 +139,11 @@ def check_input(service: Any, served: ServedModel, name: Any, datatype: Any, sha
     want = INPUT_DATATYPE[name]
     if datatype != want:
         raise InputError(f"input '{name}' has datatype {want}, got {datatype!r}")
-    if (not isinstance(shape, list | tuple) or not shape
-            or not all(isinstance(d, int | np.integer) and not isinstance(d, bool) and d >= 0 for d in shape)):
+    if (not isinstance(shape, _SHAPE_TYPES) or not shape
+            or not all(isinstance(d, _DIM_TYPES) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise InputError(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
     shape = [int(d) for d in shape]
-    count = int(np.prod(shape, dtype=object))
+    count = math.prod(shape)  # Python ints: exact, however large the claim
     if len(shape) < 2 or count != shape[0] * ROW or shape[0] < 1:
         raise InputError(f"input '{name}': shape {shape} is not a batch of 28x28 images ([N, 784], [N, 28, 28] "
                          "or the model's own shape)")
@@ -161,7 +165,8 @@ def array_from_bytes(name: str, datatype: str, count: int, raw: bytes | memoryvi
     return np.frombuffer(raw, dtype=dtype)
 
 
-def input_batch(service: Any, served: ServedModel, name: Any, datatype: Any, shape: Any, data: Any) -> np.ndarray:
+def input_batch(service: Any, served: ServedModel, name: Any, datatype: Any, shape: Any, data: Any, *,
+                count: int | None = None) -> np.ndarray:
     """One request input -> the model's normalised float32 (N, 784) batch, validated before any model call.
 
     ``data`` is a numpy array holding ``prod(shape)`` numbers in row-major order, flat or of any shape:
@@ -171,9 +176,11 @@ def input_batch(service: Any, served: ServedModel, name: Any, datatype: Any, sha
     :class:`~mnist_deploy.errors.InputError` with one clear message: the name is one ``served``
     accepts, the datatype is that input's, the shape is a batch of 28x28 images of at most
     ``max_batch``, the data holds that many numbers, finite; ``input`` values in :func:`input_range`,
-    ``pixels`` integers in 0..255.
+    ``pixels`` integers in 0..255. ``count`` is :func:`check_input`'s answer when the caller has already
+    called it (to read raw bytes): the checks then run once, not twice.
     """
-    count = check_input(service, served, name, datatype, shape)
+    if count is None:
+        count = check_input(service, served, name, datatype, shape)
     if not isinstance(data, np.ndarray):
         try:
             data = np.asarray(data)

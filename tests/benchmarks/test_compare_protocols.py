@@ -83,3 +83,25 @@ def test_a_target_that_fails_its_sample_is_an_error_row_and_nothing_runs(tmp_pat
     assert not list(tmp_path.iterdir())  # h2load never started
     table = cp.table(rows)
     assert table.count("\n") == 3 and "| ours gRPC | 1 | - | - | - | - | 0 | 1 | not measured" in table
+
+
+# h2load's summary lines as it printed them (nghttp2 h2load, --warm-up-time 1, 64 connections against
+# /predict): every request succeeded, but the status-code count, zeroed when the measurement began, is one
+# off either way for a request answered across that moment (its --log-file line says status 0).
+_H2LOAD = """finished in 4.01s, {rate} req/s, 1.2MB/s
+requests: {done} total, {done} started, {done} done, {ok} succeeded, {failed} failed, {errored} errored, 0 timeout
+status codes: {c2} 2xx, 0 3xx, {c4} 4xx, 0 5xx
+"""
+
+
+@pytest.mark.parametrize(("done", "ok", "failed", "errored", "c2", "c4", "errors"), [
+    (5627, 5627, 0, 0, 5626, 0, 0),  # one 200 counted before the measurement: not an error
+    (6327, 6327, 0, 0, 6328, 0, 0),  # one counted twice
+    (1000, 990, 10, 3, 993, 7, 10),  # 7 answered 4xx, 3 streams reset: 10 errors
+])
+def test_errors_are_what_h2load_counts_as_failed(done, ok, failed, errored, c2, c4, errors):
+    counts = cp.parse_h2load(_H2LOAD.format(rate=1000.0, done=done, ok=ok, failed=failed, errored=errored,
+                                            c2=c2, c4=c4))
+    got, rate = cp.errors_and_rate(counts)
+    assert got == errors
+    assert rate == pytest.approx(1000.0 * (done - errors) / done)
