@@ -358,7 +358,7 @@ def _webgpu_available(device: str) -> str | None:
 def _entry(name: str, file: str, ep: str, description: str, available, one_thread: bool = False) -> Format:
     return Format(name, name, description, files=(file,), load=_loader(ep, name, one_thread), export=_copy_of_onnx,
                   options=OnnxOptions, devices=("cpu",), available=available,
-                  packages=(*ONNX_PACKAGES, "playwright"), check=_verify_onnx)
+                  packages=(*ONNX_PACKAGES, "playwright"), check=_verify_onnx, copy_of="onnx")
 
 
 ORT_WEB = _entry("onnxruntime-web", "mnist_model_web.onnx", "wasm",
