@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from ..errors import ExportError, IntegrityError, RuntimeUnavailable
 from .base import ExportContext, Format, NoOptions, Predictor, first_line, quiet
+from .copies import copy_or_export
 from .torch_family import TorchPredictor, TorchScriptOptions, _export_torchscript
 
 TORCH = ("torch",)
@@ -258,21 +258,6 @@ def _native_exporter(export):
     return write
 
 
-def _copy_or_export(source: str, export):
-    """An exporter that copies the file ``source`` just proved in this run (so C++ is gated on those
-    very bytes), or exports afresh when ``source`` was not exported in this run."""
-
-    def write(model, path: Path, options, ctx: ExportContext) -> None:
-        passed = ctx.passed.get(source)
-        if passed is not None and Path(passed).is_file():
-            shutil.copyfile(passed, path)
-            ctx.notes["copy_of"] = source
-        else:
-            export(model, path, options, ctx)
-
-    return _native_exporter(write)
-
-
 def _native_loader(kind: str, runtime: str):
     def load(path: Path, *, device: str, threads: int | None, manifest: dict) -> Predictor:
         from .native import NativePredictor
@@ -300,7 +285,7 @@ TORCHSCRIPT_CPP = Format(
     "torchscript-cpp", "torchscript-cpp",
     "The TorchScript file run from C++ (torch::jit::load in the mnist_runner process)",
     files=("mnist_model_torchscript_cpp.pt",), load=_native_loader("torchscript", "torchscript-cpp"),
-    export=_copy_or_export("torchscript", _export_torchscript), options=TorchScriptOptions, devices=("cpu",),
+    export=_native_exporter(copy_or_export("torchscript", _export_torchscript)), options=TorchScriptOptions, devices=("cpu",),
     packages=TORCH, available=_native_available,
 )
 AOTI_CPP = Format(

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..errors import RuntimeUnavailable
 from .base import ExportContext, Format, Predictor, first_line
+from .copies import copy_or_export
 from .framed import FramedPredictor, RunnerError
 from .onnx_family import OnnxOptions, _verify_onnx, _write_onnx_fp32, refuse_external_data
 
@@ -191,15 +192,13 @@ def _load(path: Path, *, device: str, threads: int | None, manifest: dict) -> Pr
     return NodePredictor(path, threads)
 
 
+_copy_onnx = copy_or_export("onnx", _write_onnx_fp32)
+
+
 def _export(model, path: Path, options: OnnxOptions, ctx: ExportContext) -> None:
     """A copy of the ONNX file ``onnx`` just proved in this run (so Node is gated on those very bytes),
     or a fresh export when ``onnx`` was not exported in this run."""
-    passed = ctx.passed.get("onnx")
-    if passed is not None and Path(passed).is_file():
-        shutil.copyfile(passed, path)
-        ctx.notes["copy_of"] = "onnx"
-    else:
-        _write_onnx_fp32(model, path, options, ctx)
+    _copy_onnx(model, path, options, ctx)
     ctx.notes["node"] = versions()
 
 

@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MnistDeployError
-from .base import ExportContext, Format, Predictor, first_line
+from .base import Format, Predictor, first_line
+from .copies import copy_or_export
 from .onnx_family import ONNX_PACKAGES, OnnxOptions, _verify_onnx, _write_onnx_fp32, refuse_external_data
 
 CHROMIUM_ENV = "MNIST_DEPLOY_CHROMIUM"
@@ -330,15 +331,6 @@ def _logits(out: dict) -> np.ndarray:
 # The entries: byte-for-byte copies of the ONNX file proved in the same run.
 
 
-def _copy_of_onnx(model, path: Path, options, ctx: ExportContext) -> None:
-    passed = ctx.passed.get("onnx")
-    if passed is not None and Path(passed).is_file():
-        shutil.copyfile(passed, path)
-        ctx.notes["copy_of"] = "onnx"
-    else:
-        _write_onnx_fp32(model, path, options, ctx)
-
-
 def _loader(ep: str, runtime: str, one_thread: bool = False):
     def load(path: Path, *, device: str, threads: int | None, manifest: dict) -> Predictor:
         refuse_external_data(path)
@@ -356,7 +348,7 @@ def _webgpu_available(device: str) -> str | None:
 
 
 def _entry(name: str, file: str, ep: str, description: str, available, one_thread: bool = False) -> Format:
-    return Format(name, name, description, files=(file,), load=_loader(ep, name, one_thread), export=_copy_of_onnx,
+    return Format(name, name, description, files=(file,), load=_loader(ep, name, one_thread), export=copy_or_export("onnx", _write_onnx_fp32),
                   options=OnnxOptions, devices=("cpu",), available=available,
                   packages=(*ONNX_PACKAGES, "playwright"), check=_verify_onnx, copy_of="onnx")
 
