@@ -3,10 +3,13 @@ record of it."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 MEAN = 0.1307
 STD = 0.3081
+TABLE_ROWS = 8  # uint8 batches of at most this many images are normalised by table lookup (pixel_table)
 
 
 
@@ -14,9 +17,23 @@ def normalize_pixels(pixels: np.ndarray, *, mean: float = MEAN, std: float = STD
     """(N, 28, 28) or (N, 784) pixel values in 0..255 -> float32 (N, 784): ``(x / 255 - mean) / std``.
 
     The one normalisation: training (the cached tensors), ``predict`` and ``serve`` all call it, so
-    a pixel value becomes the same float32 bits everywhere. Computed in float32, in this order.
+    a pixel value becomes the same float32 bits everywhere. Computed in float32, in this order. uint8
+    pixels take their values from :func:`pixel_table`, the same arithmetic done once per pixel value
+    (elementwise float32 operations give a value the same bits wherever it stands): for a few rows (at
+    most :data:`TABLE_ROWS`, a served request's usual size) one lookup is about half the time of a
+    conversion and three passes; larger batches are faster computed.
     """
+    if isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8 and pixels.size <= TABLE_ROWS * 28 * 28:
+        return pixel_table(float(mean), float(std)).take(pixels.reshape(-1, 28 * 28))
     return scale(np.asarray(pixels, dtype=np.float32).reshape(-1, 28 * 28), mean, std)
+
+
+@functools.lru_cache(maxsize=16)
+def pixel_table(mean: float, std: float) -> np.ndarray:
+    """The normalised float32 value of each pixel value 0..255, read-only: :func:`scale` of 0..255."""
+    table = scale(np.arange(256, dtype=np.float32), mean, std)
+    table.flags.writeable = False
+    return table
 
 
 

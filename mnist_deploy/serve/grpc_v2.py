@@ -189,8 +189,9 @@ class Servicer:
     @_rpc
     async def ModelInfer(self, request, context):
         served = core.resolve(self.service, request.model_name, request.model_version)
-        wanted = core.output_names([o.name for o in request.outputs])
-        if any("classification" in o.parameters for o in request.outputs):  # as the REST route answers it
+        asked = request.outputs
+        wanted = core.output_names([o.name for o in asked] if asked else None)
+        if asked and any("classification" in o.parameters for o in asked):  # as the REST route answers it
             raise InputError("the classification extension is not supported: ask for 'probabilities' instead "
                              "(tritonclient: InferRequestedOutput without class_count)")
         x = read_input(self.service, served, request)  # validated before it joins a batch
