@@ -1,6 +1,7 @@
 """benchmarks/compare_protocols.py: its request encoders, decoded back by the real parsers (tritonclient's
-binary request, MLServer's generated protobuf classes), and a target that fails its sample request
-becoming an error row. No timing here: the rates are the benchmark's business."""
+binary request, MLServer's generated protobuf classes), a target that fails its sample request
+becoming an error row, and --batch-window-us reaching both servers (the settings written, and, marked
+slow, both servers run with a window). No rates here: they are the benchmark's business."""
 
 from __future__ import annotations
 
