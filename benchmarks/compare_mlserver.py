@@ -273,8 +273,12 @@ def _ready(url: str) -> bool:
     return False
 
 
-def write_repository(root: Path, artifacts: Path, http_port: int, grpc_port: int) -> tuple[str, str]:
-    """MLServer's settings.json and <model>/model-settings.json under ``root``; returns (name, version)."""
+def write_repository(root: Path, artifacts: Path, http_port: int, grpc_port: int, *, max_batch_size: int = 0,
+                     max_batch_time: float = 0.0) -> tuple[str, str]:
+    """MLServer's settings.json and <model>/model-settings.json under ``root``; returns (name, version).
+
+    ``max_batch_size`` (requests merged into one call, > 1) and ``max_batch_time`` (seconds, > 0) turn on
+    MLServer's adaptive batching for the model; left at 0 they are not written and it stays off."""
     from mnist_deploy.artifacts.manifest import load_manifest
     from mnist_deploy.data.mnist import manifest_normalization
     from mnist_deploy.serve import v2_core
@@ -294,6 +298,8 @@ def write_repository(root: Path, artifacts: Path, http_port: int, grpc_port: int
         "parameters": {"uri": str((artifacts / "mnist_model.onnx").resolve()), "version": version,
                        "extra": {**manifest_normalization(manifest), "input_shape": input_shape}},
     }
+    if max_batch_size > 1 and max_batch_time > 0:  # MLServer batches only with both (mlserver.batching.hooks)
+        model.update(max_batch_size=int(max_batch_size), max_batch_time=float(max_batch_time))
     (root / name).mkdir(parents=True, exist_ok=True)
     (root / "settings.json").write_text(json.dumps(settings, indent=2))
     (root / name / "model-settings.json").write_text(json.dumps(model, indent=2))

@@ -2,7 +2,8 @@
 
     bash scripts/mlserver_env.sh          # once: MLServer in its own venv (.venv-mlserver)
     python benchmarks/compare_protocols.py --artifacts artifacts [--data-dir DIR] [--duration 10]
-                                           [--connections 64] [--batches 1,64] [--json out.json]
+                                           [--connections 64] [--batches 1,64] [--batch-window-us 0]
+                                           [--json out.json]
 
 Starts the real `mnist-deploy serve --workers 1 --threads 1` (with ``--grpc-port`` when the server has it) and the
 real MLServer (benchmarks/compare_mlserver.py's set-up: the same ``mnist_model.onnx``, one process, REST
@@ -23,6 +24,13 @@ from MLServer's venv, since h2load sees only HTTP 200 and the gRPC status travel
 target that fails the sample is an error row with the reason, never a crash. Per-request latencies come
 from h2load's --log-file. Prints one Markdown table: req/s, rows/s, p50/p99 ms, errors (non-2xx and
 failed streams), with the machine's load average before and after.
+
+``--batch-window-us N`` (default 0) gives both servers the same dynamic-batching window: ours is started
+with ``--max-batch-size 64 --max-queue-delay-us N``, MLServer's model with adaptive batching
+(``max_batch_size: 64``, ``max_batch_time: N / 1e6`` seconds). With 0, ours batches only what is already
+queued when its model is free (delay 0) and MLServer does not batch at all. The two count a batch
+differently: ours in rows (a 64-digit request fills a batch alone), MLServer in requests (up to 64
+requests of any size merged).
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 GRPC_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 BINARY_HEADER = "Inference-Header-Content-Length"
+MAX_BATCH = 64  # with a batch window: ours --max-batch-size (rows), MLServer's max_batch_size (requests)
 
 
 # -- request bodies ---------------------------------------------------------------------------------
@@ -134,6 +143,7 @@ class Result:
     requests: int = 0
     errors: int = 0
     note: str = ""
+    batch_window_us: int = 0  # both servers' batching window in this run (0: none)
 
 
 def check_rest(url: str, body: bytes, headers: dict, batch: int, *, binary: bool = False) -> str | None:
@@ -296,15 +306,30 @@ def grpc_option() -> bool:
     return any("--grpc-port" in p.opts for p in cli.commands["serve"].params)
 
 
+def serve_args(*, workers: int, grpc_port: int | None, batch_window_us: int = 0) -> list[str]:
+    """Our `mnist-deploy serve` options (less --artifacts and --port); a window adds our batcher's settings."""
+    args = ["--workers", str(workers), "--threads", "1", "--log-level", "warning"]
+    if grpc_port:
+        args += ["--grpc-port", str(grpc_port)]
+    if batch_window_us:
+        args += ["--max-batch-size", str(MAX_BATCH), "--max-queue-delay-us", str(batch_window_us)]
+    return args
+
+
+def mlserver_batching(batch_window_us: int) -> dict:
+    """write_repository's keyword arguments for MLServer's adaptive batching with this window (none for 0)."""
+    return {"max_batch_size": MAX_BATCH, "max_batch_time": batch_window_us / 1e6} if batch_window_us else {}
+
+
 @contextlib.contextmanager
-def servers(artifacts: Path, venv: Path, work: Path, workers: int) -> Iterator[tuple]:
+def servers(artifacts: Path, venv: Path, work: Path, workers: int, batch_window_us: int = 0) -> Iterator[tuple]:
     """Ours and MLServer, both started and ready: (name, ours URL, ours gRPC port or None, MLServer URL,
     MLServer gRPC port)."""
     ports = [load_test.free_port() for _ in range(4)]
-    name, _version = compare_mlserver.write_repository(work, artifacts, ports[1], ports[2])
+    name, _version = compare_mlserver.write_repository(work, artifacts, ports[1], ports[2],
+                                                       **mlserver_batching(batch_window_us))
     grpc = grpc_option()
-    args = ["--workers", str(workers), "--threads", "1", "--log-level", "warning",
-            *(["--grpc-port", str(ports[3])] if grpc else [])]
+    args = serve_args(workers=workers, grpc_port=ports[3] if grpc else None, batch_window_us=batch_window_us)
     with contextlib.ExitStack() as stack:
         ours, _ = stack.enter_context(load_test.serve_subprocess(artifacts, args, port=ports[0],
                                                                  log_path=work / "ours.log", startup_timeout=120))
@@ -314,7 +339,8 @@ def servers(artifacts: Path, venv: Path, work: Path, workers: int) -> Iterator[t
 
 def compare(*, artifacts: str | os.PathLike, data_dir: str | os.PathLike | None = None,
             venv: str | os.PathLike = REPO / ".venv-mlserver", connections: int = 64, duration: float = 10.0,
-            warmup: float = 2.0, batches: tuple[int, ...] = (1, 64), workers: int = 1) -> list[Result]:
+            warmup: float = 2.0, batches: tuple[int, ...] = (1, 64), workers: int = 1,
+            batch_window_us: int = 0) -> list[Result]:
     if shutil.which("h2load") is None:
         raise RuntimeError("h2load not found: install Debian's nghttp2-client (scripts/system_deps.sh)")
     artifacts, venv = Path(artifacts).resolve(), Path(venv).resolve()
@@ -322,10 +348,13 @@ def compare(*, artifacts: str | os.PathLike, data_dir: str | os.PathLike | None 
     results = []
     with tempfile.TemporaryDirectory(prefix="protocols-") as tmp:
         work = Path(tmp)
-        with servers(artifacts, venv, work, workers) as (name, ours, ours_grpc, theirs, theirs_grpc):
+        with servers(artifacts, venv, work, workers, batch_window_us) as (name, ours, ours_grpc, theirs,
+                                                                          theirs_grpc):
             for batch in batches:
                 for t in targets(batch, pixels, name, ours, ours_grpc, theirs, theirs_grpc, venv):
                     results.append(measure(t, work, connections=connections, duration=duration, warmup=warmup))
+    for r in results:
+        r.batch_window_us = batch_window_us
     return results
 
 
@@ -342,6 +371,21 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def footer(*, connections: int, duration: float, warmup: float, workers: int, batch_window_us: int,
+           load: tuple[float, float]) -> str:
+    """The line under the table: the load, both servers' set-up and batching window, the machine."""
+    if batch_window_us:
+        batching = (f"batch window {batch_window_us} us on both: ours --max-batch-size {MAX_BATCH} (rows) "
+                    f"--max-queue-delay-us {batch_window_us}, MLServer adaptive batching max_batch_size {MAX_BATCH} "
+                    f"(requests) max_batch_time {batch_window_us / 1e6:g} s")
+    else:
+        batching = ("batch window 0: ours --max-queue-delay-us 0 (batches only what is already queued), "
+                    "MLServer adaptive batching off")
+    return (f"h2load, {connections} connections x 1 request in flight, {duration:g} s each after "
+            f"{warmup:g} s of warm-up; our server --workers {workers}, MLServer one process; {batching}; "
+            f"{os.cpu_count()} CPUs, load average {load[0]:.2f} before, {load[1]:.2f} after")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", default="artifacts", help="an artifacts folder with mnist_model.onnx")
@@ -352,8 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before the measurement")
     parser.add_argument("--batches", default="1,64", help="images per request, comma-separated")
     parser.add_argument("--workers", type=int, default=1, help="our server's worker processes (MLServer: one)")
+    parser.add_argument("--batch-window-us", type=int, default=0,
+                        help="both servers' dynamic-batching window in microseconds (0: ours delay 0, MLServer off)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
+    if not 0 <= args.batch_window_us <= 1_000_000:  # our serve's --max-queue-delay-us range
+        print(f"error: --batch-window-us must lie in 0..1000000, got {args.batch_window_us}", file=sys.stderr)
+        return 2
     if not (Path(args.artifacts) / "mnist_model.onnx").exists():
         print(f"error: {args.artifacts}/mnist_model.onnx not found; run `mnist-deploy export` first", file=sys.stderr)
         return 2
@@ -361,15 +410,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = compare(artifacts=args.artifacts, data_dir=args.data_dir, venv=args.mlserver_venv,
                           connections=args.connections, duration=args.duration, warmup=args.warmup,
-                          batches=tuple(int(b) for b in args.batches.split(",")), workers=args.workers)
+                          batches=tuple(int(b) for b in args.batches.split(",")), workers=args.workers,
+                          batch_window_us=args.batch_window_us)
     except (RuntimeError, load_test.ServerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     after = os.getloadavg()
     print(table(results))
-    print(f"\nh2load, {args.connections} connections x 1 request in flight, {args.duration:g} s each after "
-          f"{args.warmup:g} s of warm-up; our server --workers {args.workers}, MLServer one process; "
-          f"{os.cpu_count()} CPUs, load average {before[0]:.2f} before, {after[0]:.2f} after")
+    print("\n" + footer(connections=args.connections, duration=args.duration, warmup=args.warmup,
+                        workers=args.workers, batch_window_us=args.batch_window_us, load=(before[0], after[0])))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
     return 0

@@ -1,6 +1,7 @@
 """benchmarks/compare_protocols.py: its request encoders, decoded back by the real parsers (tritonclient's
-binary request, MLServer's generated protobuf classes), and a target that fails its sample request
-becoming an error row. No timing here: the rates are the benchmark's business."""
+binary request, MLServer's generated protobuf classes), a target that fails its sample request
+becoming an error row, and --batch-window-us reaching both servers (the settings written, and, marked
+slow, both servers run with a window). No rates here: they are the benchmark's business."""
 
 from __future__ import annotations
 
@@ -105,3 +106,103 @@ def test_errors_are_what_h2load_counts_as_failed(done, ok, failed, errored, c2, 
     got, rate = cp.errors_and_rate(counts)
     assert got == errors
     assert rate == pytest.approx(1000.0 * (done - errors) / done)
+
+
+# -- --batch-window-us: the same dynamic-batching window for both servers --------------------------------
+
+
+def _model_settings(root: Path) -> dict:
+    (path,) = root.glob("*/model-settings.json")
+    return json.loads(path.read_text())
+
+
+@pytest.mark.integration
+def test_mlserver_batches_only_with_a_window(trained_mlp, tmp_path):
+    cm = sys.modules["compare_mlserver"]
+    cm.write_repository(tmp_path / "off", trained_mlp, 1, 2, **cp.mlserver_batching(0))
+    off = _model_settings(tmp_path / "off")
+    # MLServer's defaults (0, 0.0) leave adaptive batching off; an unchanged file for today's callers
+    assert "max_batch_size" not in off and "max_batch_time" not in off
+    assert cm.write_repository(tmp_path / "plain", trained_mlp, 1, 2) == cm.write_repository(tmp_path / "off",
+                                                                                             trained_mlp, 1, 2)
+    assert _model_settings(tmp_path / "plain") == off
+    cm.write_repository(tmp_path / "on", trained_mlp, 1, 2, **cp.mlserver_batching(2000))
+    on = _model_settings(tmp_path / "on")
+    assert (on["max_batch_size"], on["max_batch_time"]) == (64, 0.002)  # requests; seconds
+    assert {k: v for k, v in on.items() if not k.startswith("max_batch_")} == off
+
+
+def _serve_params(args: list[str], artifacts: Path) -> dict:
+    """What the real `mnist-deploy serve` command parses from these options (its callbacks run too)."""
+    from mnist_deploy.cli import cli
+
+    ctx = cli.commands["serve"].make_context("serve", ["--artifacts", str(artifacts), *args])
+    return ctx.params
+
+
+def test_our_server_gets_the_window_as_its_queue_delay(tmp_path):
+    args = cp.serve_args(workers=1, grpc_port=50051, batch_window_us=2000)
+    params = _serve_params(args, tmp_path)
+    assert (params["max_batch_size"], params["max_queue_delay_us"]) == (64, 2000)
+    assert (params["workers"], params["threads"], params["grpc_port"]) == (1, 1, 50051)
+    unbatched = cp.serve_args(workers=1, grpc_port=None)
+    assert "--max-queue-delay-us" not in unbatched and "--grpc-port" not in unbatched
+    assert _serve_params(unbatched, tmp_path)["max_queue_delay_us"] == 0
+
+
+def test_the_footer_states_the_window_for_both_servers():
+    kwargs = {"connections": 64, "duration": 5, "warmup": 1, "workers": 1, "load": (1.5, 2.25)}
+    on = cp.footer(batch_window_us=2000, **kwargs)
+    assert "batch window 2000 us on both" in on
+    assert "--max-queue-delay-us 2000" in on and "max_batch_time 0.002 s" in on and "max_batch_size 64" in on
+    off = cp.footer(batch_window_us=0, **kwargs)
+    assert "batch window 0" in off and "MLServer adaptive batching off" in off and "max_batch_time" not in off
+    assert off.startswith("h2load, 64 connections x 1 request in flight, 5 s each after 1 s of warm-up")
+    assert off.endswith("load average 1.50 before, 2.25 after")
+
+
+def test_a_window_out_of_our_servers_range_is_one_line_and_exit_2(tmp_path, capsys):
+    assert cp.main(["--artifacts", str(tmp_path), "--batch-window-us", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --batch-window-us must lie in 0..1000000, got -1\n"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_with_a_window_both_servers_batch_and_answer_each_request_its_own_rows(served, mnist_dir, tmp_path):
+    """The benchmark's own set-up with a window: every target's sample check (batch 1 and 64, REST and
+    gRPC), a lone request waiting out the window on both servers (so both batch), and concurrent
+    requests of different digits and sizes, merged into one call, each answered with its own logits
+    (MLServer concatenates the inputs along the first axis and splits the outputs back)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import onnxruntime as ort
+
+    if not (VENV / "bin" / "mlserver").exists():
+        pytest.skip(f"no {VENV} (bash scripts/mlserver_env.sh)")
+    window_us = 200_000  # long, so that requests sent together surely share a batch
+    pixels, normalised = sys.modules["compare_mlserver"].digits(mnist_dir, served)
+    session = ort.InferenceSession(str(served / "mnist_model.onnx"), providers=["CPUExecutionProvider"])
+    feed = session.get_inputs()[0]
+    expected = session.run(None, {feed.name: normalised.reshape(len(normalised), *feed.shape[1:])})[0]
+    with cp.servers(served, VENV, tmp_path, 1, window_us) as (name, ours, ours_grpc, theirs, theirs_grpc):
+        for batch in (1, 64):
+            checks = {t.name: t.check() for t in cp.targets(batch, pixels, name, ours, ours_grpc, theirs,
+                                                             theirs_grpc, VENV)}
+            assert checks == dict.fromkeys(checks), f"batch {batch}: {checks}"
+        infer = f"/v2/models/{name}/infer"
+        for url in (ours, theirs):
+            t0 = time.perf_counter()
+            assert cp.check_rest(url + infer, cp.v2_json_body(pixels[:1]), {}, 1) is None
+            assert time.perf_counter() - t0 >= 0.9 * window_us / 1e6, f"{url} answered before the window ran out"
+            slices = [slice(i, i + 1 + i % 4) for i in range(16)]  # 1..4 digits each, all different
+            with httpx.Client(timeout=10) as client, ThreadPoolExecutor(len(slices)) as pool:
+                answers = list(pool.map(lambda s, url=url: client.post(url + infer, content=cp.v2_json_body(
+                    pixels[s]), headers={"content-type": "application/json"}).json(), slices))
+            for s, answer in zip(slices, answers, strict=True):
+                (out,) = answer["outputs"]
+                assert out["shape"] == [s.stop - s.start, 10], (url, s, out["shape"])
+                np.testing.assert_allclose(np.asarray(out["data"], np.float32).reshape(-1, 10), expected[s],
+                                           atol=1e-4, err_msg=f"{url} {s}")
