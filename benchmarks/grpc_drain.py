@@ -1,13 +1,16 @@
 """SIGTERM under gRPC load: what each call got while the server drained, and how long the stop took.
 
-    python benchmarks/grpc_drain.py --artifacts artifacts [--workers 1] [--clients 16] [--seconds 2]
+    python benchmarks/grpc_drain.py --artifacts artifacts [--workers 1] [--clients 16] [--seconds 2] [--keep-sending]
 
 Starts the real `mnist-deploy serve --grpc-port P`, runs ``--clients`` threads, each with a connection of
 its own, sending one-image `ModelInfer` calls back to back; after ``--seconds`` sends SIGTERM to the server
-and counts each call's status until every client has been refused (UNAVAILABLE: the port is closed). The
-clients do not look at readiness, so they keep sending through the whole drain: the worst case for the
-calls in transit when the port closes. Prints the counts, the exit code and the seconds from SIGTERM to
-the exit.
+and counts each call's status until every client has been refused (UNAVAILABLE). The clients do not look
+at readiness, so they keep sending through the whole drain: the worst case for the calls in transit when
+the server stops. An UNAVAILABLE is counted apart when the draining server answered it itself (``refused``:
+the call was not run) and when the connection failed (``no connection``: the port is closed). With
+``--keep-sending`` a client sends again at once after a ``refused`` and stops only at ``no connection``
+(a client that retries UNAVAILABLE without a pause, on the same server). Prints the counts, the exit code
+and the seconds from SIGTERM to the exit.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import load_test  # noqa: E402  (benchmarks/load_test.py: serve_subprocess, free_port)
 
 
-def run(*, artifacts: str, workers: int, clients: int, seconds: float) -> dict:
+def run(*, artifacts: str, workers: int, clients: int, seconds: float, keep_sending: bool = False) -> dict:
     import grpc
     import httpx
 
+    from mnist_deploy.serve.grpc_v2 import DRAIN_REFUSAL
     from mnist_deploy.serve.protos import load_protos
 
     pb2, pb2_grpc = load_protos()
@@ -50,9 +54,11 @@ def run(*, artifacts: str, workers: int, clients: int, seconds: float) -> dict:
                     code = "OK"
                 except grpc.RpcError as exc:
                     code = exc.code().name
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                        code += " (refused)" if exc.details() == DRAIN_REFUSAL else " (no connection)"
                 with lock:
                     counts[code] += 1
-                if code == "UNAVAILABLE":
+                if code == "UNAVAILABLE (no connection)" or (code == "UNAVAILABLE (refused)" and not keep_sending):
                     return
 
         threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -74,8 +80,11 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--seconds", type=float, default=2.0)
+    p.add_argument("--keep-sending", action="store_true", help="send again at once after a refusal; stop when "
+                   "the connection fails")
     a = p.parse_args()
-    print(run(artifacts=a.artifacts, workers=a.workers, clients=a.clients, seconds=a.seconds))
+    print(run(artifacts=a.artifacts, workers=a.workers, clients=a.clients, seconds=a.seconds,
+              keep_sending=a.keep_sending))
 
 
 if __name__ == "__main__":
