@@ -1,6 +1,6 @@
 """SIGTERM under gRPC load: what each call got while the server drained, and how long the stop took.
 
-    python benchmarks/grpc_drain.py --artifacts artifacts [--workers 1] [--clients 16] [--seconds 2] [--keep-sending]
+    python benchmarks/grpc_drain.py --artifacts artifacts [--workers 1] [--clients 16] [--seconds 2] [--keep-sending | --rate R]
 
 Starts the real `mnist-deploy serve --grpc-port P`, runs ``--clients`` threads, each with a connection of
 its own, sending one-image `ModelInfer` calls back to back; after ``--seconds`` sends SIGTERM to the server
@@ -9,8 +9,9 @@ at readiness, so they keep sending through the whole drain: the worst case for t
 the server stops. An UNAVAILABLE is counted apart when the draining server answered it itself (``refused``:
 the call was not run) and when the connection failed (``no connection``: the port is closed). With
 ``--keep-sending`` a client sends again at once after a ``refused`` and stops only at ``no connection``
-(a client that retries UNAVAILABLE without a pause, on the same server). Prints the counts, the exit code
-and the seconds from SIGTERM to the exit.
+(a client that retries UNAVAILABLE without a pause, on the same server). With ``--rate R`` each client
+sends R calls a second without waiting for the answers (an open-loop load generator), until its connection
+fails. Prints the counts, the exit code and the seconds from SIGTERM to the exit.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import load_test  # noqa: E402  (benchmarks/load_test.py: serve_subprocess, free_port)
 
 
-def run(*, artifacts: str, workers: int, clients: int, seconds: float, keep_sending: bool = False) -> dict:
+def run(*, artifacts: str, workers: int, clients: int, seconds: float, keep_sending: bool = False,
+        rate: float = 0.0) -> dict:
     import grpc
     import httpx
 
@@ -45,23 +47,47 @@ def run(*, artifacts: str, workers: int, clients: int, seconds: float, keep_send
         req = pb2.ModelInferRequest(model_name=name, raw_input_contents=[bytes(784)])
         req.inputs.add(name="pixels", datatype="UINT8", shape=[1, 28, 28])
 
+        def status(call) -> str:
+            try:
+                call.result()
+                return "OK"
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    return exc.code().name
+                return "UNAVAILABLE (refused)" if exc.details() == DRAIN_REFUSAL else "UNAVAILABLE (no connection)"
+
+        def count(code: str) -> None:
+            with lock:
+                counts[code] += 1
+
         def client():
             channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
             stub = pb2_grpc.GRPCInferenceServiceStub(channel)
             while True:
-                try:
-                    stub.ModelInfer(req, timeout=10)
-                    code = "OK"
-                except grpc.RpcError as exc:
-                    code = exc.code().name
-                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                        code += " (refused)" if exc.details() == DRAIN_REFUSAL else " (no connection)"
-                with lock:
-                    counts[code] += 1
+                code = status(stub.ModelInfer.future(req, timeout=10))
+                count(code)
                 if code == "UNAVAILABLE (no connection)" or (code == "UNAVAILABLE (refused)" and not keep_sending):
                     return
 
-        threads = [threading.Thread(target=client) for _ in range(clients)]
+        def open_loop_client():  # --rate: a call every 1/rate s, without waiting for the answers
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+            stub = pb2_grpc.GRPCInferenceServiceStub(channel)
+            failed, calls, t = threading.Event(), [], time.monotonic()
+
+            def done(call):
+                code = status(call)
+                count(code)
+                if code == "UNAVAILABLE (no connection)":
+                    failed.set()
+
+            while not failed.wait(max(0.0, t - time.monotonic())):
+                calls.append(stub.ModelInfer.future(req, timeout=10))
+                calls[-1].add_done_callback(done)
+                t += 1 / rate
+            for call in calls:
+                call.exception()  # every answer counted before the counts are read
+
+        threads = [threading.Thread(target=open_loop_client if rate else client) for _ in range(clients)]
         for t in threads:
             t.start()
         time.sleep(seconds)
@@ -82,9 +108,11 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--keep-sending", action="store_true", help="send again at once after a refusal; stop when "
                    "the connection fails")
+    p.add_argument("--rate", type=float, default=0.0, help="calls per second per client, sent without waiting "
+                   "for the answers, until the connection fails (default 0: one call at a time)")
     a = p.parse_args()
     print(run(artifacts=a.artifacts, workers=a.workers, clients=a.clients, seconds=a.seconds,
-              keep_sending=a.keep_sending))
+              keep_sending=a.keep_sending, rate=a.rate))
 
 
 if __name__ == "__main__":
