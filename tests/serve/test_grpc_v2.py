@@ -313,6 +313,30 @@ def test_readiness_follows_the_drain(grpc_app, protos, torch_model):
         assert _refused_within(port, protos, 10.0), "the gRPC server still takes calls 10 s after the drain began"
 
 
+@pytest.mark.integration
+def test_a_call_the_drain_holds_is_answered_unavailable_once_released_and_counted(grpc_app, protos):
+    """The drain's gate (DrainGate), closed by hand: a call is held, unanswered, until the gate is released,
+    then answered UNAVAILABLE with DRAIN_REFUSAL (not run: safe to send again) and counted in /metrics."""
+    import grpc
+
+    from mnist_deploy.serve.grpc_v2 import DRAIN_REFUSAL, GrpcServer
+
+    app, port, _ = grpc_app
+    server = next(hook.__self__ for hook in app.service.on_drain if isinstance(getattr(hook, "__self__", None),
+                                                                               GrpcServer))
+    channel, stub = _stub(port, protos)
+    with channel:
+        server.gate.closing = True  # what the drain does after its one second of answers
+        held = stub.ServerLive.future(protos[0].ServerLiveRequest(), timeout=10)
+        time.sleep(0.5)
+        assert not held.done(), "a call was answered while the gate held it"
+        server._loop.call_soon_threadsafe(server.gate.released.set)  # what the drain does once grpc stopped
+        exc = held.exception(timeout=10)
+    assert exc is not None and exc.code() == grpc.StatusCode.UNAVAILABLE and exc.details() == DRAIN_REFUSAL, exc
+    text = app.service.render_metrics()
+    assert 'mnist_deploy_grpc_requests_total{code="UNAVAILABLE",method="ServerLive"} 1.0' in text, text
+
+
 def test_every_typed_error_has_its_status_code():
     import grpc
 
