@@ -299,7 +299,8 @@ class GrpcServer:
                 while (quiet := time.monotonic() - self.gate.last_call) < self.QUIET and loop.time() < until:
                     await asyncio.sleep(min(self.QUIET - quiet, until - loop.time()))
             stopped = asyncio.ensure_future(self._server.stop(max(0.0, self.grace - (loop.time() - began))))
-            await asyncio.sleep(self.GOAWAY)  # the GOAWAY goes out before the held calls' answers
+            if self.gate.closing:
+                await asyncio.sleep(self.GOAWAY)  # the GOAWAY goes out before the held calls' answers
         finally:
             self.gate.released.set()
         await stopped
