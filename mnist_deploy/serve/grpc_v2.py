@@ -24,10 +24,12 @@ INTERNAL (with no detail) for a bug. Each call is counted in ``mnist_deploy_grpc
 
 Shutdown, as for HTTP (:mod:`.connections`): at SIGTERM readiness turns false at once (``ServerReady``,
 ``ModelReady``); calls keep being answered for ``DRAIN_IDLE_GRACE`` (1 s), so that those clients had
-already sent are read and answered; then the server stops (:meth:`GrpcServer.drain`): the port closes
-and new calls are refused (UNAVAILABLE), calls in flight are answered, and what is still running when
-the drain timeout (less a margin) ends is cancelled, so the worker exits within ``--drain-timeout``.
-The lifespan's shutdown waits for it before it closes the batcher.
+already sent are read and answered; then new calls are held, not run, until none has come for a moment,
+and the server stops (:meth:`GrpcServer.drain`): the port closes, each connection gets a GOAWAY, the held
+calls are answered UNAVAILABLE (:data:`DRAIN_REFUSAL`: safe to send again), calls in flight are answered,
+and what is still running when the drain timeout (less a margin) ends is cancelled, so the worker exits
+within ``--drain-timeout``. No call is left for grpc to cancel when it stops. The lifespan's shutdown
+waits for it before it closes the batcher.
 """
 
 from __future__ import annotations
@@ -204,8 +206,43 @@ def server_options(config: ServeConfig) -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", config.max_body_bytes), ("grpc.so_reuseport", 1)]
 
 
+# What a call that comes once the drain refuses new calls is answered (UNAVAILABLE), by :class:`DrainGate`.
+DRAIN_REFUSAL = "the server is shutting down: this call was not run; send it again, to another replica"
+
+
+class DrainGate(grpc.aio.ServerInterceptor):
+    """Sees each call before its handler and notes when the last one came. Once :attr:`closing`, it holds
+    each new call, unread and not run, until :attr:`released` (the server has stopped listening and told
+    the clients so), then answers it ``UNAVAILABLE`` (:data:`DRAIN_REFUSAL`): see :meth:`GrpcServer.drain`."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.closing = False
+        self.released = asyncio.Event()
+        self.last_call = time.monotonic()
+
+    async def intercept_service(self, continuation, handler_call_details):
+        self.last_call = time.monotonic()
+        if not self.closing:
+            return await continuation(handler_call_details)
+        method = handler_call_details.method.rpartition("/")[2]
+        metrics = self.service.metrics if callable(getattr(Servicer, method, None)) else None
+
+        async def refuse(request, context):
+            t0 = time.perf_counter()
+            await self.released.wait()
+            if metrics is not None:
+                metrics.rpc(method, grpc.StatusCode.UNAVAILABLE.name, time.perf_counter() - t0)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAIN_REFUSAL)
+
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
 class GrpcServer:
     """One worker's gRPC server, on the running event loop: :meth:`start`, :meth:`drain`, :meth:`stop`."""
+
+    QUIET = 0.2  # seconds without a new call after which no call is taken to be on its way (:meth:`drain`)
+    GOAWAY = 0.1  # seconds between the stop's beginning (grpc's GOAWAY) and the held calls' UNAVAILABLE
 
     def __init__(self, service: Service, config: ServeConfig) -> None:
         self.service, self.config = service, config
@@ -213,6 +250,7 @@ class GrpcServer:
         self.grace_before_stop = min(DRAIN_IDLE_GRACE, drain / 2)  # as HTTP keeps idle connections open
         self.grace = max(0.0, drain - min(1.0, drain / 10))  # as the HTTP drain: answered before the exit
         self.port: int | None = None
+        self.gate = DrainGate(service)
         self._server: grpc.aio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Future | None = None
@@ -222,7 +260,7 @@ class GrpcServer:
         pb2, pb2_grpc = load_protos()
         c = self.config
         self._loop = asyncio.get_running_loop()
-        self._server = grpc.aio.server(options=server_options(c),
+        self._server = grpc.aio.server(options=server_options(c), interceptors=[self.gate],
                                        maximum_concurrent_rpcs=c.max_connections or default_max_connections())
         pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(self.service, pb2), self._server)
         address = grpc_address(c.host, c.grpc_port)
@@ -237,18 +275,36 @@ class GrpcServer:
         return self.port
 
     def drain(self, *, wait_first: bool = True) -> None:
-        """Begin the stop, once (call it on the loop). Readiness is already false (``service.draining``);
-        calls keep being answered for :attr:`grace_before_stop` seconds, so that one a client had sent
-        before it saw the signal is read and answered (grpc cancels a call it has received but not yet
-        handed to the application when it stops); then new calls are refused, and those in flight get
-        :attr:`grace` seconds more."""
+        """Begin the stop, once (call it on the loop). Readiness is already false (``service.draining``).
+
+        grpc, when it stops, cancels (CANCELLED) each call it has received but not yet handed to the
+        application, and a call that comes after it began to stop and before the client read its GOAWAY; so
+        it must stop when no call is on its way. Calls keep being answered for :attr:`grace_before_stop`
+        seconds, so that those clients had sent before they saw the signal are; then each new call is taken
+        but held, not run (:class:`DrainGate`), until none has come for :attr:`QUIET` seconds (a client
+        that waits for its answer sends nothing more) or another :attr:`grace_before_stop` has passed. Then
+        the server stops (its port closes, the connections get a GOAWAY, so a client's next call goes to a
+        new connection and is refused, UNAVAILABLE) and the held calls are answered UNAVAILABLE: not run,
+        safe to send again. The calls in flight get what is left of :attr:`grace`."""
         if self._stopping is None and self._server is not None:
             self._stopping = asyncio.ensure_future(self._stop(self.grace_before_stop if wait_first else 0.0))
 
     async def _stop(self, wait: float) -> None:
-        if wait:
-            await asyncio.sleep(wait)
-        await self._server.stop(max(0.0, self.grace - wait))
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        try:
+            if wait:
+                await asyncio.sleep(wait)
+                self.gate.closing = True
+                until = loop.time() + min(self.grace_before_stop, max(0.0, self.grace - wait) / 2)
+                while (quiet := time.monotonic() - self.gate.last_call) < self.QUIET and loop.time() < until:
+                    await asyncio.sleep(min(self.QUIET - quiet, until - loop.time()))
+            stopped = asyncio.ensure_future(self._server.stop(max(0.0, self.grace - (loop.time() - began))))
+            if self.gate.closing:
+                await asyncio.sleep(self.GOAWAY)  # the GOAWAY goes out before the held calls' answers
+        finally:
+            self.gate.released.set()
+        await stopped
 
     def drain_threadsafe(self) -> None:
         """:meth:`drain` from a signal handler or another thread."""
@@ -270,5 +326,5 @@ async def start_grpc(service: Service, config: ServeConfig) -> GrpcServer:
     return server
 
 
-__all__ = ["CODES", "GrpcServer", "Servicer", "check_port", "grpc_address", "infer_response", "read_input",
+__all__ = ["CODES", "DRAIN_REFUSAL", "DrainGate", "GrpcServer", "Servicer", "check_port", "grpc_address", "infer_response", "read_input",
            "start_grpc", "status_code"]

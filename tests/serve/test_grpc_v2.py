@@ -313,6 +313,30 @@ def test_readiness_follows_the_drain(grpc_app, protos, torch_model):
         assert _refused_within(port, protos, 10.0), "the gRPC server still takes calls 10 s after the drain began"
 
 
+@pytest.mark.integration
+def test_a_call_the_drain_holds_is_answered_unavailable_once_released_and_counted(grpc_app, protos):
+    """The drain's gate (DrainGate), closed by hand: a call is held, unanswered, until the gate is released,
+    then answered UNAVAILABLE with DRAIN_REFUSAL (not run: safe to send again) and counted in /metrics."""
+    import grpc
+
+    from mnist_deploy.serve.grpc_v2 import DRAIN_REFUSAL, GrpcServer
+
+    app, port, _ = grpc_app
+    server = next(hook.__self__ for hook in app.service.on_drain if isinstance(getattr(hook, "__self__", None),
+                                                                               GrpcServer))
+    channel, stub = _stub(port, protos)
+    with channel:
+        server.gate.closing = True  # what the drain does after its one second of answers
+        held = stub.ServerLive.future(protos[0].ServerLiveRequest(), timeout=10)
+        time.sleep(0.5)
+        assert not held.done(), "a call was answered while the gate held it"
+        server._loop.call_soon_threadsafe(server.gate.released.set)  # what the drain does once grpc stopped
+        exc = held.exception(timeout=10)
+    assert exc is not None and exc.code() == grpc.StatusCode.UNAVAILABLE and exc.details() == DRAIN_REFUSAL, exc
+    text = app.service.render_metrics()
+    assert 'mnist_deploy_grpc_requests_total{code="UNAVAILABLE",method="ServerLive"} 1.0' in text, text
+
+
 def test_every_typed_error_has_its_status_code():
     import grpc
 
@@ -367,6 +391,57 @@ def test_sigterm_answers_the_calls_in_flight_and_refuses_new_ones(served, protos
     np.testing.assert_allclose(np.concatenate([_logits(r) for r in replies]), want, atol=1e-4, rtol=1e-4)
     assert code == 0, Path(proc.log_path).read_text()
     assert took < 8, f"stopped {took:.1f} s after SIGTERM; the drain timeout is 8 s"
+
+
+@pytest.mark.integration
+def test_sigterm_under_load_cancels_no_call(served, protos, torch_model):
+    """Eight clients, each on a connection of its own, send ModelInfer back to back and never look at
+    readiness; after a refusal (UNAVAILABLE, DRAIN_REFUSAL) they send again at once, and they stop only when
+    the connection fails. SIGTERM under that load: every call is answered OK or UNAVAILABLE, none is
+    CANCELLED (grpc cancels the calls it has received but not handed to the application when it stops, so
+    the server must stop when none is on its way), and the server exits 0 within the drain timeout."""
+    import grpc
+
+    from mnist_deploy.serve.grpc_v2 import DRAIN_REFUSAL
+
+    pb2, pb2_grpc = protos
+    request = _pixels_request(pb2, f"{torch_model.manifest['model']['name']}-pixels", np.zeros((1, 28, 28)))
+    port, drain, clients = free_port(), 8.0, 8
+    codes: list[list[str]] = [[] for _ in range(clients)]
+
+    def client(seen: list[str]) -> None:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+        stub, stop_at = pb2_grpc.GRPCInferenceServiceStub(channel), time.monotonic() + 60
+        with channel:
+            while time.monotonic() < stop_at:  # bounded, should the server never stop
+                try:
+                    stub.ModelInfer(request, timeout=10)
+                    seen.append("OK")
+                except grpc.RpcError as exc:
+                    refused = exc.code() == grpc.StatusCode.UNAVAILABLE and exc.details() == DRAIN_REFUSAL
+                    seen.append("refused" if refused else exc.code().name)
+                    if not refused:
+                        return
+
+    args = ("--workers", "2", "--grpc-port", str(port), "--drain-timeout", str(drain), "--log-level", "warning")
+    with serve_process(served, *args) as (_url, proc):
+        threads = [threading.Thread(target=client, args=(seen,)) for seen in codes]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while sum(c.count("OK") for c in codes) < 20 * clients and time.monotonic() < deadline:
+            time.sleep(0.05)  # every client connected and under way
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=drain + 10)
+        took = time.monotonic() - t0
+        for t in threads:
+            t.join(timeout=30)
+    tally = {code: sum(c.count(code) for c in codes) for code in {code for c in codes for code in c}}
+    assert set(tally) <= {"OK", "refused", "UNAVAILABLE"}, tally
+    assert all(c and c[-1] == "UNAVAILABLE" for c in codes), tally  # each stopped: its connection failed
+    assert rc == 0, Path(proc.log_path).read_text()
+    assert took < drain, f"exited {took:.1f} s after SIGTERM; the drain timeout is {drain} s"
 
 
 def _refused_within(port: int, protos, seconds: float) -> bool:
