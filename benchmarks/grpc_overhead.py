@@ -68,7 +68,6 @@ class Row:
 
 def empty_server(port: int, acceptors: int) -> None:
     """grpcio's asyncio server on uvloop, ``acceptors`` of them on ``port``, answering a fixed reply."""
-    import asyncio
 
     import grpc
     import uvloop
