@@ -62,6 +62,9 @@ def predict_cmd(ctx, inputs, runtime, artifacts, top_k, device, threads, as_json
 @click.option("--grpc-port", type=click.IntRange(0, 65535), default=8001, show_default=True,
               help="Port of the Open Inference Protocol's gRPC service (inference.GRPCInferenceService; 8001 as "
                    "Triton), on --host, in every worker; 0: no gRPC.")
+@click.option("--grpc-acceptors", type=click.IntRange(1, 16), default=4, show_default=True,
+              help="gRPC servers per worker on --grpc-port, each taking calls in parallel with the others "
+                   "(grpcio's asyncio server takes one call at a time).")
 @click.option("--runtime", type=click.Choice(PREDICT_RUNTIMES), default=DEFAULT_RUNTIME, show_default=True,
               help="An exported format (checked against the manifest's sha256), or pytorch (the state_dict).")
 @click.option("--artifacts", type=click.Path(file_okay=False, path_type=Path), default=Path("artifacts"),
@@ -97,7 +100,7 @@ def predict_cmd(ctx, inputs, runtime, artifacts, top_k, device, threads, as_json
 @click.option("--access-log", is_flag=True, help="Log every request (costs throughput).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
-def serve_cmd(host, port, grpc_port, runtime, artifacts, device, workers, reuse_port, threads, max_batch_size,
+def serve_cmd(host, port, grpc_port, grpc_acceptors, runtime, artifacts, device, workers, reuse_port, threads, max_batch_size,
               max_queue_delay_us, preferred_batch_sizes, max_body, max_connections, request_timeout, loop, drain_timeout, access_log,
               log_level) -> None:
     """Serve the model over HTTP until Ctrl-C: a drawing page at /, POST /predict, /docs, /metrics.
@@ -121,7 +124,7 @@ def serve_cmd(host, port, grpc_port, runtime, artifacts, device, workers, reuse_
     try:
         config = ServeConfig(
             artifacts=artifacts, runtime=runtime, device=device, threads=threads_per_worker(workers, threads),
-            host=host, port=port, grpc_port=grpc_port, workers=workers, reuse_port=reuse_port,
+            host=host, port=port, grpc_port=grpc_port, grpc_acceptors=grpc_acceptors, workers=workers, reuse_port=reuse_port,
             max_body_bytes=max_body,
             max_connections=max_connections, request_timeout=request_timeout, max_batch_size=max_batch_size,
             max_queue_delay_us=max_queue_delay_us, preferred_batch_sizes=preferred, loop=loop,

@@ -18,6 +18,7 @@ from ..formats import DEFAULT_RUNTIME
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 MAX_BATCH = 256  # images per request (/predict/batch, v2 infer)
+GRPC_ACCEPTORS = 4  # grpcio servers per worker on the gRPC port (docs/grpc.md, benchmarks/grpc_overhead.py)
 REQUEST_TIMEOUT = 10.0  # seconds for a request to arrive whole (headers and body)
 DRAIN_TIMEOUT = 30.0  # seconds a SIGTERM drain may take before what is left is answered 503
 LOOPS = ("uvloop", "asyncio")
@@ -37,6 +38,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     grpc_port: int = 0  # the gRPC service's port, 0: none (the CLI's default is 8001, Triton's)
+    grpc_acceptors: int = GRPC_ACCEPTORS  # grpcio servers per worker on grpc_port (grpc_v2.GrpcServer.start)
     workers: int = 1
     reuse_port: bool = True
     # request limits
@@ -58,7 +60,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "artifacts", Path(self.artifacts))
         object.__setattr__(self, "preferred_batch_sizes", tuple(int(p) for p in self.preferred_batch_sizes))
-        for name in ("workers", "max_body_bytes", "max_image_pixels", "max_batch"):
+        for name in ("workers", "max_body_bytes", "max_image_pixels", "max_batch", "grpc_acceptors"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_batch_size < 0 or self.max_queue_delay_us < 0:

@@ -127,12 +127,40 @@ def infer_response(pb2, served: core.ServedModel, request_id: str, wanted: list[
 # The service.
 
 
+# What a call that comes once the drain refuses new calls is answered (UNAVAILABLE), by :class:`DrainGate`.
+DRAIN_REFUSAL = "the server is shutting down: this call was not run; send it again, to another replica"
+
+
+class DrainGate:
+    """Notes when the last call came. Once :attr:`closing`, each new call is held, not run, until
+    :attr:`released` (the server has stopped listening and told the clients so), then answered
+    ``UNAVAILABLE`` (:data:`DRAIN_REFUSAL`): see :meth:`GrpcServer.drain`. Every method passes through it
+    (:func:`_rpc`), in the call's own wrapper rather than as a grpc interceptor, which would cost every
+    call a coroutine more (docs/grpc.md)."""
+
+    def __init__(self) -> None:
+        self.closing = False
+        self.released = asyncio.Event()
+        self.last_call = time.monotonic()
+
+    async def refuse(self, metrics, method: str, context) -> None:
+        t0 = time.perf_counter()
+        await self.released.wait()
+        metrics.rpc(method, grpc.StatusCode.UNAVAILABLE.name, time.perf_counter() - t0)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, DRAIN_REFUSAL)
+
+
 def _rpc(method):
-    """One call: time and count it, and turn a raised error into the call's status (:func:`status_code`)."""
+    """One call: time and count it, and turn a raised error into the call's status (:func:`status_code`);
+    held and refused instead while the drain's :class:`DrainGate` is closing."""
     name = method.__name__
 
     @functools.wraps(method)
     async def call(self, request, context):
+        gate = self.gate
+        gate.last_call = time.monotonic()
+        if gate.closing:
+            return await gate.refuse(self.service.metrics, name, context)
         t0 = time.perf_counter()
         try:
             reply = await method(self, request, context)
@@ -156,8 +184,9 @@ def _rpc(method):
 class Servicer:
     """``GRPCInferenceService``'s six methods over a :class:`.service.Service`."""
 
-    def __init__(self, service: Service, pb2) -> None:
+    def __init__(self, service: Service, pb2, gate: DrainGate | None = None) -> None:
         self.service, self.pb2 = service, pb2
+        self.gate = gate or DrainGate()
 
     @_rpc
     async def ServerLive(self, request, context):
@@ -206,38 +235,6 @@ def server_options(config: ServeConfig) -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", config.max_body_bytes), ("grpc.so_reuseport", 1)]
 
 
-# What a call that comes once the drain refuses new calls is answered (UNAVAILABLE), by :class:`DrainGate`.
-DRAIN_REFUSAL = "the server is shutting down: this call was not run; send it again, to another replica"
-
-
-class DrainGate(grpc.aio.ServerInterceptor):
-    """Sees each call before its handler and notes when the last one came. Once :attr:`closing`, it holds
-    each new call, unread and not run, until :attr:`released` (the server has stopped listening and told
-    the clients so), then answers it ``UNAVAILABLE`` (:data:`DRAIN_REFUSAL`): see :meth:`GrpcServer.drain`."""
-
-    def __init__(self, service: Service) -> None:
-        self.service = service
-        self.closing = False
-        self.released = asyncio.Event()
-        self.last_call = time.monotonic()
-
-    async def intercept_service(self, continuation, handler_call_details):
-        self.last_call = time.monotonic()
-        if not self.closing:
-            return await continuation(handler_call_details)
-        method = handler_call_details.method.rpartition("/")[2]
-        metrics = self.service.metrics if callable(getattr(Servicer, method, None)) else None
-
-        async def refuse(request, context):
-            t0 = time.perf_counter()
-            await self.released.wait()
-            if metrics is not None:
-                metrics.rpc(method, grpc.StatusCode.UNAVAILABLE.name, time.perf_counter() - t0)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAIN_REFUSAL)
-
-        return grpc.unary_unary_rpc_method_handler(refuse)
-
-
 class GrpcServer:
     """One worker's gRPC server, on the running event loop: :meth:`start`, :meth:`drain`, :meth:`stop`."""
 
@@ -250,25 +247,35 @@ class GrpcServer:
         self.grace_before_stop = min(DRAIN_IDLE_GRACE, drain / 2)  # as HTTP keeps idle connections open
         self.grace = max(0.0, drain - min(1.0, drain / 10))  # as the HTTP drain: answered before the exit
         self.port: int | None = None
-        self.gate = DrainGate(service)
-        self._server: grpc.aio.Server | None = None
+        self.gate = DrainGate()
+        self._servers: list[grpc.aio.Server] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Future | None = None
 
     async def start(self) -> int:
-        """Listen on ``config.host:config.grpc_port`` and serve; returns the port."""
+        """Listen on ``config.host:config.grpc_port`` and serve; returns the port.
+
+        ``config.grpc_acceptors`` grpcio servers share the port (SO_REUSEPORT, as workers do) and the one
+        servicer: grpcio's asyncio server takes its calls one at a time (it asks the core for the next
+        call once the last has reached the loop), so under load one server leaves the loop waiting
+        between calls; each more server is one more call on its way (docs/grpc.md). The limit of calls
+        at once (``max_connections``) is split between them."""
         pb2, pb2_grpc = load_protos()
         c = self.config
         self._loop = asyncio.get_running_loop()
-        self._server = grpc.aio.server(options=server_options(c), interceptors=[self.gate],
-                                       maximum_concurrent_rpcs=c.max_connections or default_max_connections())
-        pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(self.service, pb2), self._server)
+        servicer, count = Servicer(self.service, pb2, self.gate), c.grpc_acceptors
+        limit = -(-(c.max_connections or default_max_connections()) // count)
         address = grpc_address(c.host, c.grpc_port)
-        try:
-            self.port = self._server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise InputError(f"cannot listen for gRPC on {address}: {exc}; choose another --grpc-port") from None
-        await self._server.start()
+        for _ in range(count):
+            server = grpc.aio.server(options=server_options(c), maximum_concurrent_rpcs=limit)
+            pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+            try:
+                self.port = server.add_insecure_port(address)
+            except RuntimeError as exc:
+                raise InputError(f"cannot listen for gRPC on {address}: {exc}; choose another --grpc-port") from None
+            self._servers.append(server)
+        for server in self._servers:
+            await server.start()
         self.service.on_drain.append(self.drain_threadsafe)
         if self.service.draining:  # the signal came while the server was starting
             self.drain()
@@ -286,7 +293,7 @@ class GrpcServer:
         the server stops (its port closes, the connections get a GOAWAY, so a client's next call goes to a
         new connection and is refused, UNAVAILABLE) and the held calls are answered UNAVAILABLE: not run,
         safe to send again. The calls in flight get what is left of :attr:`grace`."""
-        if self._stopping is None and self._server is not None:
+        if self._stopping is None and self._servers:
             self._stopping = asyncio.ensure_future(self._stop(self.grace_before_stop if wait_first else 0.0))
 
     async def _stop(self, wait: float) -> None:
@@ -299,7 +306,8 @@ class GrpcServer:
                 until = loop.time() + min(self.grace_before_stop, max(0.0, self.grace - wait) / 2)
                 while (quiet := time.monotonic() - self.gate.last_call) < self.QUIET and loop.time() < until:
                     await asyncio.sleep(min(self.QUIET - quiet, until - loop.time()))
-            stopped = asyncio.ensure_future(self._server.stop(max(0.0, self.grace - (loop.time() - began))))
+            grace = max(0.0, self.grace - (loop.time() - began))
+            stopped = asyncio.gather(*(server.stop(grace) for server in self._servers))
             if self.gate.closing:
                 await asyncio.sleep(self.GOAWAY)  # the GOAWAY goes out before the held calls' answers
         finally:
@@ -326,5 +334,5 @@ async def start_grpc(service: Service, config: ServeConfig) -> GrpcServer:
     return server
 
 
-__all__ = ["CODES", "DRAIN_REFUSAL", "DrainGate", "GrpcServer", "Servicer", "check_port", "grpc_address", "infer_response", "read_input",
-           "start_grpc", "status_code"]
+__all__ = ["CODES", "DRAIN_REFUSAL", "DrainGate", "GrpcServer", "Servicer", "check_port", "grpc_address",
+           "infer_response", "read_input", "start_grpc", "status_code"]

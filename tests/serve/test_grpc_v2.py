@@ -10,6 +10,7 @@ flight, on a real server process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -391,6 +392,53 @@ def test_sigterm_answers_the_calls_in_flight_and_refuses_new_ones(served, protos
     np.testing.assert_allclose(np.concatenate([_logits(r) for r in replies]), want, atol=1e-4, rtol=1e-4)
     assert code == 0, Path(proc.log_path).read_text()
     assert took < 8, f"stopped {took:.1f} s after SIGTERM; the drain timeout is 8 s"
+
+
+def _listeners(port: int) -> int:
+    """How many sockets listen on 127.0.0.1:``port``, IPv4 or v4-mapped IPv6 (grpc's): /proc/net/tcp and
+    tcp6 rows, local address ``...0100007F:PORT`` in hex, state 0A (LISTEN)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for row in Path(table).read_text().splitlines()[1:]:
+                address, state = row.split()[1], row.split()[3]
+                host, _, hex_port = address.rpartition(":")
+                count += host.endswith("0100007F") and int(hex_port, 16) == port and state == "0A"
+    return count
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="counts listening sockets in /proc/net/tcp")
+def test_every_acceptor_listens_and_answers(served, protos, torch_model, digits):
+    """--grpc-acceptors 3 with one worker: three grpcio servers listen on the one port, and calls spread
+    over connections (the kernel hands each connection to one of them) are all answered, right."""
+    pb2, _ = protos
+    port = free_port()
+    with serve_process(served, "--workers", "1", "--grpc-port", str(port), "--grpc-acceptors", "3",
+                       "--log-level", "warning"):
+        assert _listeners(port) == 3
+        images = digits[0][:4]
+        want = torch_model.logits(normalize_pixels(images))
+        name = torch_model.manifest["model"]["name"] + "-pixels"
+        channels = [_stub(port, protos) for _ in range(12)]  # 12 connections: some reach every listener
+        try:
+            for _channel, stub in channels:
+                request = pb2.ModelInferRequest(model_name=name, raw_input_contents=[images.tobytes()])
+                request.inputs.add(name="pixels", datatype="UINT8", shape=[4, 28, 28])
+                reply = stub.ModelInfer(request, timeout=30)
+                got = np.frombuffer(reply.raw_output_contents[0], "<f4").reshape(4, 10)
+                np.testing.assert_allclose(got, want, atol=1e-4)
+        finally:
+            for channel, _ in channels:
+                channel.close()
+
+
+def test_acceptors_must_be_at_least_one():
+    from mnist_deploy.errors import InputError
+    from mnist_deploy.serve import ServeConfig
+
+    with pytest.raises(InputError, match="grpc_acceptors"):
+        ServeConfig(grpc_acceptors=0)
 
 
 @pytest.mark.integration
