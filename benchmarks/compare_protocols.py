@@ -406,14 +406,16 @@ def main(argv: list[str] | None = None) -> int:
     if not (Path(args.artifacts) / "mnist_model.onnx").exists():
         print(f"error: {args.artifacts}/mnist_model.onnx not found; run `mnist-deploy export` first", file=sys.stderr)
         return 2
+    from mnist_deploy.errors import MnistDeployError
+
     before = os.getloadavg()
     try:
         results = compare(artifacts=args.artifacts, data_dir=args.data_dir, venv=args.mlserver_venv,
                           connections=args.connections, duration=args.duration, warmup=args.warmup,
                           batches=tuple(int(b) for b in args.batches.split(",")), workers=args.workers,
                           batch_window_us=args.batch_window_us)
-    except (RuntimeError, load_test.ServerError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (RuntimeError, load_test.ServerError, MnistDeployError) as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1
     after = os.getloadavg()
     print(table(results))
