@@ -1,7 +1,7 @@
 """Where one worker's gRPC time goes: grpcio's asyncio server with an empty handler, then our server.
 
     python benchmarks/grpc_overhead.py --artifacts artifacts [--duration 5] [--warmup 1]
-                                       [--acceptors 1,2] [--windows 0,1000] [--connections 64]
+                                       [--acceptors 1,4] [--windows 0,1000] [--connections 64]
 
 Drives each server with h2load (the same ``ModelInfer`` message as benchmarks/compare_protocols.py: one
 real MNIST digit, ``pixels`` UINT8 as ``raw_input_contents``), ``--connections`` clients, one call in
@@ -10,12 +10,16 @@ says how much CPU one call cost the process and its event-loop thread (the main 
 many calls a second came back:
 
     empty grpc.aio     grpcio's asyncio server on uvloop with a ModelInfer handler that returns a fixed
-                       reply: the ceiling of the protocol stack itself, nothing of ours in it
-    mnist-deploy serve the real server, --workers 1 --threads 1, with --grpc-acceptors K (grpcio
-                       servers on the port in the worker, each with its own loop of accepted calls) and
-                       --max-queue-delay-us W (the dynamic batcher's window)
+                       reply: the ceiling of the protocol stack itself, nothing of ours in it; one row
+                       per ``--acceptors`` count K (K such servers on the port in one process, each
+                       with its own loop of accepted calls: grpcio takes a server's calls one at a time)
+    + interceptor      the same, one server, with a pass-through ``grpc.aio.ServerInterceptor``: what
+                       an interceptor costs every call
+    mnist-deploy serve the real server, --workers 1 --threads 1, one row per ``--acceptors`` count K
+                       (--grpc-acceptors K) and ``--windows`` value W (--max-queue-delay-us W, the
+                       dynamic batcher's window)
 
-Both run ``--acceptors`` counts; ours also each ``--windows`` value. Per row: calls/s, p50/p99 ms
+Per row: calls/s, p50/p99 ms
 (h2load's --log-file), errors, CPU microseconds per call for the main thread and the whole process,
 and for ours the rows per model call (its /metrics batch histogram, read before and after). Prints one
 Markdown table with the CPU model and the load average before and after: the figures are only as quiet
@@ -66,8 +70,9 @@ class Row:
 # -- the empty server (run as a subprocess of this script) --------------------------------------------
 
 
-def empty_server(port: int, acceptors: int) -> None:
-    """grpcio's asyncio server on uvloop, ``acceptors`` of them on ``port``, answering a fixed reply."""
+def empty_server(port: int, acceptors: int, interceptor: bool = False) -> None:
+    """grpcio's asyncio server on uvloop, ``acceptors`` of them on ``port``, answering a fixed reply
+    (through a pass-through interceptor if ``interceptor``)."""
 
     import grpc
     import uvloop
@@ -87,10 +92,15 @@ def empty_server(port: int, acceptors: int) -> None:
             infer, request_deserializer=pb2.ModelInferRequest.FromString,
             response_serializer=pb2.ModelInferResponse.SerializeToString)})
 
+    class PassThrough(grpc.aio.ServerInterceptor):
+        async def intercept_service(self, continuation, handler_call_details):
+            return await continuation(handler_call_details)
+
     async def main() -> None:
         servers = []
         for _ in range(acceptors):
-            server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+            server = grpc.aio.server(options=[("grpc.so_reuseport", 1)],
+                                     interceptors=[PassThrough()] if interceptor else None)
             server.add_generic_rpc_handlers((handler,))
             server.add_insecure_port(f"127.0.0.1:{port}")
             await server.start()
@@ -102,9 +112,10 @@ def empty_server(port: int, acceptors: int) -> None:
 
 
 @contextlib.contextmanager
-def empty_process(acceptors: int) -> Iterator[tuple[int, subprocess.Popen]]:
+def empty_process(acceptors: int, interceptor: bool = False) -> Iterator[tuple[int, subprocess.Popen]]:
     port = load_test.free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--empty-server", str(port), "--acceptors", str(acceptors)],
+    proc = subprocess.Popen([sys.executable, __file__, "--empty-server", str(port), "--acceptors", str(acceptors),
+                             *(["--interceptor"] if interceptor else [])],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         line = proc.stdout.readline()
@@ -120,9 +131,7 @@ def empty_process(acceptors: int) -> Iterator[tuple[int, subprocess.Popen]]:
 def our_process(artifacts: Path, acceptors: int, window: int, work: Path) -> Iterator[tuple[int, str, subprocess.Popen]]:
     port = load_test.free_port()
     args = ["--workers", "1", "--threads", "1", "--log-level", "warning", "--grpc-port", str(port),
-            "--max-queue-delay-us", str(window)]
-    if acceptors != 1:
-        args += ["--grpc-acceptors", str(acceptors)]
+            "--grpc-acceptors", str(acceptors), "--max-queue-delay-us", str(window)]
     with load_test.serve_subprocess(artifacts, args, log_path=work / "serve.log", startup_timeout=120) as (url, proc):
         yield port, url, proc
 
@@ -155,7 +164,7 @@ def batch_counts(url: str) -> tuple[float, float]:
 def drive(row: Row, pid: int, port: int, body: Path, work: Path, args, url: str | None = None) -> Row:
     t = cp.Target("gRPC", 1, f"http://127.0.0.1:{port}{cp.GRPC_METHOD}", b"",
                   {"content-type": "application/grpc", "te": "trailers"}, grpc=True)
-    log = work / f"h2load-{row.server.split()[0]}-{row.acceptors}-{row.window_us}.log"
+    log = work / f"h2load-{len(row.server)}-{row.acceptors}-{row.window_us}.log"
     cmd = cp.h2load_command(t, body, log, connections=args.connections, duration=args.duration, warmup=0)
     # warm-up as a separate run, so that the CPU counters cover the measured run only
     warm = cp.h2load_command(t, body, work / "warm.log", connections=args.connections, duration=args.warmup,
@@ -197,6 +206,8 @@ def run(args) -> list[Row]:
         for k in args.acceptors:
             with empty_process(k) as (port, proc):
                 rows.append(drive(Row("empty grpc.aio", k, None), proc.pid, port, body, work, args))
+        with empty_process(1, interceptor=True) as (port, proc):
+            rows.append(drive(Row("empty grpc.aio + interceptor", 1, None), proc.pid, port, body, work, args))
         for k in args.acceptors:
             for w in args.windows:
                 with our_process(artifacts, k, w, work) as (port, url, proc):
@@ -230,13 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--acceptors", default="1,2", help="grpcio servers per worker, comma-separated")
+    parser.add_argument("--acceptors", default="1,4", help="grpcio servers per process, comma-separated")
     parser.add_argument("--windows", default="0,1000", help="our batcher's --max-queue-delay-us values")
     parser.add_argument("--empty-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--interceptor", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.acceptors = [int(v) for v in str(args.acceptors).split(",")]
     if args.empty_server:
-        empty_server(args.empty_server, args.acceptors[0])
+        empty_server(args.empty_server, args.acceptors[0], args.interceptor)
         return 0
     args.windows = [int(v) for v in args.windows.split(",")]
     if not (Path(args.artifacts) / "mnist_model.onnx").exists():
