@@ -218,10 +218,15 @@ def targets(batch: int, pixels: np.ndarray, model: str, ours: str, ours_grpc: in
 # -- h2load -----------------------------------------------------------------------------------------
 
 
+def h2load_duration(seconds: float) -> str:
+    """h2load's <DURATION>: an integer with a unit (``1.5`` -> ``1500ms``; ``0.5`` alone is refused)."""
+    return f"{max(0, round(seconds * 1000))}ms"
+
+
 def h2load_command(t: Target, body_path: Path, log_path: Path, *, connections: int, duration: float,
                    warmup: float) -> list[str]:
-    cmd = ["h2load", "-c", str(connections), "-t", "1", "-m", "1", "-D", f"{duration:g}",
-           "--warm-up-time", f"{warmup:g}", "-d", str(body_path), "--log-file", str(log_path)]
+    cmd = ["h2load", "-c", str(connections), "-t", "1", "-m", "1", "-D", h2load_duration(duration),
+           "--warm-up-time", h2load_duration(warmup), "-d", str(body_path), "--log-file", str(log_path)]
     if not t.grpc:
         cmd.append("--h1")  # HTTP/1.1 keep-alive, one request in flight per connection
     for key, value in t.headers.items():
