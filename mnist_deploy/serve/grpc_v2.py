@@ -135,8 +135,7 @@ class DrainGate:
     """Notes when the last call came. Once :attr:`closing`, each new call is held, not run, until
     :attr:`released` (the server has stopped listening and told the clients so), then answered
     ``UNAVAILABLE`` (:data:`DRAIN_REFUSAL`): see :meth:`GrpcServer.drain`. Every method passes through it
-    (:func:`_rpc`), in the call's own wrapper rather than as a grpc interceptor, which would cost every
-    call a coroutine more (docs/grpc.md)."""
+    in its wrapper (:func:`_rpc`), shared by the worker's acceptors (one gate for all its servers)."""
 
     def __init__(self) -> None:
         self.closing = False
