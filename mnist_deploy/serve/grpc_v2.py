@@ -160,6 +160,12 @@ def _rpc(method):
         gate.last_call = time.monotonic()
         if gate.closing:
             return await gate.refuse(self.service.metrics, name, context)
+        if self.active >= self.max_calls:  # the worker's limit, whichever of its acceptors took the call
+            self.service.metrics.rpc(name, grpc.StatusCode.RESOURCE_EXHAUSTED.name, 0.0)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"more than {self.max_calls} calls at once on this worker (--max-connections): "
+                                "not run; send it again later")
+        self.active += 1
         t0 = time.perf_counter()
         try:
             reply = await method(self, request, context)
@@ -174,6 +180,8 @@ def _rpc(method):
         else:
             self.service.metrics.rpc(name, grpc.StatusCode.OK.name, time.perf_counter() - t0)
             return reply
+        finally:
+            self.active -= 1
         self.service.metrics.rpc(name, code.name, time.perf_counter() - t0)
         await context.abort(code, message)
 
@@ -183,9 +191,11 @@ def _rpc(method):
 class Servicer:
     """``GRPCInferenceService``'s six methods over a :class:`.service.Service`."""
 
-    def __init__(self, service: Service, pb2, gate: DrainGate | None = None) -> None:
+    def __init__(self, service: Service, pb2, gate: DrainGate | None = None, max_calls: int | None = None) -> None:
         self.service, self.pb2 = service, pb2
         self.gate = gate or DrainGate()
+        self.max_calls = max_calls or default_max_connections()  # calls at once, over all the worker's acceptors
+        self.active = 0
 
     @_rpc
     async def ServerLive(self, request, context):
@@ -258,15 +268,14 @@ class GrpcServer:
         servicer: grpcio's asyncio server takes its calls one at a time (it asks the core for the next
         call once the last has reached the loop), so under load one server leaves the loop waiting
         between calls; each more server is one more call on its way (docs/grpc.md). The limit of calls
-        at once (``max_connections``) is split between them."""
+        at once (``max_connections``) is the servicer's, over all of them."""
         pb2, pb2_grpc = load_protos()
         c = self.config
         self._loop = asyncio.get_running_loop()
-        servicer, count = Servicer(self.service, pb2, self.gate), c.grpc_acceptors
-        limit = -(-(c.max_connections or default_max_connections()) // count)
+        servicer = Servicer(self.service, pb2, self.gate, c.max_connections or default_max_connections())
         address = grpc_address(c.host, c.grpc_port)
-        for _ in range(count):
-            server = grpc.aio.server(options=server_options(c), maximum_concurrent_rpcs=limit)
+        for _ in range(c.grpc_acceptors):
+            server = grpc.aio.server(options=server_options(c))
             pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
             try:
                 self.port = server.add_insecure_port(address)

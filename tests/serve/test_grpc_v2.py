@@ -433,6 +433,34 @@ def test_every_acceptor_listens_and_answers(served, protos, torch_model, digits)
                 channel.close()
 
 
+@pytest.mark.integration
+def test_calls_over_the_workers_limit_are_refused_whichever_acceptor_took_them(model, live, protos, digits):
+    """--max-connections 2 with 3 acceptors and the batcher waiting 0.3 s: of six calls sent at once on six
+    connections (spread over the acceptors by the kernel), two wait for their batch and are answered, the
+    other four are answered RESOURCE_EXHAUSTED at once, not run, and counted; the limit is the worker's."""
+    import grpc
+
+    from mnist_deploy.serve import create_app
+
+    pb2 = protos[0]
+    port = free_port()
+    app = create_app(model=model, grpc_port=port, grpc_acceptors=3, max_connections=2, max_batch_size=64,
+                     max_queue_delay_us=300_000)
+    name = model.manifest["model"]["name"] + "-pixels"
+    with live(app):
+        channels = [_stub(port, protos) for _ in range(6)]
+        try:
+            futures = [stub.ModelInfer.future(_pixels_request(pb2, name, digits[0][:1]), timeout=30)
+                       for _, stub in channels]
+            codes = sorted((f.exception().code() if f.exception() else grpc.StatusCode.OK).name for f in futures)
+        finally:
+            for channel, _ in channels:
+                channel.close()
+    assert codes == ["OK"] * 2 + ["RESOURCE_EXHAUSTED"] * 4, codes
+    text = app.service.render_metrics()
+    assert 'mnist_deploy_grpc_requests_total{code="RESOURCE_EXHAUSTED",method="ModelInfer"} 4.0' in text, text
+
+
 def test_acceptors_must_be_at_least_one():
     from mnist_deploy.errors import InputError
     from mnist_deploy.serve import ServeConfig
