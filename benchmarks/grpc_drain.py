@@ -34,6 +34,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import load_test  # noqa: E402  (benchmarks/load_test.py: serve_subprocess, free_port)
 
 
+def sigterm_under_load(proc, client, clients: int, seconds: float, *,
+                       stop: threading.Event | None = None) -> tuple[int, float]:
+    """``clients`` threads running ``client``; SIGTERM to ``proc`` after ``seconds``; its exit code and how
+    long it took to exit. With ``stop``, the clients go on 1 s after the exit and are then told to stop
+    (else they stop by themselves, when the server has gone)."""
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=30)
+    took = time.monotonic() - t0
+    if stop is not None:
+        time.sleep(1.0)
+        stop.set()
+    for t in threads:
+        t.join()
+    return code, took
+
+
 def run(*, artifacts: str, workers: int, clients: int, seconds: float, keep_sending: bool = False,
         rate: float = 0.0) -> dict:
     import grpc
@@ -92,16 +113,7 @@ def run(*, artifacts: str, workers: int, clients: int, seconds: float, keep_send
             for call in calls:
                 call.exception()  # every answer counted before the counts are read
 
-        threads = [threading.Thread(target=open_loop_client if rate else client) for _ in range(clients)]
-        for t in threads:
-            t.start()
-        time.sleep(seconds)
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=30)
-        took = time.monotonic() - t0
-        for t in threads:
-            t.join()
+        code, took = sigterm_under_load(proc, open_loop_client if rate else client, clients, seconds)
     return {"counts": dict(counts), "exit_code": code, "seconds_to_exit": round(took, 2)}
 
 
@@ -141,18 +153,7 @@ def run_with_retry(*, artifacts: str, workers: int, clients: int, seconds: float
                     with lock:
                         counts[code] += 1
 
-        threads = [threading.Thread(target=client) for _ in range(clients)]
-        for t in threads:
-            t.start()
-        time.sleep(seconds)
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=30)
-        took = time.monotonic() - t0
-        time.sleep(1.0)
-        done.set()
-        for t in threads:
-            t.join()
+        code, took = sigterm_under_load(proc, client, clients, seconds, stop=done)
     return {"counts": dict(counts), "exit_code": code, "seconds_to_exit": round(took, 2)}
 
 

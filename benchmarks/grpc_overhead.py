@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -226,14 +225,6 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", default="artifacts")
@@ -254,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (Path(args.artifacts) / "mnist_model.onnx").exists():
         print(f"error: {args.artifacts}/mnist_model.onnx not found; run `mnist-deploy export` first", file=sys.stderr)
         return 2
+    from mnist_deploy.devices import cpu_model
     from mnist_deploy.errors import MnistDeployError
 
     before, t0 = os.getloadavg(), time.time()

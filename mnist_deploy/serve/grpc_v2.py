@@ -272,7 +272,7 @@ class GrpcServer:
         pb2, pb2_grpc = load_protos()
         c = self.config
         self._loop = asyncio.get_running_loop()
-        servicer = Servicer(self.service, pb2, self.gate, c.max_connections or default_max_connections())
+        servicer = Servicer(self.service, pb2, self.gate, c.max_connections)
         address = grpc_address(c.host, c.grpc_port)
         for _ in range(c.grpc_acceptors):
             server = grpc.aio.server(options=server_options(c))
