@@ -68,3 +68,26 @@ def served(request) -> Path:
     if prepared:
         return Path(prepared)
     return request.getfixturevalue("served")
+
+
+# -- the browser tests' Chromium (test_browser.py, test_in_browser.py) -----------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture
+def need_chromium(require_system_tool) -> None:
+    require_system_tool(str(CHROMIUM), "Debian's Chromium")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium (Playwright) for a test module."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()

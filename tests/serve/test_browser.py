@@ -14,22 +14,10 @@ from pathlib import Path
 import pytest
 from _serving import onnx_artifacts, serve_process
 
-CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.integration,
-
-]
-
-
-@pytest.fixture(autouse=True)
-def _need_chromium(require_system_tool):
-    require_system_tool(str(CHROMIUM), "Debian's Chromium")
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.usefixtures("need_chromium")]
 
 # Strokes in canvas coordinates (the canvas is 280 x 280), as a person would draw them.
 ONE = [[(140, 45), (140, 235)]]
@@ -49,16 +37,6 @@ def server(trained_mlp, tmp_path_factory, mnist_dir, cache_dir):
     folder = onnx_artifacts(trained_mlp, tmp_path_factory.mktemp("browser"), mnist_dir, cache_dir)
     with serve_process(folder) as (url, _proc):
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        yield b
-        b.close()
 
 
 def _open(browser, url, **context_args):

@@ -22,19 +22,15 @@ from _serving import mnist_test_digits, onnx_artifacts, png_bytes, serve_process
 
 from mnist_deploy.formats.js_web import unavailable as ort_web_unavailable
 
-CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 N_DIGITS = 20
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 @pytest.fixture(autouse=True)
-def _need_chromium_and_ort_web(require_system_tool, monkeypatch):
-    require_system_tool(str(CHROMIUM), "Debian's Chromium")
+def _need_chromium_and_ort_web(need_chromium, monkeypatch):
     reason = ort_web_unavailable()
     if reason:
         import os
@@ -53,16 +49,6 @@ def folder(trained_mlp, tmp_path_factory, mnist_dir, cache_dir) -> Path:
 def server(folder):
     with serve_process(folder) as (url, _proc):
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        yield b
-        b.close()
 
 
 def _open(browser, url):
