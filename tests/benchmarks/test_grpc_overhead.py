@@ -55,6 +55,14 @@ def test_no_model_is_one_line_and_exit_2(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "mnist_model.onnx not found" in r.stderr
 
 
+@pytest.mark.parametrize("option, value", [("--acceptors", "x"), ("--acceptors", "0"), ("--windows", "-5")])
+def test_a_bad_list_is_one_line_and_exit_2(tmp_path, option, value):
+    r = subprocess.run([sys.executable, str(BENCH), "--artifacts", str(tmp_path), option, value],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"grpc_overhead.py: error: argument {option}:")
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) not installed")
