@@ -391,6 +391,19 @@ def footer(*, connections: int, duration: float, warmup: float, workers: int, ba
             f"{os.cpu_count()} CPUs, load average {load[0]:.2f} before, {load[1]:.2f} after")
 
 
+def int_list(least: int):
+    """An argparse type: comma-separated integers, each at least ``least`` (a bad one: argparse's one line)."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        if not values or min(values) < least:
+            raise argparse.ArgumentTypeError(f"each value must be at least {least}, got {text!r}")
+        return values
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", default="artifacts", help="an artifacts folder with mnist_model.onnx")
@@ -399,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per target")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before the measurement")
-    parser.add_argument("--batches", default="1,64", help="images per request, comma-separated")
+    parser.add_argument("--batches", type=int_list(1), default="1,64", help="images per request, comma-separated")
     parser.add_argument("--workers", type=int, default=1, help="our server's worker processes (MLServer: one)")
     parser.add_argument("--batch-window-us", type=int, default=0,
                         help="both servers' dynamic-batching window in microseconds (0: ours delay 0, MLServer off)")
@@ -417,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = compare(artifacts=args.artifacts, data_dir=args.data_dir, venv=args.mlserver_venv,
                           connections=args.connections, duration=args.duration, warmup=args.warmup,
-                          batches=tuple(int(b) for b in args.batches.split(",")), workers=args.workers,
+                          batches=tuple(args.batches), workers=args.workers,
                           batch_window_us=args.batch_window_us)
     except (RuntimeError, load_test.ServerError, MnistDeployError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)

@@ -225,19 +225,6 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def counts(least: int):
-    """An argparse type: comma-separated integers, each at least ``least`` (a bad one: argparse's one line)."""
-    def parse(text: str) -> list[int]:
-        try:
-            values = [int(v) for v in text.split(",")]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-        if not values or min(values) < least:
-            raise argparse.ArgumentTypeError(f"each value must be at least {least}, got {text!r}")
-        return values
-    return parse
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", default="artifacts")
@@ -245,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--acceptors", type=counts(1), default="1,4", help="grpcio servers per process, comma-separated")
-    parser.add_argument("--windows", type=counts(0), default="0,1000", help="our batcher's --max-queue-delay-us values")
+    parser.add_argument("--acceptors", type=cp.int_list(1), default="1,4", help="grpcio servers per process, comma-separated")
+    parser.add_argument("--windows", type=cp.int_list(0), default="0,1000", help="our batcher's --max-queue-delay-us values")
     parser.add_argument("--empty-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--interceptor", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

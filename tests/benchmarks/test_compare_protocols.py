@@ -167,6 +167,14 @@ def test_a_window_out_of_our_servers_range_is_one_line_and_exit_2(tmp_path, caps
     assert err == "error: --batch-window-us must lie in 0..1000000, got -1\n"
 
 
+@pytest.mark.parametrize("value", ["1,x", "0", ""])
+def test_a_bad_batches_list_is_argparses_one_line_and_exit_2(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        cp.main(["--artifacts", str(tmp_path), "--batches", value])
+    assert exit_info.value.code == 2
+    assert "error: argument --batches:" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_with_a_window_both_servers_batch_and_answer_each_request_its_own_rows(served, mnist_dir, tmp_path):
